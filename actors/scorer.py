@@ -1,0 +1,138 @@
+"""Scorer: a frozen transformers copy of the initial policy that scores rollouts with probes.
+
+One forward pass over prompt + completion yields both the reference log-probs the KL term needs
+and every probe's per-token scores (read by scoped hooks on the probed layers). Plain RLHF with a
+KL penalty pays for that pass anyway, so probes cost almost nothing on top. With no KL term the
+pass stops after the deepest probed layer. A plain class; `pipeline/remote.py` makes it an actor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.config import ScorerConfig
+from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    seconds: float
+    num_sequences: int
+    num_tokens: int  # prompt + completion tokens through the model
+    num_nonfinite: int  # rows with a NaN/inf probe score
+
+
+def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Scorer:
+    def __init__(
+        self,
+        model_path: str,
+        probe_paths: list[tuple[str, str | None]],  # (path, aggregation override)
+        cfg: ScorerConfig,
+        compute_ref: bool,
+        dtype: str = "float32",
+        pad_id: int = 0,
+    ) -> None:
+        import torch
+
+        from probes.probe import load_probe
+
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
+        self.cfg = cfg
+        self.compute_ref = compute_ref
+        self.pad_id = pad_id
+        self.model = load_frozen_model(model_path, dtype, self.device)
+        num_layers, hidden = self.model.config.num_hidden_layers, self.model.config.hidden_size
+        self.probes = []
+        for path, aggregation in probe_paths:
+            probe = load_probe(path)
+            probe.check_fits(num_layers, hidden, model_name=model_path)
+            if aggregation is not None:
+                probe.aggregation = aggregation
+            self.probes.append(probe)
+        names = [p.name for p in self.probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"probe names must be unique, got {names}")
+        self.schema = scored_schema(names)
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    def score(self, rollouts: pa.Table) -> tuple[pa.Table, ScoreStats]:
+        """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table."""
+        assert rollouts.schema.equals(ROLLOUT_SCHEMA), rollouts.schema
+        start = time.perf_counter()
+        prompts = rollouts.column("prompt_ids").to_pylist()
+        completions = rollouts.column("completion_ids").to_pylist()
+        ref: list[list[float]] = []
+        tokens: dict[str, list[list[float]]] = {p.name: [] for p in self.probes}
+        aggs: dict[str, list[float]] = {p.name: [] for p in self.probes}
+        num_tokens = 0
+        for lo in range(0, len(prompts), self.cfg.batch_size):
+            hi = lo + self.cfg.batch_size
+            r, t, a, n = self._score_batch(prompts[lo:hi], completions[lo:hi])
+            ref += r
+            num_tokens += n
+            for name in tokens:
+                tokens[name] += t[name]
+                aggs[name] += a[name]
+        nonfinite = [not all(math.isfinite(aggs[n][i]) for n in aggs) for i in range(len(prompts))]
+        table = rollouts.append_column(self.schema.field("ref_logprobs"), pa.array(ref, pa.list_(pa.float32())))
+        table = table.append_column(self.schema.field("nonfinite_score"), pa.array(nonfinite, pa.bool_()))
+        for name in self.probe_names:
+            table = table.append_column(self.schema.field(f"probe/{name}/tokens"), pa.array(tokens[name], pa.list_(pa.float32())))
+            table = table.append_column(self.schema.field(f"probe/{name}/score"), pa.array(aggs[name], pa.float32()))
+        stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite))
+        return table, stats
+
+    def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):
+        import torch
+
+        from learner.losses import token_logprobs
+        from pipeline.batching import pack
+        from probes.probe import aggregate
+        from probes.hooks import capture_residuals
+
+        batch = pack(prompts, completions, self.pad_id)
+        ids, attn = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        layers = sorted({p.layer for p in self.probes})
+        if not layers and not self.compute_ref:
+            return [[] for _ in prompts], {}, {}, 0
+        # Without a KL term nothing above the deepest probe is needed: stop the pass there.
+        stop_after = None if self.compute_ref else max(layers)
+        logits = None
+        with torch.no_grad(), capture_residuals(self.model, layers, stop_after=stop_after) as cap:
+            logits = self.model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
+        ref = []
+        if self.compute_ref:
+            assert logits is not None
+            ref = [v.tolist() for v in batch.completion_values(token_logprobs(logits, ids).cpu(), shift=1)]
+        else:
+            ref = [[] for _ in prompts]
+        comp_mask = batch.completion_mask.to(self.device)
+        tok: dict[str, list[list[float]]] = {}
+        agg: dict[str, list[float]] = {}
+        for probe in self.probes:
+            scores = probe.token_scores(cap.residuals[probe.layer])  # (B, T)
+            tok[probe.name] = [v.tolist() for v in batch.completion_values(scores.cpu())]
+            agg[probe.name] = aggregate(scores, comp_mask, probe.aggregation).cpu().tolist()
+        return ref, tok, agg, int(attn.sum())
+
+    def ready(self) -> list[str]:
+        return self.probe_names

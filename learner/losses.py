@@ -1,0 +1,54 @@
+"""Policy-gradient losses: pure torch functions on padded (B, T) completion tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossParts:
+    loss: torch.Tensor  # scalar: policy loss + kl_coef * kl, what backward() sees
+    policy_loss: torch.Tensor  # scalar
+    kl: torch.Tensor  # scalar, mean k3 estimate over valid tokens
+    clip_frac: torch.Tensor  # scalar, fraction of valid tokens whose ratio was clipped
+    num_tokens: torch.Tensor  # scalar, valid tokens
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | prefix) for each position: (B, T, V), (B, T) -> (B, T-1)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None].long()).squeeze(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || ref) from samples of the policy (Schulman): always >= 0."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def ppo_loss(
+    logp: torch.Tensor,  # (B, T) current policy log-probs of the sampled tokens
+    behavior_logp: torch.Tensor,  # (B, T) log-probs under the policy that sampled them
+    advantages: torch.Tensor,  # (B,)
+    token_mask: torch.Tensor,  # (B, T) 1 on completion tokens of rows that get a gradient
+    clip_eps: float,
+    ref_logp: torch.Tensor | None = None,  # (B, T), None: no KL term
+    kl_coef: float = 0.0,
+    num_tokens: float | None = None,  # normaliser; default: valid tokens in this batch
+) -> LossParts:
+    """PPO-clipped surrogate, token-level mean, plus kl_coef * k3 KL to the reference."""
+    mask = token_mask.float()
+    denom = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1.0))
+    ratio = torch.exp(logp - behavior_logp)
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    policy_loss = -(surrogate * mask).sum() / denom
+    clipped = ((ratio - 1).abs() > clip_eps).float()
+    clip_frac = (clipped * mask).sum() / denom
+    if ref_logp is not None and kl_coef > 0:
+        kl = (k3_kl(logp, ref_logp) * mask).sum() / denom
+    else:
+        kl = torch.zeros((), dtype=logp.dtype)
+    return LossParts(policy_loss + kl_coef * kl, policy_loss.detach(), kl.detach(), clip_frac.detach(), mask.sum())

@@ -1,0 +1,48 @@
+"""Packing prompt + completion token lists into padded tensors, shared by scorers and the learner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (B, T) prompt + completion, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (B, T) 1 where input_ids holds a completion token
+    prompt_lens: list[int]  # (B,)
+    completion_lens: list[int]  # (B,)
+
+    def completion_values(self, per_position: torch.Tensor, shift: int = 0) -> list[torch.Tensor]:
+        """Cut (B, T') per-position values down to each row's completion tokens.
+
+        shift=1 for values indexed by predicted position (log-probs from logits[:, :-1] sit one left).
+        """
+        return [
+            per_position[i, p - shift : p - shift + c]
+            for i, (p, c) in enumerate(zip(self.prompt_lens, self.completion_lens, strict=True))
+        ]
+
+    def completion_targets(self, values: list[list[float]], fill: float = 0.0) -> torch.Tensor:
+        """Per-completion-token values (B ragged lists) laid out as (B, T-1) aligned with shifted log-probs."""
+        out = torch.full((self.input_ids.shape[0], self.input_ids.shape[1] - 1), fill, dtype=torch.float32)
+        for i, (p, c) in enumerate(zip(self.prompt_lens, self.completion_lens, strict=True)):
+            if c:
+                out[i, p - 1 : p - 1 + c] = torch.as_tensor(values[i], dtype=torch.float32)
+        return out
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int = 0) -> PackedBatch:
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    comp = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, p, c) in enumerate(zip(rows, prompt_ids, completion_ids, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, : len(r)] = 1
+        comp[i, len(p) : len(r)] = True
+        assert len(p) > 0, "a prompt needs at least one token (BOS)"
+    return PackedBatch(ids, attn, comp, [len(p) for p in prompt_ids], [len(c) for c in completion_ids])

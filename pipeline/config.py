@@ -1,0 +1,313 @@
+"""The one config tree of a probe-rl run.
+
+Every setting lives here, validated by pydantic with ``extra="forbid"`` so a misspelt key stops the
+run before anything starts. A run's config comes from a TOML file (``configs/toy.toml`` by default)
+plus dotted command-line overrides (``--learner.lr 1e-5``). Each role receives only its own
+sub-config. This module imports nothing heavy: ``probe-rl --help`` and config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ToyConfig(_Strict):
+    """The toy world the project builds itself: tokenizer, tiny Llama model, SFT, probe."""
+
+    cache_dir: str = "~/.cache/probe-rl"
+    """Where built toy models and probes are kept; rebuilt only when missing."""
+    num_layers: PositiveInt = 4
+    """Transformer blocks of the toy model."""
+    hidden_size: PositiveInt = 128
+    """Residual width; must be a multiple of 64 (head_dim 64, which vLLM's CPU attention needs)."""
+    max_operand: PositiveInt = 99
+    """Operands of the arithmetic task are drawn from [0, max_operand]."""
+    sft_steps: NonNegInt = 600
+    """SFT steps that make the base policy partly competent (RL then has something to improve)."""
+    sft_batch_size: PositiveInt = 64
+    """Sequences per SFT step."""
+    sft_lr: PositiveFloat = 3e-3
+    """Peak SFT learning rate."""
+    probe_layer: NonNegInt = 2
+    """Layer whose residual-stream output the toy probe reads (0-based block index)."""
+    probe_samples: PositiveInt = 2048
+    """Labelled completions used to fit the toy probe."""
+    seed: int = 0
+    """Seed of everything built for the toy world."""
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> ToyConfig:
+        if self.hidden_size % 64:
+            raise ValueError(
+                f"toy.hidden_size={self.hidden_size} must be a multiple of 64: the toy model uses head_dim 64 "
+                "(vLLM's CPU attention rejects smaller heads)"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str = "toy"
+    """"toy" builds (or reuses) the project's toy model; otherwise a hub id or a local model directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of generator, scorer and learner copies of the model."""
+
+
+class TaskConfig(_Strict):
+    dataset: str | None = None
+    """Prompt dataset, Parquet or JSONL, with columns `prompt` and `answer`. None: the toy arithmetic set."""
+    reward_fn: str = "pipeline.tasks:arithmetic_reward"
+    """Dotted path `module:function` of the reward function (see pipeline/tasks.py for its signature)."""
+    num_prompts: PositiveInt = 4096
+    """Size of the generated toy prompt set (ignored when `dataset` is given)."""
+    eval_prompts: NonNegInt = 256
+    """Held-out prompts for greedy evaluation at the start and end of a run (toy set only)."""
+
+
+class GeneratorConfig(_Strict):
+    num_workers: PositiveInt = 1
+    """vLLM generator actors; each step's prompts are split between them."""
+    num_cpus: PositiveFloat = 1.0
+    """Ray CPUs reserved per generator."""
+    num_gpus: NonNegFloat = 0.0
+    """Ray GPUs reserved per generator (0 on CPU)."""
+    max_new_tokens: PositiveInt = 8
+    """Longest completion, in tokens."""
+    temperature: PositiveFloat = 1.0
+    """Sampling temperature. Behaviour log-probs are exact only at 1.0 (vLLM reports raw log-probs)."""
+    max_model_len: PositiveInt = 64
+    """vLLM context length."""
+    kv_cache_gib: PositiveInt = 1
+    """KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """vLLM's memory fraction (on GPU: of the device; on CPU it must stay well below the default)."""
+
+
+class ProbeSpec(_Strict):
+    path: str
+    """A probe saved by probe-rl: `<path>.safetensors` plus `<path>.json`, or "toy" for the built toy probe."""
+    aggregation: Literal["mean", "max", "last"] | None = None
+    """Aggregate over completion tokens; None keeps the probe file's own."""
+
+
+class ScorerConfig(_Strict):
+    num_workers: PositiveInt = 1
+    """Scorer actors (frozen model copies); scale these independently of generators."""
+    num_cpus: PositiveFloat = 0.5
+    """Ray CPUs reserved per scorer."""
+    num_gpus: NonNegFloat = 0.0
+    """Ray GPUs reserved per scorer."""
+    batch_size: PositiveInt = 64
+    """Sequences per scorer forward pass."""
+    probes: list[ProbeSpec] = []
+    """Probes applied to every rollout. Empty: plain RLHF (scorers compute reference log-probs only)."""
+
+
+class ShapingConfig(_Strict):
+    kind: Literal["none", "penalty", "threshold", "screen"] = "none"
+    """none: task reward only. penalty: reward - coef * score. threshold: reward - coef where
+    score > threshold. screen: samples with score > threshold get no gradient."""
+    probe: str | None = None
+    """Name of the probe that shapes the reward; None with a single probe picks that one."""
+    coef: NonNegFloat = 1.0
+    """Penalty coefficient (penalty, threshold)."""
+    threshold: float = Field(0.5, ge=0, le=1)
+    """Score above which a sample is flagged (threshold, screen)."""
+
+
+class LearnerConfig(_Strict):
+    num_ranks: PositiveInt = 1
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    num_cpus: PositiveFloat = 0.5
+    """Ray CPUs reserved per rank."""
+    num_gpus: NonNegFloat = 0.0
+    """Ray GPUs reserved per rank."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage."""
+    lr: PositiveFloat = 2e-4
+    """AdamW learning rate."""
+    weight_decay: NonNegFloat = 0.0
+    """AdamW weight decay."""
+    kl_coef: NonNegFloat = 0.01
+    """Weight of the k3 KL estimate to the reference (frozen initial) policy; 0 disables the reference pass."""
+    clip_eps: PositiveFloat = 0.2
+    """PPO ratio clip."""
+    grad_clip: PositiveFloat = 1.0
+    """Max global gradient norm."""
+    micro_batch_size: PositiveInt = 64
+    """Sequences per forward/backward; gradients accumulate over a step's batch."""
+    checkpoint_every: NonNegInt = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    seed: int = 0
+    """Learner seed."""
+
+
+class PipelineConfig(_Strict):
+    num_steps: PositiveInt = 30
+    """Learner steps (one weight version each)."""
+    prompts_per_step: PositiveInt = 32
+    """Prompts per step; each gets `group_size` completions."""
+    group_size: Annotated[int, Field(ge=2)] = 8
+    """Completions per prompt (the GRPO group)."""
+    max_staleness: NonNegInt = 1
+    """How many policy versions a batch may lag the learner; 0 is synchronous on-policy."""
+    timeout_s: PositiveFloat = 600.0
+    """Longest wait on any remote call before the run fails naming the role."""
+    seed: int = 0
+    """Seed of prompt order and sampling."""
+
+
+class RunConfig(_Strict):
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str | None = None
+    """Run directory name; None: a timestamp."""
+    ray_address: str | None = None
+    """None starts a local Ray instance in-process; otherwise the address of a running cluster."""
+    rollout_sample_per_step: NonNegInt = 16
+    """Rollouts per step kept in rollouts.parquet."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    toy: ToyConfig = ToyConfig()
+    task: TaskConfig = TaskConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    shaping: ShapingConfig = ShapingConfig()
+    learner: LearnerConfig = LearnerConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.shaping.kind != "none" and not self.scorer.probes:
+            raise ValueError(
+                f"shaping.kind={self.shaping.kind!r} needs at least one probe in scorer.probes "
+                "(or set shaping.kind = \"none\" for plain RLHF)"
+            )
+        if self.shaping.kind != "none" and self.shaping.probe is None and len(self.scorer.probes) > 1:
+            raise ValueError("shaping.probe must name one of scorer.probes when more than one probe is listed")
+        if self.pipeline.prompts_per_step < self.generator.num_workers:
+            raise ValueError(
+                f"pipeline.prompts_per_step={self.pipeline.prompts_per_step} is smaller than "
+                f"generator.num_workers={self.generator.num_workers}: every generator needs a prompt"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what is allowed."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `probe-rl run --dry-run` shows every key)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (numbers, booleans, lists), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--a.b 1 --c=x` -> {"a": {"b": 1}, "c": "x"}."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with another override")
+        node[parts[-1]] = _parse_value(value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (default `configs/toy.toml`), apply overrides, validate. Raises ConfigError."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped ones)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    if overrides:
+        data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + _format_validation_error(e)) from None
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what `--dry-run` prints and a run directory keeps)."""
+    lines: list[str] = []
+    data = cfg.model_dump(mode="json")
+    for section, values in data.items():
+        scalars = {k: v for k, v in values.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        tables = {k: v for k, v in values.items() if k not in scalars}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None]
+        lines.append("")
+        for k, rows in tables.items():
+            for row in rows:
+                lines.append(f"[[{section}.{k}]]")
+                lines += [f"{rk} = {_toml_value(rv)}" for rk, rv in row.items() if rv is not None]
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)

@@ -1,0 +1,280 @@
+"""The driver: one loop that wires generators, scorers, the rewarder and the learner.
+
+Read `train_loop` top to bottom: launch generation (and its scoring) up to `max_staleness` steps
+ahead, take the oldest batch, compute shaped rewards, take one learner step, push the new weights to
+every generator, log a metrics row. Generation for later steps runs on the generator actors while
+the learner trains, so the two overlap; the version every rollout came from is tracked and the
+staleness of each batch is checked and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import Config, dump_toml
+from pipeline.metrics import ParquetSink, StageTimer
+from pipeline.rewarder import Rewarder
+from pipeline.world import World, build_world
+
+
+@dataclass
+class Roles:
+    generators: list[Any]
+    scorers: list[Any]
+    learners: list[Any]
+
+
+@dataclass
+class InFlight:
+    """One step's rollouts on their way: per chunk, the (table, stats) refs of generation and scoring."""
+
+    step: int
+    gen_stats: list[Any]
+    scored: list[Any]
+    score_stats: list[Any]
+    launched_at: float = field(default_factory=time.perf_counter)
+
+
+def prepare(cfg: Config, log=print) -> tuple[Path, World]:
+    """Check every input and build what is missing; user mistakes raise ValueError before Ray starts."""
+    world = build_world(cfg, log)
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    log(f"run directory: {run_dir}")
+    return run_dir, world
+
+
+def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
+    """Start the roles on Ray, train, write summary.json and return the summary."""
+    import ray
+
+    init_ray(cfg)
+    try:
+        roles = start_roles(cfg, world, log)
+        summary = train_loop(cfg, world, roles, run_dir, log)
+    finally:
+        ray.shutdown()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir).expanduser() / name
+    if (run_dir / "metrics.parquet").exists():
+        raise ValueError(f"run directory {run_dir} already holds a run; choose another --run.name")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, log_to_driver=True)
+        return
+    need = (
+        cfg.generator.num_workers * cfg.generator.num_cpus
+        + cfg.scorer.num_workers * cfg.scorer.num_cpus
+        + cfg.learner.num_ranks * cfg.learner.num_cpus
+    )
+    # A local instance bound to loopback, with exactly the CPUs the roles reserve (they share real cores).
+    ray.init(num_cpus=math.ceil(need), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=True, configure_logging=False)
+
+
+def start_roles(cfg: Config, world: World, log=print) -> Roles:
+    from actors.generator import Generator
+    from actors.scorer import Scorer
+    from learner.learner import Learner
+    from pipeline.remote import free_port, make_actor, wait
+
+    quiet = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    log(f"starting {cfg.generator.num_workers} generator(s), {cfg.scorer.num_workers} scorer(s), "
+        f"{cfg.learner.num_ranks} learner rank(s)")
+    g, s, lc = cfg.generator, cfg.scorer, cfg.learner
+    generators = [
+        make_actor(Generator, "generator", g.num_cpus, g.num_gpus, quiet, world.model_path, g, cfg.model.dtype,
+                   cfg.pipeline.seed + i)
+        for i in range(g.num_workers)
+    ]
+    scorers = [
+        make_actor(Scorer, "scorer", s.num_cpus, s.num_gpus, quiet, world.model_path, world.probe_paths, s,
+                   lc.kl_coef > 0, cfg.model.dtype, world.pad_id)
+        for _ in range(s.num_workers)
+    ]
+    port = free_port()
+    rows = cfg.pipeline.prompts_per_step * cfg.pipeline.group_size
+    learners = [
+        make_actor(Learner, "learner", lc.num_cpus, lc.num_gpus, quiet, world.model_path, lc, rows, r,
+                   lc.num_ranks, "127.0.0.1", port, cfg.model.dtype, world.pad_id)
+        for r in range(lc.num_ranks)
+    ]
+    t = cfg.pipeline.timeout_s
+    wait([a.ready.remote() for a in learners], "learner (start-up)", t)
+    wait([a.ready.remote() for a in scorers], "scorer (start-up)", t)
+    wait([a.ready.remote() for a in generators], "generator (start-up)", t)
+    return Roles(generators, scorers, learners)
+
+
+def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
+    """Submit generation and scoring of one step's prompts; nothing here blocks.
+
+    Prompts are cut into max(#generators, #scorers) chunks so that every worker of both kinds gets work;
+    each scorer call takes its generator's table ref directly, without a round trip through the driver.
+    """
+    prompts = world.prompts_for_step(step, cfg.pipeline.prompts_per_step, cfg.pipeline.seed)
+    num_chunks = max(len(roles.generators), len(roles.scorers))
+    bounds = np.linspace(0, prompts.num_rows, num_chunks + 1).astype(int)
+    flight = InFlight(step, [], [], [])
+    for c in range(num_chunks):
+        if bounds[c + 1] == bounds[c]:
+            continue
+        gen = roles.generators[c % len(roles.generators)]
+        scorer = roles.scorers[c % len(roles.scorers)]
+        table, gstats = gen.generate.options(num_returns=2).remote(
+            prompts.slice(bounds[c], bounds[c + 1] - bounds[c]), cfg.pipeline.group_size,
+            cfg.pipeline.seed * 1_000_003 + step * 101 + c,
+        )
+        scored, sstats = scorer.score.options(num_returns=2).remote(table)
+        flight.gen_stats.append(gstats)
+        flight.scored.append(scored)
+        flight.score_stats.append(sstats)
+    return flight
+
+
+def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print) -> dict:
+    from pipeline.progress import progress_bar
+    from pipeline.remote import wait
+
+    p, t = cfg.pipeline, cfg.pipeline.timeout_s
+    sink = ParquetSink(run_dir / "metrics.parquet")
+    rewarder = Rewarder(cfg, world)
+    eval_start = evaluate(cfg, world, roles)
+    log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
+    pending: deque[InFlight] = deque()
+    pending_syncs: list[Any] = []
+    version, next_launch, samples = 0, 1, []
+    bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
+    for step in range(1, p.num_steps + 1):
+        timer = StageTimer()
+        # Keep generation up to max_staleness steps ahead of the learner.
+        while next_launch <= min(p.num_steps, step + p.max_staleness):
+            pending.append(launch_step(cfg, world, roles, next_launch))
+            next_launch += 1
+        flight = pending.popleft()
+        with timer("wait_rollouts"):
+            wait(pending_syncs, "generator (weight update)", t)
+            scored = pa.concat_tables(wait(flight.scored, "generator/scorer", t))
+            gen_stats = wait(flight.gen_stats, "generator", t)
+            score_stats = wait(flight.score_stats, "scorer", t)
+        staleness = version - min(scored.column("policy_version").to_pylist())
+        assert 0 <= staleness <= p.max_staleness, f"step {step}: staleness {staleness} > {p.max_staleness}"
+        with timer("reward"):
+            batch, reward_metrics = rewarder(scored)
+        with timer("learn"):
+            train_stats = wait([lr.train_step.remote(batch) for lr in roles.learners], "learner", t)
+        version = train_stats[0].version
+        with timer("sync"):
+            weights = [lr.get_weights.remote() for lr in roles.learners]
+            _, state = wait(weights, "learner (weights)", t)[0]
+            state_ref = ray_put(state)
+            pending_syncs = [g.update_weights.remote(state_ref, version) for g in roles.generators]
+        if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0 and step < p.num_steps:
+            with timer("checkpoint"):
+                wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)
+        row = step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
+        sink.log(row)
+        samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")
+        if not bar.disable or step == 1 or step % 10 == 0 or step == p.num_steps:
+            pass
+        log_step(row, log, quiet=not bar.disable)
+    bar.close()
+    wait(pending_syncs, "generator (weight update)", t)
+    final = wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)[0]
+    if samples:
+        pq.write_table(pa.concat_tables(samples), run_dir / "rollouts.parquet")
+    eval_end = evaluate(cfg, world, roles)
+    return summarize(sink.rows, eval_start, eval_end, final, run_dir)
+
+
+def ray_put(obj: Any) -> Any:
+    import ray
+
+    return ray.put(obj)
+
+
+def evaluate(cfg: Config, world: World, roles: Roles) -> float | None:
+    """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none)."""
+    from pipeline.remote import wait
+
+    if not world.eval_prompts:
+        return None
+    outs = wait(
+        roles.generators[0].greedy.remote(world.eval_prompt_ids, cfg.generator.max_new_tokens),
+        "generator (eval)", cfg.pipeline.timeout_s,
+    )
+    texts = world.decode(outs)
+    rewards = world.reward_fn(texts, world.eval_prompts.answers)
+    return float(np.mean(rewards))
+
+
+def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer) -> dict:
+    gen_seconds = max(s.seconds for s in gen_stats)
+    tokens = sum(s.num_tokens for s in gen_stats)
+    n_tok = sum(s.num_tokens for s in train_stats)
+
+    def tok_mean(attr: str) -> float:
+        return sum(getattr(s, attr) * s.num_tokens for s in train_stats) / max(n_tok, 1)
+
+    row = {"step": step, "version": version, "pipeline/staleness": staleness, **reward_metrics,
+           "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(gen_seconds, 1e-9),
+           "learner/loss": tok_mean("loss"), "learner/policy_loss": tok_mean("policy_loss"),
+           "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
+           "learner/grad_norm": train_stats[0].grad_norm,
+           "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
+           "time/generate_s": gen_seconds, "time/score_s": max(s.seconds for s in score_stats),
+           "time/learn_compute_s": max(s.seconds for s in train_stats)}
+    row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+    row["time/step_s"] = sum(timer.seconds.values())
+    return row
+
+
+def log_step(row: dict, log, quiet: bool) -> None:
+    step = row["step"]
+    if quiet and step != 1 and step % 10:
+        return
+    log(f"step {step:4d}  task_reward {row['rollout/task_reward']:.3f}  shaped {row['rollout/shaped_reward']:.3f}  "
+        f"kl {row['learner/kl']:.4f}  staleness {row['pipeline/staleness']}  {row['time/step_s']:.2f}s/step")
+
+
+def summarize(rows: list[dict], eval_start: float | None, eval_end: float | None, checkpoint: str | None,
+              run_dir: Path) -> dict:
+    def mean(key: str, part: slice) -> float:
+        vals = [r[key] for r in rows[part] if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else math.nan
+
+    k = max(1, len(rows) // 5)
+    return {
+        "run_dir": str(run_dir),
+        "steps": len(rows),
+        "task_reward_first_steps": mean("rollout/task_reward", slice(0, k)),
+        "task_reward_last_steps": mean("rollout/task_reward", slice(-k, None)),
+        "eval_greedy_accuracy_start": eval_start,
+        "eval_greedy_accuracy_end": eval_end,
+        "mean_step_s": mean("time/step_s", slice(None)),
+        "final_checkpoint": checkpoint,
+    }

@@ -1,0 +1,50 @@
+"""Metrics: per-stage timers and one sink that writes `metrics.parquet` (one row per step)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class StageTimer:
+    """Accumulates wall seconds per stage name within one step: `with timer("learn"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class ParquetSink:
+    """Appends flat `{key: number}` rows; rewrites the (small) file after every row so a crash loses nothing.
+
+    Keys follow `stage/name` (`rollout/task_reward`, `learner/kl`, `time/learn_s`). A key that first
+    appears late is back-filled with nulls in earlier rows.
+    """
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path = path
+        self.rows: list[dict[str, float | int | None]] = []
+        if resume and path.exists():
+            self.rows = pq.read_table(path).to_pylist()
+
+    def log(self, row: dict[str, float | int | None]) -> None:
+        self.rows.append(dict(row))
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in self.rows])
+        tmp = self.path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(self.path)

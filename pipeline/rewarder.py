@@ -1,0 +1,56 @@
+"""Rewarder: task reward + probe shaping + GRPO advantages on a scored table. Cheap; runs in the driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import Config
+from pipeline.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
+from pipeline.shaping import group_advantages, shape_rewards
+from pipeline.world import World
+
+
+class Rewarder:
+    def __init__(self, cfg: Config, world: World) -> None:
+        self.shaping = cfg.shaping
+        self.world = world
+        self.probe_names = world.probe_names
+        self.shaping_probe = cfg.shaping.probe or (world.probe_names[0] if world.probe_names else None)
+
+    def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+        check_schema(scored, scored_schema(self.probe_names), "scorer -> rewarder")
+        texts = self.world.decode(scored.column("completion_ids").to_pylist())
+        answers = scored.column("answer").to_pylist()
+        task = np.asarray(self.world.reward_fn(texts, answers), dtype=np.float32)
+        if task.shape != (scored.num_rows,):
+            raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
+                             f"for {scored.num_rows} completions; it must return one float per completion")
+        score = None
+        if self.shaping.kind != "none":
+            score = scored.column(f"probe/{self.shaping_probe}/score").to_numpy(zero_copy_only=False)
+        shaped, mask = shape_rewards(task, score, self.shaping.kind, self.shaping.coef, self.shaping.threshold)
+        mask &= ~scored.column("nonfinite_score").to_numpy(zero_copy_only=False)  # never train on a NaN score
+        adv = group_advantages(shaped, scored.column("group_id").to_numpy(), mask)
+        table = scored
+        for f, values in zip(REWARD_FIELDS, (task, shaped, mask, adv), strict=True):
+            table = table.append_column(f, pa.array(values, f.type))
+        check_schema(table, train_schema(self.probe_names), "rewarder -> learner")
+        lengths = np.array([len(c) for c in scored.column("completion_ids").to_pylist()])
+        metrics = {
+            "rollout/task_reward": float(task.mean()),
+            "rollout/shaped_reward": float(shaped.mean()),
+            "rollout/masked_frac": float(1 - mask.mean()),
+            "rollout/completion_len": float(lengths.mean()),
+        }
+        for name in self.probe_names:
+            s = scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False)
+            metrics[f"scorer/{name}_mean"] = float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")
+        return table, metrics
+
+    def sample(self, batch: pa.Table, num: int, step: int) -> pa.Table:
+        """The first `num` rows of a train batch with step and decoded text, for rollouts.parquet."""
+        part = batch.slice(0, num)
+        part = part.append_column("step", pa.array([step] * part.num_rows, pa.int64()))
+        part = part.append_column("prompt_text", pa.array(self.world.decode(part.column("prompt_ids").to_pylist())))
+        return part.append_column("completion_text", pa.array(self.world.decode(part.column("completion_ids").to_pylist())))

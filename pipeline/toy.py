@@ -1,0 +1,253 @@
+"""The toy world the project builds for itself: no hub downloads are needed to run probe-rl.
+
+`ensure_toy_world(cfg)` returns paths to a character-level tokenizer plus a tiny Llama model
+(head_dim 64), SFT-trained on `a+b=` arithmetic until it is partly right, and a linear probe that
+reads "this completion is wrong" from the frozen model's residual stream. Everything is cached
+under `toy.cache_dir` in a folder keyed by the toy config, and rebuilt only when missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ToyConfig
+from pipeline.tasks import arithmetic_prompts
+
+BUILD_VERSION = 1  # bump when the recipe below changes, so stale caches are not reused
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = list("0123456789+-*=?# abcdefghijklmnopqrstuvwxyz")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+TOY_PROBE_NAME = "wrong"
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    model_dir: Path
+    probe_stem: Path
+    info: dict
+
+
+def toy_key(cfg: ToyConfig) -> str:
+    fields = cfg.model_dump(exclude={"cache_dir"})
+    blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def toy_root(cfg: ToyConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() / f"toy-{toy_key(cfg)}"
+
+
+def ensure_toy_world(cfg: ToyConfig, log=print) -> ToyWorld:
+    """Build what is missing (model first, then probe) and return the cached world."""
+    root = toy_root(cfg)
+    model_dir, probe_stem = root / "model", root / "probe" / TOY_PROBE_NAME
+    if not (model_dir / "config.json").is_file():
+        log(f"building the toy model in {model_dir} (once; cached afterwards)")
+        _atomic_build(model_dir, lambda tmp: build_toy_model(cfg, tmp, log))
+    if not probe_stem.with_suffix(".json").is_file():
+        log(f"fitting the toy probe {probe_stem} (once; cached afterwards)")
+        _atomic_build(probe_stem.parent, lambda tmp: build_toy_probe(cfg, model_dir, tmp / TOY_PROBE_NAME, log))
+    info = json.loads((model_dir / "toy_info.json").read_text())
+    return ToyWorld(model_dir, probe_stem, info)
+
+
+def _atomic_build(dest: Path, build) -> None:
+    """Build into a temporary sibling folder and rename it into place, so a crash leaves no half cache."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def build_tokenizer():
+    """A character-level tokenizer that transformers and vLLM both load from `save_pretrained`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def toy_model_config(cfg: ToyConfig):
+    from transformers import LlamaConfig
+
+    vocab_size = 64 * math.ceil((len(SPECIALS) + len(CHARS)) / 64)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.hidden_size // 64,
+        num_key_value_heads=cfg.hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+
+
+def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
+    """Right-padded `<bos>prompt completion<eos>` ids (B, T) and a completion-token mask (B, T)."""
+    import torch
+
+    rows, masks = [], []
+    for p, c in zip(prompts, completions, strict=True):
+        p_ids = tokenizer(p)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] + [EOS_ID]
+        rows.append(p_ids + c_ids)
+        masks.append([0] * len(p_ids) + [1] * len(c_ids))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids, mask
+
+
+def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 6) -> float:
+    import torch
+
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    correct = 0
+    with torch.no_grad():
+        for length in sorted({len(e) for e in enc}):  # equal-length batches: no padding needed
+            idx = [i for i, e in enumerate(enc) if len(e) == length]
+            ids = torch.tensor([enc[i] for i in idx])
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS_ID,
+                                 pad_token_id=PAD_ID, attention_mask=torch.ones_like(ids))
+            for row, i in zip(out[:, length:], idx, strict=True):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                correct += text.strip() == answers[i]
+    return correct / max(len(prompts), 1)
+
+
+def build_toy_model(cfg: ToyConfig, out_dir: Path, log=print) -> None:
+    """SFT a fresh tiny Llama on arithmetic for `cfg.sft_steps` steps and save it with its tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from pipeline.progress import progress_bar
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(toy_model_config(cfg))
+    train = arithmetic_prompts(cfg.sft_steps * cfg.sft_batch_size, cfg.max_operand, seed=cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    warmup = max(1, cfg.sft_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.sft_steps) / cfg.sft_steps))
+    )
+    start = time.perf_counter()
+    model.train()
+    bar = progress_bar(total=cfg.sft_steps, desc="toy SFT", unit="step")
+    for step in range(cfg.sft_steps):
+        sl = slice(step * cfg.sft_batch_size, (step + 1) * cfg.sft_batch_size)
+        ids, mask = encode_pairs(tokenizer, train.prompts[sl], train.answers[sl])
+        logits = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    held_out = arithmetic_prompts(512, cfg.max_operand, seed=cfg.seed + 2)
+    acc = greedy_accuracy(model, tokenizer, held_out.prompts, held_out.answers)
+    log(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.sft_steps} SFT steps in "
+        f"{time.perf_counter() - start:.0f}s, greedy accuracy {acc:.1%} on 512 held-out sums")
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    info = {"build_version": BUILD_VERSION, "greedy_accuracy": acc, "sft_final_loss": loss.item(), **cfg.model_dump()}
+    (out_dir / "toy_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def wrong_answer(answer: str, rng) -> str:
+    """A plausible wrong answer: off by a small amount, never negative, never right."""
+    value = int(answer)
+    delta = rng.choice([-10, -2, -1, 1, 2, 10])
+    return str(value + delta if value + delta >= 0 else value + abs(delta))
+
+
+def build_toy_probe(cfg: ToyConfig, model_dir: Path, stem: Path, log=print) -> None:
+    """Fit the toy "this completion is wrong" probe on the frozen model's activations at `cfg.probe_layer`.
+
+    Labelled data: each prompt once with its right answer (label 0) and once with a near miss (label 1).
+    """
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probes.fit import auroc, fit_logistic
+    from probes.hooks import capture_residuals
+    from probes.probe import LinearProbe, aggregate
+
+    rng = random.Random(cfg.seed + 3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    n = cfg.probe_samples // 2
+    data = arithmetic_prompts(n, cfg.max_operand, seed=cfg.seed + 4)
+    prompts = data.prompts * 2
+    completions = data.answers + [wrong_answer(a, rng) for a in data.answers]
+    labels = torch.tensor([0.0] * n + [1.0] * n)
+    token_feats, token_labels, seq_hidden, seq_masks = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 256):
+            ids, mask = encode_pairs(tokenizer, prompts[i : i + 256], completions[i : i + 256])
+            with capture_residuals(model, [cfg.probe_layer], stop_after=cfg.probe_layer) as cap:
+                model(input_ids=ids, attention_mask=(ids != PAD_ID).long())
+            h = cap.residuals[cfg.probe_layer]  # (B, T, H)
+            seq_hidden += list(h)
+            seq_masks += list(mask)
+            token_feats.append(h[mask])  # (N_tokens, H): every completion token carries its sequence's label
+            token_labels.append(labels[i : i + 256][:, None].expand_as(mask)[mask])
+    # Split by prompt, not by row: both completions of a prompt land on the same side, or the probe
+    # could score well by memorising prompts instead of reading right from wrong.
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    held_prompts = perm[int(0.8 * n) :].tolist()
+    held_rows = set(held_prompts) | {p + n for p in held_prompts}
+    row_of_token = torch.cat([torch.full((int(m.sum()),), r) for r, m in enumerate(seq_masks)])
+    train_tokens = torch.tensor([r not in held_rows for r in row_of_token.tolist()])
+    x, y = torch.cat(token_feats), torch.cat(token_labels)
+    fit = fit_logistic(x[train_tokens], y[train_tokens], l2=1e-3)
+    probe = LinearProbe(TOY_PROBE_NAME, cfg.probe_layer, fit.weight, fit.bias, "mean")
+    # Held-out AUROC of the aggregated score, computed exactly as scorers compute it.
+    held = sorted(held_rows)
+    width = max(len(seq_hidden[r]) for r in held)
+    hid = torch.stack([torch.nn.functional.pad(seq_hidden[r], (0, 0, 0, width - len(seq_hidden[r]))) for r in held])
+    msk = torch.stack([torch.nn.functional.pad(seq_masks[r], (0, width - len(seq_masks[r]))) for r in held])
+    held_scores = aggregate(probe.token_scores(hid), msk, "mean")
+    probe.notes = {"held_out_auroc": auroc(held_scores, labels[held]), "num_train_sequences": len(prompts) - len(held),
+                   "num_held_out_sequences": len(held), "label": "1 = the completion is a wrong answer",
+                   "fit": "logistic regression on completion-token residuals, L2 1e-3, class-balanced"}
+    probe.save(stem)
+    log(f"toy probe {TOY_PROBE_NAME!r} at layer {cfg.probe_layer}: held-out AUROC {probe.notes['held_out_auroc']:.3f}")

@@ -1,0 +1,138 @@
+"""Linear probes: file format, scoring and aggregation over completion tokens.
+
+A probe is `<stem>.safetensors` (tensors `weight` (H,) and `bias` (1,)) plus `<stem>.json`
+(name, layer, hidden_size, aggregation, and free-form training notes). Files are parsed, never
+unpickled. Scores are probabilities: sigmoid(h . w + b) per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Aggregation = Literal["mean", "max", "last"]
+AGGREGATIONS: tuple[str, ...] = ("mean", "max", "last")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LinearProbe:
+    name: str
+    layer: int  # 0-based decoder block whose output (residual stream) the probe reads
+    weight: torch.Tensor  # (H,)
+    bias: torch.Tensor  # (1,)
+    aggregation: Aggregation = "mean"
+    notes: dict[str, Any] = field(default_factory=dict)  # training provenance and held-out metrics
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[0]
+
+    def token_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) residuals -> (B, T) probabilities."""
+        w = self.weight.to(device=hidden.device, dtype=torch.float32)
+        b = self.bias.to(device=hidden.device, dtype=torch.float32)
+        return torch.sigmoid(hidden.float() @ w + b)
+
+    def check_fits(self, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:
+        """Refuse a probe that cannot read this model, naming both numbers."""
+        if self.hidden_size != hidden_size:
+            raise ValueError(
+                f"probe {self.name!r} has hidden size {self.hidden_size} but {model_name} has hidden size "
+                f"{hidden_size}: the probe was trained on a different model"
+            )
+        if not 0 <= self.layer < num_layers:
+            raise ValueError(
+                f"probe {self.name!r} reads layer {self.layer} but {model_name} has {num_layers} layers "
+                f"(0..{num_layers - 1})"
+            )
+
+    def save(self, stem: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().reshape(1)}
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "layer": self.layer,
+            "hidden_size": self.hidden_size,
+            "aggregation": self.aggregation,
+            "notes": self.notes,
+        }
+        stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return stem
+
+
+def _probe_stem(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+
+
+def load_probe(path: str | Path) -> LinearProbe:
+    """Load and validate a probe; every malformed file gets a message that says what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    stem = _probe_stem(path)
+    meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for p in (meta_path, tensor_path):
+        if not p.is_file():
+            raise ValueError(f"probe file {p} does not exist (a probe is <stem>.json plus <stem>.safetensors)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"probe metadata {meta_path} is not valid JSON: {e}") from None
+    required = {"name": str, "layer": int, "hidden_size": int, "aggregation": str}
+    if not isinstance(meta, dict):
+        raise ValueError(f"probe metadata {meta_path} must be a JSON object with keys {sorted(required)}")
+    for key, typ in required.items():
+        if not isinstance(meta.get(key), typ):
+            raise ValueError(f"probe metadata {meta_path}: key {key!r} must be a {typ.__name__}, got {meta.get(key)!r}")
+    if meta["aggregation"] not in AGGREGATIONS:
+        raise ValueError(f"probe metadata {meta_path}: aggregation {meta['aggregation']!r} not in {AGGREGATIONS}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"probe tensors {tensor_path} are not a readable safetensors file: {e}") from None
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    if weight is None or bias is None or weight.ndim != 1 or bias.numel() != 1:
+        raise ValueError(f"probe tensors {tensor_path} must hold `weight` of shape (H,) and `bias` of shape (1,)")
+    if weight.shape[0] != meta["hidden_size"]:
+        raise ValueError(
+            f"probe {tensor_path}: weight has {weight.shape[0]} entries but its metadata says hidden_size "
+            f"{meta['hidden_size']}"
+        )
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ValueError(f"probe tensors {tensor_path} contain NaN or inf")
+    return LinearProbe(
+        name=meta["name"], layer=meta["layer"], weight=weight.float(), bias=bias.float().reshape(1),
+        aggregation=meta["aggregation"], notes=meta.get("notes", {}),
+    )
+
+
+def aggregate(scores: torch.Tensor, mask: torch.Tensor, how: Aggregation) -> torch.Tensor:
+    """Aggregate per-token scores over the masked (completion) tokens: (B, T), (B, T) -> (B,).
+
+    A row with no masked token gets NaN: there is nothing to score.
+    """
+    mask = mask.bool()
+    count = mask.sum(-1)
+    if how == "mean":
+        out = (scores * mask).sum(-1) / count.clamp(min=1)
+    elif how == "max":
+        out = scores.masked_fill(~mask, -math.inf).max(-1).values
+    elif how == "last":
+        positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+        last = positions.masked_fill(~mask, -1).max(-1).values.clamp(min=0)
+        out = scores.gather(-1, last[:, None]).squeeze(-1)
+    else:
+        raise ValueError(f"unknown aggregation {how!r}; allowed: {AGGREGATIONS}")
+    return torch.where(count > 0, out, torch.full_like(out, math.nan))
