@@ -51,7 +51,8 @@ class Generator:
         if not on_gpu:
             configure_cpu_env(cfg.kv_cache_gib, max(1, int(cfg.num_cpus)))
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        from vllm import LLM
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
 
         self.llm = LLM(
             model=model_path,
@@ -63,6 +64,10 @@ class Generator:
             enable_prefix_caching=False,
         )
         self.version = 0
+        # The first sampling call with log-probs pays a one-off warm-up (~20 s on CPU); pay it at start-up.
+        self.greedy([[0]], 2)
+        self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
+                          detokenize=False), use_tqdm=False)
 
     def generate(self, prompts: pa.Table, n: int, seed: int) -> tuple[pa.Table, GenerateStats]:
         """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order."""

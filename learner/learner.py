@@ -97,7 +97,7 @@ class Learner:
         # the sum over all micro-batches and ranks is the token mean over the global batch.
         denom = max(global_tokens, 1) / (self.grad_accum * self.world_size)
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        local_tokens = 0
+        local_tokens, grad_norm = 0, None
         self.engine.train()
         for m in range(self.grad_accum):
             mb = shard.slice(m * self.cfg.micro_batch_size, self.cfg.micro_batch_size)
@@ -110,9 +110,11 @@ class Learner:
             ref = batch.completion_targets(mb.column("ref_logprobs").to_pylist()).to(device) if use_ref else None
             loss_mask = torch.as_tensor(mb.column("loss_mask").to_numpy(zero_copy_only=False), device=device)
             token_mask = batch.completion_mask[:, 1:].to(device) & loss_mask[:, None]
-            adv = torch.as_tensor(mb.column("advantage").to_numpy(), dtype=torch.float32, device=device)
+            adv = torch.tensor(mb.column("advantage").to_numpy(), dtype=torch.float32, device=device)
             parts = ppo_loss(logp, behavior, adv, token_mask, self.cfg.clip_eps, ref, self.cfg.kl_coef, num_tokens=denom)
             self.engine.backward(parts.loss)
+            if m == self.grad_accum - 1 and self.cfg.zero_stage == 0:
+                grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 keeps whole grads; DeepSpeed reports none
             self.engine.step()
             # parts are normalised by `denom`; rescale to this rank's token mean for reporting
             n = int(parts.num_tokens)
@@ -123,11 +125,12 @@ class Learner:
             sums["kl"] += float(parts.kl) * scale
             sums["clip_frac"] += float(parts.clip_frac) * scale
         self.version += 1
-        norm = self.engine.get_global_grad_norm()
+        if self.cfg.zero_stage > 0:
+            grad_norm = self.engine.get_global_grad_norm()
         mean = {k: v / max(local_tokens, 1) for k, v in sums.items()}
         return TrainStats(
             self.version, mean["loss"], mean["policy_loss"], mean["kl"], mean["clip_frac"],
-            float(norm) if norm is not None else math.nan, local_tokens, time.perf_counter() - start,
+            float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
         )
 
     def _gathered(self):
@@ -160,6 +163,13 @@ class Learner:
 
     def ready(self) -> int:
         return self.version
+
+
+def _grad_norm(module) -> float:
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _valid_tokens(table: pa.Table) -> int:

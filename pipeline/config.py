@@ -36,13 +36,15 @@ class ToyConfig(_Strict):
     """Transformer blocks of the toy model."""
     hidden_size: PositiveInt = 128
     """Residual width; must be a multiple of 64 (head_dim 64, which vLLM's CPU attention needs)."""
-    max_operand: PositiveInt = 99
+    max_operand: PositiveInt = 49
     """Operands of the arithmetic task are drawn from [0, max_operand]."""
     sft_steps: NonNegInt = 600
     """SFT steps that make the base policy partly competent (RL then has something to improve)."""
+    hedge_frac: float = Field(0.03, ge=0, lt=1)
+    """Fraction of SFT answers that hedge ("45 46"), so the base model hedges rarely (the toy reward hack)."""
     sft_batch_size: PositiveInt = 64
     """Sequences per SFT step."""
-    sft_lr: PositiveFloat = 3e-3
+    sft_lr: PositiveFloat = 1e-3
     """Peak SFT learning rate."""
     probe_layer: NonNegInt = 2
     """Layer whose residual-stream output the toy probe reads (0-based block index)."""

@@ -59,12 +59,19 @@ def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
     """Start the roles on Ray, train, write summary.json and return the summary."""
     import ray
 
-    init_ray(cfg)
+    owns_ray = not ray.is_initialized()  # a caller (a test, a notebook) may hold a Ray instance already
+    if owns_ray:
+        init_ray(cfg)
+    roles = None
     try:
         roles = start_roles(cfg, world, log)
         summary = train_loop(cfg, world, roles, run_dir, log)
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
+        elif roles is not None:
+            for actor in roles.generators + roles.scorers + roles.learners:
+                ray.kill(actor)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -100,7 +107,8 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     from learner.learner import Learner
     from pipeline.remote import free_port, make_actor, wait
 
-    quiet = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    quiet = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     log(f"starting {cfg.generator.num_workers} generator(s), {cfg.scorer.num_workers} scorer(s), "
         f"{cfg.learner.num_ranks} learner rank(s)")
     g, s, lc = cfg.generator, cfg.scorer, cfg.learner

@@ -52,7 +52,7 @@ def fit_logistic(
     with torch.no_grad():
         w_raw = w / sd
         b_raw = b - (mu * w_raw).sum()
-    return FitResult(w_raw.float().detach(), b_raw.float().detach(), float(loss))
+    return FitResult(w_raw.float().detach(), b_raw.float().detach(), float(loss.detach()))
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

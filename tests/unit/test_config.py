@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import Config, ConfigError, dump_toml, load_config, parse_overrides
+
+
+def test_default_config_is_valid_and_round_trips(tmp_path):
+    cfg = load_config()
+    assert cfg.model.path == "toy"
+    path = tmp_path / "resolved.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_overrides_are_typed_and_nested():
+    tree = parse_overrides(["--learner.lr", "1e-5", "--pipeline.max_staleness=0", "--run.name", "abc",
+                            "--run.progress", "false"])
+    assert tree == {"learner": {"lr": 1e-5}, "pipeline": {"max_staleness": 0}, "run": {"name": "abc", "progress": False}}
+    cfg = load_config(overrides=["--learner.lr", "1e-5", "--pipeline.max_staleness", "0"])
+    assert cfg.learner.lr == 1e-5 and cfg.pipeline.max_staleness == 0
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match=r"learner\.lrr: unknown key"):
+        load_config(overrides=["--learner.lrr", "1"])
+
+
+def test_bad_value_names_key_and_constraint():
+    with pytest.raises(ConfigError, match=r"pipeline\.group_size: Input should be greater than or equal to 2"):
+        load_config(overrides=["--pipeline.group_size", "1"])
+    with pytest.raises(ConfigError, match=r"shaping\.kind: Input should be 'none', 'penalty', 'threshold' or 'screen'"):
+        load_config(overrides=["--shaping.kind", "clip"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ValueError, match="needs at least one probe"):
+        Config.model_validate({"shaping": {"kind": "penalty"}})
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Config.model_validate({"toy": {"hidden_size": 96}})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[learner\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_answers_fast_without_heavy_imports():
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(['--dry-run', '--pipeline.num_steps', '3']);"
+        "heavy = [m for m in ('torch', 'vllm', 'ray', 'deepspeed') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "num_steps = 3" in out.stdout
+    assert "HEAVY []" in out.stdout
+
+
+def test_cli_rejects_bad_config_with_exit_code_2():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--learner.zero_stage", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "learner.zero_stage" in out.stderr

@@ -1,0 +1,104 @@
+"""The scorer's one forward pass against separate reference computations, on a tiny random Llama."""
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.scorer import Scorer
+from pipeline.batching import pack
+from pipeline.config import ScorerConfig
+from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
+from probes.probe import LinearProbe
+
+PROMPTS = [[1, 5, 6, 14], [1, 7, 18], [1, 9, 9, 9, 14]]
+COMPLETIONS = [[8, 9, 2], [10, 2], []]  # the last row has no completion token: nothing to score
+
+
+def rollouts() -> pa.Table:
+    n = len(PROMPTS)
+    return pa.Table.from_pydict(
+        {"prompt_id": list(range(n)), "group_id": [0, 0, 1], "prompt_ids": PROMPTS, "completion_ids": COMPLETIONS,
+         "behavior_logprobs": [[-1.0] * len(c) for c in COMPLETIONS], "policy_version": [0] * n,
+         "answer": ["1", "2", "3"]},
+        schema=ROLLOUT_SCHEMA,
+    )
+
+
+@pytest.fixture(scope="module")
+def probes(tiny_model_dir, tmp_path_factory):
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("probes")
+    LinearProbe("a", 0, torch.randn(64) * 0.3, torch.tensor([0.1]), "mean").save(d / "a")
+    LinearProbe("b", 1, torch.randn(64) * 0.3, torch.tensor([-0.2]), "max").save(d / "b")
+    return [(str(d / "a"), None), (str(d / "b"), None)]
+
+
+def reference(model_dir, layer, weight, bias):
+    """Per row, unpadded: reference log-probs of completion tokens and per-token probe scores."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for p, c in zip(PROMPTS, COMPLETIONS, strict=True):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            res = model(input_ids=ids, output_hidden_states=True)
+        logp = torch.log_softmax(res.logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        h = res.hidden_states[layer + 1][0] if layer + 1 < len(res.hidden_states) - 1 else None
+        out.append((logp[len(p) - 1 :].tolist(), h[len(p) :] if h is not None else None))
+    return out
+
+
+def test_scores_and_ref_logprobs_match_reference(tiny_model_dir, probes):
+    scorer = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=2), compute_ref=True)
+    table, stats = scorer.score(rollouts())
+    assert table.schema.equals(scored_schema(["a", "b"]))
+    assert stats.num_sequences == 3 and stats.num_nonfinite == 1
+    ref = reference(tiny_model_dir, 0, None, None)
+    for got, (want, _) in zip(table.column("ref_logprobs").to_pylist(), ref, strict=True):
+        assert len(got) == len(want)
+        assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(got, want, strict=True))
+    probe_a = scorer.probes[0]
+    for i, (_, h) in enumerate(reference(tiny_model_dir, 0, None, None)):
+        want = torch.sigmoid(h @ probe_a.weight + probe_a.bias)
+        got = torch.tensor(table.column("probe/a/tokens")[i].as_py())
+        assert torch.allclose(got, want, atol=1e-5)
+        agg = table.column("probe/a/score")[i].as_py()
+        if len(want):
+            assert math.isclose(agg, want.mean().item(), abs_tol=1e-5)
+        else:
+            assert math.isnan(agg)
+    assert table.column("nonfinite_score").to_pylist() == [False, False, True]
+
+
+def test_padding_does_not_change_scores(tiny_model_dir, probes):
+    one = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=1), compute_ref=True).score(rollouts())[0]
+    three = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=3), compute_ref=True).score(rollouts())[0]
+    for col in ("ref_logprobs", "probe/a/tokens", "probe/b/tokens"):
+        for x, y in zip(one.column(col).to_pylist(), three.column(col).to_pylist(), strict=True):
+            assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(x, y, strict=True))
+
+
+def test_truncated_pass_without_kl_gives_identical_probe_scores(tiny_model_dir, probes):
+    full = Scorer(str(tiny_model_dir), probes[:1], ScorerConfig(), compute_ref=True).score(rollouts())[0]
+    cut = Scorer(str(tiny_model_dir), probes[:1], ScorerConfig(), compute_ref=False).score(rollouts())[0]
+    assert cut.column("ref_logprobs").to_pylist() == [[], [], []]
+    for x, y in zip(full.column("probe/a/tokens").to_pylist(), cut.column("probe/a/tokens").to_pylist(), strict=True):
+        assert x == pytest.approx(y, abs=1e-6)
+
+
+def test_probe_that_does_not_fit_is_refused_at_start(tiny_model_dir, tmp_path):
+    LinearProbe("wide", 0, torch.zeros(128), torch.zeros(1)).save(tmp_path / "wide")
+    with pytest.raises(ValueError, match="hidden size 128 but .* has hidden size 64"):
+        Scorer(str(tiny_model_dir), [(str(tmp_path / "wide"), None)], ScorerConfig(), compute_ref=True)
+
+
+def test_pack_aligns_completion_values():
+    batch = pack([[1, 2], [1]], [[7, 8, 9], [5]])
+    assert batch.input_ids.tolist() == [[1, 2, 7, 8, 9], [1, 5, 0, 0, 0]]
+    assert batch.completion_mask.tolist() == [[False, False, True, True, True], [False, True, False, False, False]]
+    shifted = batch.completion_values(torch.arange(8.0).reshape(2, 4), shift=1)
+    assert [v.tolist() for v in shifted] == [[1.0, 2.0, 3.0], [4.0]]
+    laid = batch.completion_targets([[0.1, 0.2, 0.3], [0.4]])
+    assert torch.allclose(laid, torch.tensor([[0, 0.1, 0.2, 0.3], [0.4, 0, 0, 0]]))
