@@ -38,7 +38,7 @@ class ToyConfig(_Strict):
     """Residual width; must be a multiple of 64 (head_dim 64, which vLLM's CPU attention needs)."""
     max_operand: PositiveInt = 49
     """Operands of the arithmetic task are drawn from [0, max_operand]."""
-    sft_steps: NonNegInt = 600
+    sft_steps: NonNegInt = 400
     """SFT steps that make the base policy partly competent (RL then has something to improve)."""
     hedge_frac: float = Field(0.03, ge=0, lt=1)
     """Fraction of SFT answers that hedge ("45 46"), so the base model hedges rarely (the toy reward hack)."""
