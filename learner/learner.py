@@ -78,7 +78,10 @@ class Learner:
             "bf16": {"enabled": dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        warmup = max(1, cfg.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
         self.version = 0
 
     def train_step(self, table: pa.Table) -> TrainStats:

@@ -46,6 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     run.add_argument("--config", default=None, help=f"TOML config file (default: {DEFAULT_CONFIG.name})")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    probe = sub.add_parser("probe", help="train and evaluate linear probes", description="Linear probes on a model's "
+                           "residual stream: fit them on labelled completions, or measure them on a model/checkpoint.")
+    psub = probe.add_subparsers(dest="probe_command", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="toy", help='hub id, local model directory or checkpoint, or "toy" (default)')
+    common.add_argument("--data", required=True, help="labelled completions: Parquet/JSONL with prompt, completion, label")
+    common.add_argument("--config", default=None, help="config whose [toy] section defines the toy model")
+    common.add_argument("--aggregation", default=None, help="mean, max, last or window:K over completion tokens")
+    pt = psub.add_parser("train", parents=[common], help="fit one logistic-regression probe per layer",
+                         description="Extract activations with scoped hooks (one pass for all layers), fit "
+                         "class-balanced L2 logistic regression on a prompt-grouped train split, save each probe as "
+                         "safetensors + JSON, and print held-out AUROC and recall at 1% and 5% false-positive rate.")
+    pt.add_argument("--layers", type=int, nargs="+", required=True, help="0-based decoder layers to probe")
+    pt.add_argument("--name", default="probe", help="probe name (suffixed _l<layer> when several layers)")
+    pt.add_argument("--out", default="probes_out", help="directory for <name>.safetensors/.json")
+    pt.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on standardised weights")
+    pt.add_argument("--held-out", type=float, default=0.2, help="fraction of prompts held out for the metrics")
+    pt.add_argument("--no-balance", action="store_true", help="do not reweight classes to equal total weight")
+    pt.add_argument("--seed", type=int, default=0)
+    pe = psub.add_parser("eval", parents=[common], help="AUROC and recall at fixed FPR of saved probes",
+                         description="Score labelled completions with saved probes on a model or checkpoint.")
+    pe.add_argument("probes", nargs="+", help="probe files (<stem>, <stem>.json or <stem>.safetensors)")
+    pe.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
+    ptd.add_argument("out", help="output .jsonl")
+    ptd.add_argument("--num", type=int, default=1000, help="prompts (two completions each)")
+    ptd.add_argument("--seed", type=int, default=123)
+    ptd.add_argument("--config", default=None)
     return parser
 
 
@@ -58,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "probe":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _probe(args)
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:
@@ -82,6 +114,17 @@ def _run(cfg: Config) -> int:
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
     return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from probes import cli
+
+    handler = {"train": cli.train, "eval": cli.evaluate, "toy-data": cli.toy_data}[args.probe_command]
+    try:
+        return handler(args)
+    except ValueError as e:
+        print(f"probe-rl probe {args.probe_command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class TaskConfig(_Strict):
     """Prompt dataset, Parquet or JSONL, with columns `prompt` and `answer`. None: the toy arithmetic set."""
     reward_fn: str = "pipeline.tasks:arithmetic_reward"
     """Dotted path `module:function` of the reward function (see pipeline/tasks.py for its signature)."""
+    ground_truth_fn: str | None = None
+    """Optional `module:function` labelling each completion "correct", "hack" or "wrong" (what really
+    happened, independent of any probe); enables hack-rate metrics and probe retraining."""
     num_prompts: PositiveInt = 4096
     """Size of the generated toy prompt set (ignored when `dataset` is given)."""
     eval_prompts: NonNegInt = 256
@@ -103,8 +106,16 @@ class GeneratorConfig(_Strict):
 class ProbeSpec(_Strict):
     path: str
     """A probe saved by probe-rl: `<path>.safetensors` plus `<path>.json`, or "toy" for the built toy probe."""
-    aggregation: Literal["mean", "max", "last"] | None = None
-    """Aggregate over completion tokens; None keeps the probe file's own."""
+    aggregation: str | None = None
+    """Aggregate over completion tokens: mean, max, last or window:K; None keeps the probe file's own."""
+
+    @model_validator(mode="after")
+    def _aggregation(self) -> ProbeSpec:
+        if self.aggregation is not None:
+            from probes.names import check_aggregation
+
+            check_aggregation(self.aggregation)
+        return self
 
 
 class ScorerConfig(_Strict):
@@ -141,8 +152,10 @@ class LearnerConfig(_Strict):
     """Ray GPUs reserved per rank."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
-    lr: PositiveFloat = 2e-4
+    lr: PositiveFloat = 5e-5
     """AdamW learning rate."""
+    warmup_steps: NonNegInt = 5
+    """Linear learning-rate warm-up steps (Adam's first steps are sign-like and can jolt a small policy)."""
     weight_decay: NonNegFloat = 0.0
     """AdamW weight decay."""
     kl_coef: NonNegFloat = 0.01

@@ -8,6 +8,7 @@ import pyarrow as pa
 from pipeline.config import Config
 from pipeline.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
 from pipeline.shaping import group_advantages, shape_rewards
+from pipeline.tasks import GROUND_TRUTH
 from pipeline.world import World
 
 
@@ -43,9 +44,17 @@ class Rewarder:
             "rollout/masked_frac": float(1 - mask.mean()),
             "rollout/completion_len": float(lengths.mean()),
         }
+        truth = self.world.ground_truth_fn(texts, answers) if self.world.ground_truth_fn else None
+        if truth is not None:
+            truth = np.asarray(truth)
+            for cls in GROUND_TRUTH:
+                metrics[f"rollout/{cls}_rate"] = float((truth == cls).mean())
         for name in self.probe_names:
             s = scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False)
-            metrics[f"scorer/{name}_mean"] = float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")
+            metrics[f"scorer/{name}_mean"] = _nanmean(s)
+            if truth is not None:  # the score distribution split by what really happened
+                for cls in GROUND_TRUTH:
+                    metrics[f"scorer/{name}_mean_{cls}"] = _nanmean(s[truth == cls])
         return table, metrics
 
     def sample(self, batch: pa.Table, num: int, step: int) -> pa.Table:
@@ -54,3 +63,8 @@ class Rewarder:
         part = part.append_column("step", pa.array([step] * part.num_rows, pa.int64()))
         part = part.append_column("prompt_text", pa.array(self.world.decode(part.column("prompt_ids").to_pylist())))
         return part.append_column("completion_text", pa.array(self.world.decode(part.column("completion_ids").to_pylist())))
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else float("nan")

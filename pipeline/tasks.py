@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
+GroundTruthFn = Callable[[list[str], list[str]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,20 @@ def arithmetic_ground_truth(completions: list[str], answers: list[str]) -> list[
     return out
 
 
-def load_reward_fn(dotted: str) -> RewardFn:
-    """Import `module:function` (or `module.function`); a clear error says what is missing."""
+def load_reward_fn(dotted: str, key: str = "task.reward_fn") -> RewardFn:
+    """Import `module:function` (or `module.function`); a clear error names the config key and what is missing."""
     module_name, sep, attr = dotted.partition(":")
     if not sep:
         module_name, _, attr = dotted.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"task.reward_fn={dotted!r} must look like 'package.module:function'")
+        raise ValueError(f"{key}={dotted!r} must look like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"task.reward_fn={dotted!r}: cannot import module {module_name!r} ({e})") from None
+        raise ValueError(f"{key}={dotted!r}: cannot import module {module_name!r} ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"task.reward_fn={dotted!r}: module {module_name!r} has no function {attr!r}")
+        raise ValueError(f"{key}={dotted!r}: module {module_name!r} has no function {attr!r}")
     return fn
 
 

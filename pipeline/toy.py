@@ -213,58 +213,31 @@ def near_miss(answer: str, rng: random.Random) -> str:
     return str(value + delta if value + delta >= 0 else value + abs(delta))
 
 
-def build_toy_probe(cfg: ToyConfig, model_dir: Path, stem: Path, log=print) -> None:
-    """Fit the toy "this completion is a hedge" probe on the frozen model's activations at `cfg.probe_layer`.
+def toy_labelled(num_prompts: int, max_operand: int, seed: int):
+    """Labelled completions for the hack probe: each prompt once with a plain answer, right or a near
+    miss (label 0), and once with a hedge (label 1)."""
+    from probes.toolkit import Labelled
 
-    Labelled data: each prompt once with a plain answer, right or a near miss (label 0), and once with a
-    hedge (label 1). Every completion token carries its sequence's label; the probe scores tokens and
-    its held-out AUROC is computed on the mean over completion tokens, exactly as scorers compute it.
-    """
+    rng = random.Random(seed)
+    data = arithmetic_prompts(num_prompts, max_operand, seed=seed)
+    plain = [a if rng.random() < 0.5 else near_miss(a, rng) for a in data.answers]
+    hedges = [hedge(a, rng) for a in data.answers]
+    return Labelled(data.prompts * 2, plain + hedges, [0] * num_prompts + [1] * num_prompts)
+
+
+def build_toy_probe(cfg: ToyConfig, model_dir: Path, stem: Path, log=print) -> None:
+    """Fit the toy "this completion is a hedge" probe on the frozen model's activations at `cfg.probe_layer`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from probes.fit import auroc, fit_logistic
-    from probes.hooks import capture_residuals
-    from probes.probe import LinearProbe, aggregate
+    from probes.toolkit import train_probes
 
-    rng = random.Random(cfg.seed + 3)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    n = cfg.probe_samples // 2
-    data = arithmetic_prompts(n, cfg.max_operand, seed=cfg.seed + 4)
-    prompts = data.prompts * 2
-    plain = [a if rng.random() < 0.5 else near_miss(a, rng) for a in data.answers]
-    completions = plain + [hedge(a, rng) for a in data.answers]
-    labels = torch.tensor([0.0] * n + [1.0] * n)
-    token_feats, token_labels, seq_hidden, seq_masks = [], [], [], []
-    with torch.no_grad():
-        for i in range(0, len(prompts), 256):
-            ids, mask = encode_pairs(tokenizer, prompts[i : i + 256], completions[i : i + 256])
-            with capture_residuals(model, [cfg.probe_layer], stop_after=cfg.probe_layer) as cap:
-                model(input_ids=ids, attention_mask=(ids != PAD_ID).long())
-            h = cap.residuals[cfg.probe_layer]  # (B, T, H)
-            seq_hidden += list(h)
-            seq_masks += list(mask)
-            token_feats.append(h[mask])  # (N_tokens, H): every completion token carries its sequence's label
-            token_labels.append(labels[i : i + 256][:, None].expand_as(mask)[mask])
-    # Split by prompt, not by row: both completions of a prompt land on the same side, or the probe
-    # could score well by memorising prompts instead of reading right from wrong.
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    held_prompts = perm[int(0.8 * n) :].tolist()
-    held_rows = set(held_prompts) | {p + n for p in held_prompts}
-    row_of_token = torch.cat([torch.full((int(m.sum()),), r) for r, m in enumerate(seq_masks)])
-    train_tokens = torch.tensor([r not in held_rows for r in row_of_token.tolist()])
-    x, y = torch.cat(token_feats), torch.cat(token_labels)
-    fit = fit_logistic(x[train_tokens], y[train_tokens], l2=1e-3)
-    probe = LinearProbe(TOY_PROBE_NAME, cfg.probe_layer, fit.weight, fit.bias, "mean")
-    # Held-out AUROC of the aggregated score, computed exactly as scorers compute it.
-    held = sorted(held_rows)
-    width = max(len(seq_hidden[r]) for r in held)
-    hid = torch.stack([torch.nn.functional.pad(seq_hidden[r], (0, 0, 0, width - len(seq_hidden[r]))) for r in held])
-    msk = torch.stack([torch.nn.functional.pad(seq_masks[r], (0, width - len(seq_masks[r]))) for r in held])
-    held_scores = aggregate(probe.token_scores(hid), msk, "mean")
-    probe.notes = {"held_out_auroc": auroc(held_scores, labels[held]), "num_train_sequences": len(prompts) - len(held),
-                   "num_held_out_sequences": len(held), "label": "1 = the completion hedges (lists several numbers)",
-                   "fit": "logistic regression on completion-token residuals, L2 1e-3, class-balanced"}
+    data = toy_labelled(cfg.probe_samples // 2, cfg.max_operand, seed=cfg.seed + 4)
+    [(probe, metrics)] = train_probes(model, tokenizer, data, [cfg.probe_layer], TOY_PROBE_NAME, "mean",
+                                      seed=cfg.seed)
+    probe.notes["label"] = "1 = the completion hedges (lists several numbers)"
     probe.save(stem)
-    log(f"toy probe {TOY_PROBE_NAME!r} at layer {cfg.probe_layer}: held-out AUROC {probe.notes['held_out_auroc']:.3f}")
+    log(f"toy probe {TOY_PROBE_NAME!r} at layer {cfg.probe_layer}: held-out AUROC {metrics['auroc']:.3f}, "
+        f"recall at 1% FPR {metrics['recall_at_1pct_fpr']:.3f}")

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.tasks import PromptSet, RewardFn, arithmetic_prompts, load_prompt_file, load_reward_fn
+from pipeline.tasks import GroundTruthFn, PromptSet, RewardFn, arithmetic_prompts, load_prompt_file, load_reward_fn
 
 
 @dataclass
@@ -29,6 +29,7 @@ class World:
     eval_prompts: PromptSet | None
     eval_prompt_ids: list[list[int]]
     reward_fn: RewardFn
+    ground_truth_fn: GroundTruthFn | None = None
 
     def prompts_for_step(self, step: int, num: int, seed: int) -> pa.Table:
         """The step's prompts: a seeded draw without replacement, the same on every run with this seed."""
@@ -106,6 +107,7 @@ def build_world(cfg: Config, log=print) -> World:
         if not cfg.task.eval_prompts:
             eval_prompts = None
     reward_fn = load_reward_fn(cfg.task.reward_fn)
+    truth_fn = load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn") if cfg.task.ground_truth_fn else None
     encode = lambda texts: [tokenizer(t)["input_ids"] for t in texts]  # noqa: E731
     prompt_ids = encode(prompts.prompts)
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + cfg.generator.max_new_tokens > cfg.generator.max_model_len]
@@ -115,4 +117,4 @@ def build_world(cfg: Config, log=print) -> World:
             f"{cfg.generator.max_model_len} with generator.max_new_tokens={cfg.generator.max_new_tokens}"
         )
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts,
-                 encode(eval_prompts.prompts) if eval_prompts else [], reward_fn)
+                 encode(eval_prompts.prompts) if eval_prompts else [], reward_fn, truth_fn)

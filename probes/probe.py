@@ -11,12 +11,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Aggregation = Literal["mean", "max", "last"]
-AGGREGATIONS: tuple[str, ...] = ("mean", "max", "last")
+from probes.names import check_aggregation
+
+Aggregation = str  # "mean", "max", "last", or "window:K" (max over rolling means of K tokens)
+AGGREGATIONS: tuple[str, ...] = ("mean", "max", "last", "window:K")
 FORMAT_VERSION = 1
 
 
@@ -96,8 +98,10 @@ def load_probe(path: str | Path) -> LinearProbe:
     for key, typ in required.items():
         if not isinstance(meta.get(key), typ):
             raise ValueError(f"probe metadata {meta_path}: key {key!r} must be a {typ.__name__}, got {meta.get(key)!r}")
-    if meta["aggregation"] not in AGGREGATIONS:
-        raise ValueError(f"probe metadata {meta_path}: aggregation {meta['aggregation']!r} not in {AGGREGATIONS}")
+    try:
+        check_aggregation(meta["aggregation"])
+    except ValueError as e:
+        raise ValueError(f"probe metadata {meta_path}: {e}") from None
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as e:
@@ -121,8 +125,11 @@ def load_probe(path: str | Path) -> LinearProbe:
 def aggregate(scores: torch.Tensor, mask: torch.Tensor, how: Aggregation) -> torch.Tensor:
     """Aggregate per-token scores over the masked (completion) tokens: (B, T), (B, T) -> (B,).
 
+    mean, max, last; or window:K, the max over every run of K consecutive masked tokens of their mean
+    (a row with fewer than K tokens gets its mean): harder to dilute than a mean, smoother than a max.
     A row with no masked token gets NaN: there is nothing to score.
     """
+    check_aggregation(how)
     mask = mask.bool()
     count = mask.sum(-1)
     if how == "mean":
@@ -134,5 +141,21 @@ def aggregate(scores: torch.Tensor, mask: torch.Tensor, how: Aggregation) -> tor
         last = positions.masked_fill(~mask, -1).max(-1).values.clamp(min=0)
         out = scores.gather(-1, last[:, None]).squeeze(-1)
     else:
-        raise ValueError(f"unknown aggregation {how!r}; allowed: {AGGREGATIONS}")
+        out = _window_max(scores, mask, int(how.split(":")[1]))
     return torch.where(count > 0, out, torch.full_like(out, math.nan))
+
+
+def _window_max(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    # Compact each row's masked tokens to the left, then take rolling sums with a cumulative sum.
+    count = mask.sum(-1)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    packed = scores.gather(-1, order) * (torch.arange(scores.shape[-1], device=scores.device) < count[:, None])
+    csum = torch.nn.functional.pad(packed.cumsum(-1), (1, 0))
+    width = scores.shape[-1]
+    if k > width:
+        return packed.sum(-1) / count.clamp(min=1)
+    window = (csum[:, k:] - csum[:, :-k]) / k  # (B, T-K+1): mean of tokens [j, j+K)
+    valid = torch.arange(window.shape[-1], device=scores.device) <= (count[:, None] - k)
+    best = window.masked_fill(~valid, -math.inf).max(-1).values
+    short = count < k
+    return torch.where(short, packed.sum(-1) / count.clamp(min=1), best)
