@@ -56,7 +56,11 @@ class Scorer:
         self.cfg = cfg
         self.compute_ref = compute_ref
         self.pad_id = pad_id
-        self.model = load_frozen_model(model_path, dtype, self.device)
+        self.model = load_frozen_model(model_path, dtype, self.device)  # the reference: never updated
+        # "live": probes read a second copy that follows the learner's weights (costs a second pass);
+        # "frozen": probes read the reference copy, fused with the reference log-prob pass.
+        self.probe_model = load_frozen_model(model_path, dtype, self.device) if cfg.model == "live" else self.model
+        self.version = 0
         num_layers, hidden = self.model.config.num_hidden_layers, self.model.config.hidden_size
         self.probes = []
         for path, aggregation in probe_paths:
@@ -106,25 +110,26 @@ class Scorer:
 
         from learner.losses import token_logprobs
         from pipeline.batching import pack
-        from probes.probe import aggregate
         from probes.hooks import capture_residuals
+        from probes.probe import aggregate
 
         batch = pack(prompts, completions, self.pad_id)
         ids, attn = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         layers = sorted({p.layer for p in self.probes})
-        if not layers and not self.compute_ref:
-            return [[] for _ in prompts], {}, {}, 0
-        # Without a KL term nothing above the deepest probe is needed: stop the pass there.
-        stop_after = None if self.compute_ref else max(layers)
-        logits = None
-        with torch.no_grad(), capture_residuals(self.model, layers, stop_after=stop_after) as cap:
-            logits = self.model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-        ref = []
+        fused = self.probe_model is self.model
+        ref = [[] for _ in prompts]
+        logits, cap = None, None
         if self.compute_ref:
-            assert logits is not None
+            # One pass for the reference log-probs and, with a frozen probe model, every probe's layers too.
+            with torch.no_grad(), capture_residuals(self.model, layers if fused else []) as ref_cap:
+                logits = self.model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
             ref = [v.tolist() for v in batch.completion_values(token_logprobs(logits, ids).cpu(), shift=1)]
-        else:
-            ref = [[] for _ in prompts]
+            cap = ref_cap if fused else None
+        if layers and cap is None:
+            # Nothing above the deepest probe is needed: stop the pass there.
+            with torch.no_grad(), capture_residuals(self.probe_model, layers, stop_after=max(layers)) as cap:
+                self.probe_model(input_ids=ids, attention_mask=attn)
+        num_tokens = int(attn.sum()) if (self.compute_ref or layers) else 0
         comp_mask = batch.completion_mask.to(self.device)
         tok: dict[str, list[list[float]]] = {}
         agg: dict[str, list[float]] = {}
@@ -132,7 +137,54 @@ class Scorer:
             scores = probe.token_scores(cap.residuals[probe.layer])  # (B, T)
             tok[probe.name] = [v.tolist() for v in batch.completion_values(scores.cpu())]
             agg[probe.name] = aggregate(scores, comp_mask, probe.aggregation).cpu().tolist()
-        return ref, tok, agg, int(attn.sum())
+        return ref, tok, agg, num_tokens
+
+    def update_weights(self, named_tensors: dict, version: int) -> int:
+        """Live mode only: load the learner's weights into the probe model (the reference never changes)."""
+        if self.probe_model is self.model:
+            raise ValueError("scorer.model is \"frozen\": the frozen copy never takes new weights")
+        _load_state(self.probe_model, named_tensors)
+        self.version = version
+        return version
+
+    def refit_probe(self, name: str, rollouts: pa.Table, labels: list[int]) -> tuple[dict, dict]:
+        """Refit probe `name` on the probe model's activations of these rollouts (labels 0/1 per row).
+
+        Returns (tensors, held-out metrics); the driver hands the tensors to every scorer with `set_probe`.
+        """
+        import torch
+
+        from probes.toolkit import completion_activations, fit_probe, probe_metrics, score_sequences
+
+        probe = next(p for p in self.probes if p.name == name)
+        acts = completion_activations(self.probe_model, rollouts.column("prompt_ids").to_pylist(),
+                                      rollouts.column("completion_ids").to_pylist(), [probe.layer],
+                                      self.cfg.batch_size, self.pad_id)[probe.layer]
+        groups = rollouts.column("group_id").to_pylist()
+        held = {g for g in set(groups) if hash(g) % 5 == 0}  # a fifth of the prompt groups, for the metrics
+        train = [i for i, g in enumerate(groups) if g not in held]
+        test = [i for i, g in enumerate(groups) if g in held]
+        new = fit_probe([acts[i] for i in train], [labels[i] for i in train], name, probe.layer, probe.aggregation)
+        metrics = probe_metrics(score_sequences(new, [acts[i] for i in test]),
+                                torch.tensor([labels[i] for i in test], dtype=torch.float32))
+        return {"weight": new.weight, "bias": new.bias}, metrics
+
+    def set_probe(self, name: str, tensors: dict) -> None:
+        probe = next(p for p in self.probes if p.name == name)
+        assert tensors["weight"].shape == probe.weight.shape
+        probe.weight, probe.bias = tensors["weight"].float(), tensors["bias"].float().reshape(1)
 
     def ready(self) -> list[str]:
         return self.probe_names
+
+
+def _load_state(model, named_tensors: dict) -> None:
+    """Copy a transformers-named state dict into `model` in place; every model parameter must be given."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k not in named_tensors]
+    assert not missing, f"weights missing for {missing[:3]}"
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(named_tensors[k].to(p.device, p.dtype))

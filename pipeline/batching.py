@@ -40,7 +40,7 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     comp = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, p, c) in enumerate(zip(rows, prompt_ids, completion_ids, strict=True)):
+    for i, (r, p, _c) in enumerate(zip(rows, prompt_ids, completion_ids, strict=True)):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         attn[i, : len(r)] = 1
         comp[i, len(p) : len(r)] = True

@@ -40,7 +40,7 @@ class ToyConfig(_Strict):
     """Operands of the arithmetic task are drawn from [0, max_operand]."""
     sft_steps: NonNegInt = 400
     """SFT steps that make the base policy partly competent (RL then has something to improve)."""
-    hedge_frac: float = Field(0.03, ge=0, lt=1)
+    hedge_frac: float = Field(0.1, ge=0, lt=1)
     """Fraction of SFT answers that hedge ("45 46"), so the base model hedges rarely (the toy reward hack)."""
     sft_batch_size: PositiveInt = 64
     """Sequences per SFT step."""
@@ -129,6 +129,14 @@ class ScorerConfig(_Strict):
     """Sequences per scorer forward pass."""
     probes: list[ProbeSpec] = []
     """Probes applied to every rollout. Empty: plain RLHF (scorers compute reference log-probs only)."""
+    model: Literal["frozen", "live"] = "frozen"
+    """Which model the probes read: the frozen initial policy (fused with the reference pass), or a live
+    copy that receives the learner's weights like generators do (a second, truncated pass)."""
+    retrain_every: NonNegInt = 0
+    """Refit the shaping probe every N steps on recent on-policy rollouts labelled by task.ground_truth_fn
+    (label 1 = "hack"); 0 never refits."""
+    retrain_window: PositiveInt = 4
+    """Steps of recent rollouts a refit uses."""
 
 
 class ShapingConfig(_Strict):
@@ -172,6 +180,19 @@ class LearnerConfig(_Strict):
     """Learner seed."""
 
 
+class EvalConfig(_Strict):
+    """Evaluation checkpoints: does the probe still work on the trained policy?"""
+
+    every: NonNegInt = 0
+    """Every N steps (and before the first and after the last step) measure the training probes' AUROC on
+    a fixed held-out labelled set with the live policy's and the frozen copy's activations, the AUROC of a
+    probe freshly fitted to the live policy, and the live-vs-frozen score gap on the latest rollouts. 0: off."""
+    probe_data: str | None = None
+    """Labelled completions (prompt, completion, label) for those AUROCs; None with the toy model: the toy set."""
+    num_cpus: PositiveFloat = 0.25
+    """Ray CPUs reserved for the evaluator."""
+
+
 class PipelineConfig(_Strict):
     num_steps: PositiveInt = 30
     """Learner steps (one weight version each)."""
@@ -208,6 +229,7 @@ class Config(_Strict):
     scorer: ScorerConfig = ScorerConfig()
     shaping: ShapingConfig = ShapingConfig()
     learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
     pipeline: PipelineConfig = PipelineConfig()
     run: RunConfig = RunConfig()
 
@@ -220,6 +242,12 @@ class Config(_Strict):
             )
         if self.shaping.kind != "none" and self.shaping.probe is None and len(self.scorer.probes) > 1:
             raise ValueError("shaping.probe must name one of scorer.probes when more than one probe is listed")
+        if self.scorer.retrain_every and (self.task.ground_truth_fn is None or not self.scorer.probes):
+            raise ValueError("scorer.retrain_every needs task.ground_truth_fn (the labels) and a probe to refit")
+        if self.eval.every and not self.scorer.probes:
+            raise ValueError("eval.every measures probes: list at least one in scorer.probes")
+        if self.eval.every and self.eval.probe_data is None and self.model.path != "toy":
+            raise ValueError("eval.every needs eval.probe_data (a labelled set) unless model.path is \"toy\"")
         if self.pipeline.prompts_per_step < self.generator.num_workers:
             raise ValueError(
                 f"pipeline.prompts_per_step={self.pipeline.prompts_per_step} is smaller than "

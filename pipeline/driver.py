@@ -33,6 +33,8 @@ class Roles:
     generators: list[Any]
     scorers: list[Any]
     learners: list[Any]
+    evaluator: Any = None
+    probe_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,8 +72,9 @@ def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
         if owns_ray:
             ray.shutdown()
         elif roles is not None:
-            for actor in roles.generators + roles.scorers + roles.learners:
-                ray.kill(actor)
+            for actor in roles.generators + roles.scorers + roles.learners + [roles.evaluator]:
+                if actor is not None:
+                    ray.kill(actor)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -95,6 +98,7 @@ def init_ray(cfg: Config) -> None:
         cfg.generator.num_workers * cfg.generator.num_cpus
         + cfg.scorer.num_workers * cfg.scorer.num_cpus
         + cfg.learner.num_ranks * cfg.learner.num_cpus
+        + (cfg.eval.num_cpus if cfg.eval.every else 0)
     )
     # A local instance bound to loopback, with exactly the CPUs the roles reserve (they share real cores).
     ray.init(num_cpus=math.ceil(need), include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -129,11 +133,19 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
                    lc.num_ranks, "127.0.0.1", port, cfg.model.dtype, world.pad_id)
         for r in range(lc.num_ranks)
     ]
+    evaluator = None
+    if cfg.eval.every:
+        from actors.evaluator import ProbeEvaluator
+
+        evaluator = make_actor(ProbeEvaluator, "evaluator", cfg.eval.num_cpus, 0, quiet, world.model_path,
+                               world.probe_paths, world.eval_labelled, cfg.model.dtype, world.pad_id, cfg.pipeline.seed)
     t = cfg.pipeline.timeout_s
+    if evaluator is not None:
+        wait(evaluator.ready.remote(), "evaluator (start-up)", t)
     wait([a.ready.remote() for a in learners], "learner (start-up)", t)
     wait([a.ready.remote() for a in scorers], "scorer (start-up)", t)
     wait([a.ready.remote() for a in generators], "generator (start-up)", t)
-    return Roles(generators, scorers, learners)
+    return Roles(generators, scorers, learners, evaluator, world.probe_names)
 
 
 def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
@@ -167,23 +179,24 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
     from pipeline.remote import wait
 
     p, t = cfg.pipeline, cfg.pipeline.timeout_s
-    sink = ParquetSink(run_dir / "metrics.parquet")
-    rewarder = Rewarder(cfg, world)
-    eval_start = evaluate(cfg, world, roles)
+    sink, eval_sink = ParquetSink(run_dir / "metrics.parquet"), ParquetSink(run_dir / "eval.parquet")
+    rewarder, retrainer = Rewarder(cfg, world), ProbeRetrainer(cfg, roles)
+    eval_start = greedy_accuracy(cfg, world, roles)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
+    probe_eval(cfg, roles, eval_sink, 0, None, None)
     pending: deque[InFlight] = deque()
     pending_syncs: list[Any] = []
     version, next_launch, samples = 0, 1, []
     bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
     for step in range(1, p.num_steps + 1):
         timer = StageTimer()
-        # Keep generation up to max_staleness steps ahead of the learner.
+        # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
         while next_launch <= min(p.num_steps, step + p.max_staleness):
             pending.append(launch_step(cfg, world, roles, next_launch))
             next_launch += 1
         flight = pending.popleft()
         with timer("wait_rollouts"):
-            wait(pending_syncs, "generator (weight update)", t)
+            wait(pending_syncs, "generator/scorer (weight update)", t)
             scored = pa.concat_tables(wait(flight.scored, "generator/scorer", t))
             gen_stats = wait(flight.gen_stats, "generator", t)
             score_stats = wait(flight.score_stats, "scorer", t)
@@ -195,38 +208,88 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
             train_stats = wait([lr.train_step.remote(batch) for lr in roles.learners], "learner", t)
         version = train_stats[0].version
         with timer("sync"):
-            weights = [lr.get_weights.remote() for lr in roles.learners]
-            _, state = wait(weights, "learner (weights)", t)[0]
-            state_ref = ray_put(state)
-            pending_syncs = [g.update_weights.remote(state_ref, version) for g in roles.generators]
+            state_ref, pending_syncs = push_weights(cfg, roles, version)
+        with timer("probe_retrain"):
+            reward_metrics.update(retrainer(step, batch, rewarder.last_truth))
         if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0 and step < p.num_steps:
             with timer("checkpoint"):
                 wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == p.num_steps):
+            with timer("probe_eval"):
+                reward_metrics.update(probe_eval(cfg, roles, eval_sink, step, state_ref, scored))
         row = step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
         sink.log(row)
         samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)
         bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")
-        if not bar.disable or step == 1 or step % 10 == 0 or step == p.num_steps:
-            pass
         log_step(row, log, quiet=not bar.disable)
     bar.close()
-    wait(pending_syncs, "generator (weight update)", t)
+    wait(pending_syncs, "generator/scorer (weight update)", t)
     final = wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)[0]
     if samples:
         pq.write_table(pa.concat_tables(samples), run_dir / "rollouts.parquet")
-    eval_end = evaluate(cfg, world, roles)
+    eval_end = greedy_accuracy(cfg, world, roles)
     return summarize(sink.rows, eval_start, eval_end, final, run_dir)
 
 
-def ray_put(obj: Any) -> Any:
+def push_weights(cfg: Config, roles: Roles, version: int) -> tuple[Any, list[Any]]:
+    """Publish the learner's weights once to the object store and queue them on every generator (and on
+    live scorers). Actor calls run in order, so any later generate/score call sees the new version; the
+    driver does not wait here, so the update overlaps the generation already in flight."""
     import ray
 
-    return ray.put(obj)
+    from pipeline.remote import wait
+
+    _, state = wait([lr.get_weights.remote() for lr in roles.learners], "learner (weights)", cfg.pipeline.timeout_s)[0]
+    state_ref = ray.put(state)
+    targets = roles.generators + (roles.scorers if cfg.scorer.model == "live" else [])
+    return state_ref, [a.update_weights.remote(state_ref, version) for a in targets]
 
 
-def evaluate(cfg: Config, world: World, roles: Roles) -> float | None:
-    """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none)."""
+class ProbeRetrainer:
+    """Every `scorer.retrain_every` steps, refit the shaping probe on recent on-policy rollouts labelled by
+    the task's ground truth (1 = "hack") and hand it to every scorer (and the evaluator)."""
+
+    def __init__(self, cfg: Config, roles: Roles) -> None:
+        self.cfg, self.roles = cfg, roles
+        self.window: deque[tuple[pa.Table, np.ndarray]] = deque(maxlen=cfg.scorer.retrain_window)
+
+    def __call__(self, step: int, batch: pa.Table, truth: np.ndarray | None) -> dict[str, float]:
+        from pipeline.remote import wait
+        from pipeline.schema import ROLLOUT_SCHEMA
+
+        every = self.cfg.scorer.retrain_every
+        if not every or truth is None:
+            return {}
+        self.window.append((batch.select(ROLLOUT_SCHEMA.names), (truth == "hack").astype(int)))
+        if step % every:
+            return {}
+        table = pa.concat_tables([b for b, _ in self.window])
+        labels = np.concatenate([y for _, y in self.window])
+        if labels.min() == labels.max():
+            return {"scorer/retrain_skipped": 1.0}  # one class only: nothing to fit
+        name = self.cfg.shaping.probe or self.roles.probe_names[0]
+        t = self.cfg.pipeline.timeout_s
+        tensors, metrics = wait(self.roles.scorers[0].refit_probe.remote(name, table, labels.tolist()), "scorer (refit)", t)
+        targets = self.roles.scorers + ([self.roles.evaluator] if self.roles.evaluator else [])
+        wait([a.set_probe.remote(name, tensors) for a in targets], "scorer (set probe)", t)
+        return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
+
+
+def probe_eval(cfg: Config, roles: Roles, sink: ParquetSink, step: int, state_ref: Any, scored: pa.Table | None) -> dict:
+    """Evaluation checkpoint: AUROCs of the probes on live and frozen activations (see actors/evaluator.py)."""
+    from pipeline.remote import wait
+
+    if roles.evaluator is None:
+        return {}
+    metrics = wait(roles.evaluator.report.remote(state_ref, scored), "evaluator", cfg.pipeline.timeout_s)
+    sink.log({"step": step, **metrics})
+    return metrics
+
+
+def greedy_accuracy(cfg: Config, world: World, roles: Roles) -> float | None:
+    """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none): the
+    ground truth's "correct" rate when the task has one (a loophole verifier would flatter), else the reward."""
     from pipeline.remote import wait
 
     if not world.eval_prompts:
@@ -236,8 +299,9 @@ def evaluate(cfg: Config, world: World, roles: Roles) -> float | None:
         "generator (eval)", cfg.pipeline.timeout_s,
     )
     texts = world.decode(outs)
-    rewards = world.reward_fn(texts, world.eval_prompts.answers)
-    return float(np.mean(rewards))
+    if world.ground_truth_fn is not None:
+        return float(np.mean([t == "correct" for t in world.ground_truth_fn(texts, world.eval_prompts.answers)]))
+    return float(np.mean(world.reward_fn(texts, world.eval_prompts.answers)))
 
 
 def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer) -> dict:

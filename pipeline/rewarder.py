@@ -18,6 +18,7 @@ class Rewarder:
         self.world = world
         self.probe_names = world.probe_names
         self.shaping_probe = cfg.shaping.probe or (world.probe_names[0] if world.probe_names else None)
+        self.last_truth: np.ndarray | None = None  # ground-truth class of each row of the last batch
 
     def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         check_schema(scored, scored_schema(self.probe_names), "scorer -> rewarder")
@@ -45,6 +46,7 @@ class Rewarder:
             "rollout/completion_len": float(lengths.mean()),
         }
         truth = self.world.ground_truth_fn(texts, answers) if self.world.ground_truth_fn else None
+        self.last_truth = None if truth is None else np.asarray(truth)
         if truth is not None:
             truth = np.asarray(truth)
             for cls in GROUND_TRUTH:

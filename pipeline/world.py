@@ -30,6 +30,7 @@ class World:
     eval_prompt_ids: list[list[int]]
     reward_fn: RewardFn
     ground_truth_fn: GroundTruthFn | None = None
+    eval_labelled: object = None  # probes.toolkit.Labelled: the fixed set of evaluation checkpoints
 
     def prompts_for_step(self, step: int, num: int, seed: int) -> pa.Table:
         """The step's prompts: a seeded draw without replacement, the same on every run with this seed."""
@@ -116,5 +117,15 @@ def build_world(cfg: Config, log=print) -> World:
             f"{len(too_long)} prompts (first: row {too_long[0]}) do not fit generator.max_model_len="
             f"{cfg.generator.max_model_len} with generator.max_new_tokens={cfg.generator.max_new_tokens}"
         )
+    eval_labelled = None
+    if cfg.eval.every:
+        from probes.toolkit import load_labelled
+
+        if cfg.eval.probe_data is not None:
+            eval_labelled = load_labelled(cfg.eval.probe_data)
+        else:
+            from pipeline.toy import toy_labelled
+
+            eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts,
-                 encode(eval_prompts.prompts) if eval_prompts else [], reward_fn, truth_fn)
+                 encode(eval_prompts.prompts) if eval_prompts else [], reward_fn, truth_fn, eval_labelled)

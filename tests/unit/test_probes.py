@@ -98,3 +98,56 @@ def test_logistic_fit_recovers_a_planted_direction():
 def test_logistic_fit_refuses_single_class():
     with pytest.raises(ValueError, match="both classes"):
         fit_logistic(torch.randn(10, 3), torch.zeros(10))
+
+
+def test_window_aggregation_is_max_of_rolling_means():
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.8, 0.2, 0.0], [0.4, 0.6, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    # row 0 tokens 0.1 0.9 0.8 0.2: windows of 2 -> 0.5, 0.85, 0.5; row 1 has 2 tokens -> its mean for K=3
+    assert torch.allclose(aggregate(scores, mask, "window:2"), torch.tensor([0.85, 0.5]))
+    assert torch.allclose(aggregate(scores, mask, "window:3"), torch.tensor([(0.9 + 0.8 + 0.2) / 3, 0.5]))
+    assert torch.allclose(aggregate(scores, mask, "window:1"), aggregate(scores, mask, "max"))
+    with pytest.raises(ValueError, match="window:K"):
+        aggregate(scores, mask, "window:0")
+
+
+def test_recall_at_fixed_fpr_hand_computed():
+    from probes.toolkit import recall_at_fpr
+
+    neg = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
+    pos = torch.tensor([0.995, 0.985, 0.975, 0.5, 0.955])
+    scores, labels = torch.cat([neg, pos]), torch.cat([torch.zeros(100), torch.ones(5)])
+    # 1% FPR: one negative (0.99) may exceed the threshold 0.98 -> positives above 0.98: 0.995, 0.985
+    assert recall_at_fpr(scores, labels, 0.01) == pytest.approx(2 / 5)
+    # 5% FPR: threshold 0.94 -> 0.995, 0.985, 0.975, 0.955
+    assert recall_at_fpr(scores, labels, 0.05) == pytest.approx(4 / 5)
+    assert recall_at_fpr(scores, labels, 0.0) == pytest.approx(1 / 5)
+
+
+def test_split_by_prompt_keeps_prompts_together():
+    from probes.toolkit import Labelled, split_by_prompt
+
+    data = Labelled([f"p{i % 10}" for i in range(40)], ["c"] * 40, [i % 2 for i in range(40)])
+    train, test = split_by_prompt(data, 0.3, seed=1)
+    assert sorted(train + test) == list(range(40))
+    assert not {data.prompts[i] for i in train} & {data.prompts[i] for i in test}
+    assert len({data.prompts[i] for i in test}) == 3
+
+
+def test_train_probes_reads_a_planted_concept(tiny_model_dir):
+    """Completions with a distinctive token are separable at every layer; both-class metrics land in notes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probes.toolkit import Labelled, evaluate_probes, train_probes
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [f"{i}+{i}=" for i in range(60)]
+    data = Labelled(prompts * 2, [str(2 * i) for i in range(60)] + [f"{2 * i} {2 * i + 1}" for i in range(60)],
+                    [0] * 60 + [1] * 60)
+    results = train_probes(model, tok, data, [0, 1], "spaced", "max")
+    assert [p.name for p, _ in results] == ["spaced_l0", "spaced_l1"]
+    for probe, metrics in results:
+        assert metrics["auroc"] > 0.95 and probe.notes["held_out"] == metrics and probe.aggregation == "max"
+    again = evaluate_probes(model, tok, data, [p for p, _ in results])
+    assert all(m["num"] == 120 and m["num_positive"] == 60 for m in again)

@@ -1,0 +1,95 @@
+"""Evaluator: does the probe still work on the trained policy?
+
+Holds the frozen initial model and a live copy that takes the learner's weights at evaluation
+checkpoints. On a fixed labelled set it measures each training probe's AUROC on the live policy's
+activations and on the frozen copy's, and the AUROC of a probe freshly fitted to the live policy
+(a collapse of the first with the third intact means the policy's representations moved, not its
+behaviour). On the latest rollouts it measures the gap between live and frozen probe scores.
+A plain class; `pipeline/remote.py` makes it an actor.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from actors.scorer import _load_state, load_frozen_model
+from probes.probe import load_probe
+from probes.toolkit import (
+    Labelled,
+    completion_activations,
+    encode,
+    fit_probe,
+    probe_metrics,
+    score_sequences,
+    split_by_prompt,
+)
+
+
+class ProbeEvaluator:
+    def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
+                 dtype: str = "float32", pad_id: int = 0, seed: int = 0) -> None:
+        from transformers import AutoTokenizer
+
+        self.frozen = load_frozen_model(model_path, dtype)
+        self.live = load_frozen_model(model_path, dtype)
+        self.pad_id = pad_id
+        self.probes = []
+        for path, aggregation in probe_paths:
+            probe = load_probe(path)
+            if aggregation is not None:
+                probe.aggregation = aggregation
+            self.probes.append(probe)
+        self.layers = sorted({p.layer for p in self.probes})
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.train_rows, self.test_rows = split_by_prompt(labelled, 0.5, seed)
+        self.p_ids, self.c_ids = encode(tokenizer, labelled.prompts, labelled.completions)
+        self.labels = torch.tensor(labelled.labels, dtype=torch.float32)
+        self.frozen_acts = self._acts(self.frozen)  # the frozen copy never changes: extract once
+
+    def _acts(self, model) -> dict[int, list[torch.Tensor]]:
+        return completion_activations(model, self.p_ids, self.c_ids, self.layers, pad_id=self.pad_id)
+
+    def set_probe(self, name: str, tensors: dict) -> None:
+        probe = next(p for p in self.probes if p.name == name)
+        probe.weight, probe.bias = tensors["weight"].float(), tensors["bias"].float().reshape(1)
+
+    def report(self, named_tensors: dict | None, rollouts: pa.Table | None) -> dict[str, float]:
+        """Metrics `eval/<probe>_<what>`; `named_tensors` (the live policy's weights) None: initial weights."""
+        if named_tensors is not None:
+            _load_state(self.live, named_tensors)
+        live_acts = self._acts(self.live)
+        test_labels = self.labels[self.test_rows]
+        out: dict[str, float] = {}
+        for probe in self.probes:
+            live_test = [live_acts[probe.layer][i] for i in self.test_rows]
+            frozen_test = [self.frozen_acts[probe.layer][i] for i in self.test_rows]
+            live_m = probe_metrics(score_sequences(probe, live_test), test_labels)
+            frozen_m = probe_metrics(score_sequences(probe, frozen_test), test_labels)
+            fresh = fit_probe([live_acts[probe.layer][i] for i in self.train_rows],
+                              [int(self.labels[i]) for i in self.train_rows], probe.name, probe.layer, probe.aggregation)
+            fresh_m = probe_metrics(score_sequences(fresh, live_test), test_labels)
+            out[f"eval/{probe.name}_auroc_live"] = live_m["auroc"]
+            out[f"eval/{probe.name}_auroc_frozen"] = frozen_m["auroc"]
+            out[f"eval/{probe.name}_auroc_retrained"] = fresh_m["auroc"]
+            out[f"eval/{probe.name}_recall_1pct_live"] = live_m["recall_at_1pct_fpr"]
+            out[f"eval/{probe.name}_recall_1pct_frozen"] = frozen_m["recall_at_1pct_fpr"]
+        if rollouts is not None and rollouts.num_rows:
+            out.update(self._score_gap(rollouts))
+        return out
+
+    def _score_gap(self, rollouts: pa.Table) -> dict[str, float]:
+        prompts = rollouts.column("prompt_ids").to_pylist()
+        completions = rollouts.column("completion_ids").to_pylist()
+        live = completion_activations(self.live, prompts, completions, self.layers, pad_id=self.pad_id)
+        frozen = completion_activations(self.frozen, prompts, completions, self.layers, pad_id=self.pad_id)
+        out = {}
+        for probe in self.probes:
+            diff = score_sequences(probe, live[probe.layer]) - score_sequences(probe, frozen[probe.layer])
+            diff = diff[torch.isfinite(diff)]
+            out[f"eval/{probe.name}_score_gap"] = float(diff.mean()) if len(diff) else float("nan")
+            out[f"eval/{probe.name}_score_gap_abs"] = float(diff.abs().mean()) if len(diff) else float("nan")
+        return out
+
+    def ready(self) -> int:
+        return len(self.probes)
