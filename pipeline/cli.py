@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Score labelled completions with saved probes on a model or checkpoint.")
     pe.add_argument("probes", nargs="+", help="probe files (<stem>, <stem>.json or <stem>.safetensors)")
     pe.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ex = sub.add_parser("experiment", help="run arms x seeds and write a report",
+                        description="Run every arm of an experiment file with every seed (plain RL against probe-shaped "
+                        "RL by default), sharing one Ray instance, then write report.md with PNG plots: hack rate and "
+                        "task reward per arm over steps, and probe AUROC over training (live, frozen, retrained).",
+                        epilog="Extra --section.key VALUE overrides apply to every run, e.g. --pipeline.num_steps 20.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ex.add_argument("--file", default=str(DEFAULT_CONFIG.parent / "experiment.toml"), help="experiment file")
+    ex.add_argument("--arms", nargs="+", default=None, help="arms to run (default: the file's default_arms)")
+    ex.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the file's)")
+    ex.add_argument("--out", default=None, help="output directory (default: runs/experiment-<time>)")
+    ex.add_argument("--dry-run", action="store_true", help="validate every run's config, list the runs, exit")
+    rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
+    rp.add_argument("dir", help="experiment output directory")
     ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
     ptd.add_argument("out", help="output .jsonl")
     ptd.add_argument("--num", type=int, default=1000, help="prompts (two completions each)")
@@ -86,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "experiment":
+        return _experiment(args, rest)
+    if args.command == "report":
+        return _report(args)
     if args.command == "probe":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -113,6 +130,43 @@ def _run(cfg: Config) -> int:
     print("\nsummary:")
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
+    from pipeline.experiment import load_experiment
+
+    try:
+        _, runs = load_experiment(args.file, args.arms, args.seeds, rest)
+    except ConfigError as e:
+        print(f"probe-rl experiment: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for arm, seed in runs:
+            print(f"{arm} seed {seed}")
+        return 0
+    from pipeline.experiment import run_experiment
+
+    try:
+        run_experiment(args.file, runs, args.out)
+    except ValueError as e:
+        print(f"probe-rl experiment: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.report import write_report
+
+    root = Path(args.dir)
+    runs = []
+    for d in sorted(root.glob("*-seed*")):
+        arm, _, seed = d.name.rpartition("-seed")
+        if seed.isdigit():
+            runs.append((arm, int(seed)))
+    print(write_report(root, "(rewritten)", runs))
     return 0
 
 

@@ -40,7 +40,7 @@ class ToyConfig(_Strict):
     """Operands of the arithmetic task are drawn from [0, max_operand]."""
     sft_steps: NonNegInt = 400
     """SFT steps that make the base policy partly competent (RL then has something to improve)."""
-    hedge_frac: float = Field(0.1, ge=0, lt=1)
+    hedge_frac: float = Field(0.25, ge=0, lt=1)
     """Fraction of SFT answers that hedge ("45 46"), so the base model hedges rarely (the toy reward hack)."""
     sft_batch_size: PositiveInt = 64
     """Sequences per SFT step."""

@@ -1,0 +1,106 @@
+"""`probe-rl experiment`: several arms x several seeds of the same pipeline, then one report.
+
+The experiment file (configs/experiment.toml) names a base config, the seeds, and arms as override
+tables. All runs share one Ray instance and land in one directory, with `report.md` and PNG plots
+(pipeline/report.py) written at the end.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from pipeline.config import Config, ConfigError, _merge, load_config, parse_overrides
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    """Base run config, relative to the experiment file."""
+    seeds: list[int] = [0]
+    """Every arm runs once per seed (pipeline.seed and learner.seed)."""
+    arms: dict[str, dict[str, Any]]
+    """Arm name -> config overrides (nested tables)."""
+    default_arms: list[str] = []
+    """Arms run when --arms is not given; empty: all."""
+
+    @model_validator(mode="after")
+    def _arms_exist(self) -> ExperimentConfig:
+        unknown = [a for a in self.default_arms if a not in self.arms]
+        if unknown:
+            raise ValueError(f"default_arms names unknown arms {unknown}; defined: {sorted(self.arms)}")
+        return self
+
+
+def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] | None,
+                    overrides: list[str]) -> tuple[ExperimentConfig, dict[tuple[str, int], Config]]:
+    """Parse the experiment file and validate every run's config up front (a bad arm fails before any run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        exp = ExperimentConfig.model_validate(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    chosen = arms or exp.default_arms or list(exp.arms)
+    unknown = [a for a in chosen if a not in exp.arms]
+    if unknown:
+        raise ConfigError(f"--arms {unknown} not defined in {path}; defined: {sorted(exp.arms)}")
+    seeds = seeds if seeds else exp.seeds
+    cli = parse_overrides(overrides)
+    runs: dict[tuple[str, int], Config] = {}
+    for seed in seeds:
+        for arm in chosen:
+            over = _merge(_merge(exp.arms[arm], {"pipeline": {"seed": seed}, "learner": {"seed": seed}}), cli)
+            try:
+                runs[(arm, seed)] = load_config(path.parent / exp.base, over)
+            except ConfigError as e:
+                raise ConfigError(f"arm {arm!r}: {e}") from None
+    exp.seeds = seeds
+    return exp, runs
+
+
+def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log=print) -> Path:
+    import ray
+
+    from pipeline.driver import init_ray, make_run_dir, run
+    from pipeline.report import write_report
+    from pipeline.world import build_world
+
+    first = next(iter(runs.values()))
+    root = Path(out_dir or Path(first.run.output_dir) / f"experiment-{datetime.now():%Y%m%d-%H%M%S}")
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"experiment: {len(runs)} runs -> {root}")
+    worlds: dict[str, Any] = {}
+    init_ray(max(runs.values(), key=_cpus))
+    try:
+        for i, ((arm, seed), cfg) in enumerate(runs.items(), 1):
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
+                "output_dir": str(root), "name": f"{arm}-seed{seed}", "progress": False})})
+            key = cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval"})
+            world = worlds.get(key) or build_world(cfg, log)
+            worlds[key] = world
+            run_dir = make_run_dir(cfg)
+            from pipeline.config import dump_toml
+
+            (run_dir / "config.toml").write_text(dump_toml(cfg))
+            start = time.perf_counter()
+            summary = run(cfg, run_dir, world, log=lambda *_: None)
+            log(f"[{i}/{len(runs)}] {arm} seed {seed}: {time.perf_counter() - start:.0f}s, "
+                f"task reward {summary['task_reward_first_steps']:.3f} -> {summary['task_reward_last_steps']:.3f}")
+    finally:
+        ray.shutdown()
+    write_report(root, exp_path, [(arm, seed) for arm, seed in runs])
+    log(f"report: {root / 'report.md'}")
+    return root
+
+
+def _cpus(cfg: Config) -> float:
+    return (cfg.generator.num_workers * cfg.generator.num_cpus + cfg.scorer.num_workers * cfg.scorer.num_cpus
+            + cfg.learner.num_ranks * cfg.learner.num_cpus + (cfg.eval.num_cpus if cfg.eval.every else 0))
