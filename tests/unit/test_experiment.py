@@ -1,0 +1,84 @@
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.experiment import load_experiment
+from pipeline.report import arm_table, load_runs, write_report
+
+EXP = """
+base = "base.toml"
+seeds = [3, 4]
+default_arms = ["plain", "probe"]
+[arms.plain]
+shaping = { kind = "none" }
+[arms.probe]
+shaping = { kind = "penalty", coef = 2.0 }
+[arms.broken]
+shaping = { kind = "sideways" }
+"""
+BASE = """
+[[scorer.probes]]
+path = "toy"
+[shaping]
+kind = "penalty"
+"""
+
+
+@pytest.fixture
+def exp_file(tmp_path):
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "exp.toml").write_text(EXP)
+    return tmp_path / "exp.toml"
+
+
+def test_arms_times_seeds_with_overrides(exp_file):
+    _, runs = load_experiment(exp_file, None, None, ["--pipeline.num_steps", "7"])
+    assert list(runs) == [("plain", 3), ("probe", 3), ("plain", 4), ("probe", 4)]  # arms alternate within a seed
+    assert runs[("plain", 3)].shaping.kind == "none"
+    assert runs[("probe", 4)].shaping.coef == 2.0 and runs[("probe", 4)].learner.seed == 4
+    assert all(c.pipeline.num_steps == 7 for c in runs.values())
+    _, one = load_experiment(exp_file, ["probe"], [9], [])
+    assert list(one) == [("probe", 9)] and one[("probe", 9)].pipeline.seed == 9
+
+
+def test_bad_arms_fail_before_any_run(exp_file):
+    with pytest.raises(ConfigError, match=r"--arms \['nope'\] not defined"):
+        load_experiment(exp_file, ["nope"], None, [])
+    with pytest.raises(ConfigError, match="(?s)arm 'broken'.*shaping.kind"):
+        load_experiment(exp_file, ["plain", "broken"], None, [])
+
+
+def _fake_run(root, arm, seed, hack):
+    d = root / f"{arm}-seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"step": s + 1, "rollout/hack_rate": h, "rollout/correct_rate": 0.5, "rollout/task_reward": 0.5 + h,
+             "rollout/shaped_reward": 0.5} for s, h in enumerate(hack)]
+    pq.write_table(pa.Table.from_pylist(rows), d / "metrics.parquet")
+    ev = [{"step": 0, "eval/hack_auroc_live": 1.0, "eval/hack_auroc_frozen": 1.0, "eval/hack_auroc_retrained": 1.0,
+           "eval/hack_score_gap": None},
+          {"step": len(hack), "eval/hack_auroc_live": 0.6, "eval/hack_auroc_frozen": 1.0,
+           "eval/hack_auroc_retrained": 0.95, "eval/hack_score_gap": -0.2}]
+    pq.write_table(pa.Table.from_pylist(ev), d / "eval.parquet")
+
+
+def test_report_numbers_and_files(tmp_path):
+    ramp = [i / 20 for i in range(20)]  # 0.00 .. 0.95
+    _fake_run(tmp_path, "plain", 0, ramp)
+    _fake_run(tmp_path, "plain", 1, [x + 0.02 for x in ramp])
+    _fake_run(tmp_path, "probe", 0, [0.01] * 20)
+    runs = [("plain", 0), ("plain", 1), ("probe", 0), ("probe", 7)]  # seed 7 never finished: skipped
+    table = {r["arm"]: r for r in arm_table(load_runs(tmp_path, runs))}
+    assert table["plain"]["seeds"] == 2 and table["probe"]["seeds"] == 1
+    assert table["plain"]["hack_start"] == pytest.approx([0.1, 0.12])  # mean of steps 1-5
+    assert table["plain"]["hack_end"] == pytest.approx([0.725, 0.745])  # mean of steps 11-20
+    assert table["probe"]["hack_end"] == pytest.approx([0.01])
+    assert table["plain"]["auroc_live"] == [0.6, 0.6] and table["plain"]["auroc_live_start"] == [1.0, 1.0]
+    report = write_report(tmp_path, "exp.toml", runs).read_text()
+    assert "| plain | 2 | 0.110 ± 0.010 → 0.735 ± 0.010 |" in report
+    assert "| probe | 1.000 → 0.600 | 1.000 | 0.950 | -0.200 |" in report
+    for png in ("hack_rate.png", "task_reward.png", "correct_rate.png", "probe_auroc.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not math.isnan(table["probe"]["score_gap"][0])

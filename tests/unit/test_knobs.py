@@ -1,0 +1,86 @@
+"""Experiment knobs on the plain classes: live scorer, probe refit, evaluator."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.evaluator import ProbeEvaluator
+from actors.scorer import Scorer
+from pipeline.config import ScorerConfig
+from pipeline.schema import ROLLOUT_SCHEMA
+from probes.probe import LinearProbe
+from probes.toolkit import Labelled
+
+
+def _rollouts(prompts, completions, groups):
+    n = len(prompts)
+    return pa.Table.from_pydict(
+        {"prompt_id": list(range(n)), "group_id": groups, "prompt_ids": prompts, "completion_ids": completions,
+         "behavior_logprobs": [[-1.0] * len(c) for c in completions], "policy_version": [0] * n, "answer": ["0"] * n},
+        schema=ROLLOUT_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def probe_path(tmp_path_factory):
+    torch.manual_seed(3)
+    d = tmp_path_factory.mktemp("knob_probe")
+    LinearProbe("hack", 1, torch.randn(64) * 0.5, torch.tensor([0.0]), "mean").save(d / "hack")
+    return str(d / "hack")
+
+
+def _perturbed_state(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(5)
+    return {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+def test_live_scorer_moves_probe_scores_but_not_reference(tiny_model_dir, probe_path):
+    table = _rollouts([[1, 5, 14, 6, 17]] * 2, [[7, 2], [8, 9, 2]], [0, 0])
+    frozen = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(model="frozen"), compute_ref=True)
+    live = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(model="live"), compute_ref=True)
+    before = live.score(table)[0]
+    assert before.column("probe/hack/tokens").to_pylist() == frozen.score(table)[0].column("probe/hack/tokens").to_pylist()
+    with pytest.raises(ValueError, match="frozen copy never takes new weights"):
+        frozen.update_weights(_perturbed_state(tiny_model_dir), 1)
+    assert live.update_weights(_perturbed_state(tiny_model_dir), 1) == 1
+    after = live.score(table)[0]
+    assert after.column("ref_logprobs").to_pylist() == before.column("ref_logprobs").to_pylist()
+    moved = np.abs(np.array(after.column("probe/hack/score")) - np.array(before.column("probe/hack/score")))
+    assert moved.min() > 1e-4
+
+
+def test_refit_probe_learns_on_policy_labels(tiny_model_dir, probe_path):
+    rng = np.random.default_rng(0)
+    prompts, completions, labels = [], [], []
+    for i in range(120):
+        hack = i % 2
+        prompts.append([1, 4 + i % 10, 14, 4 + (i // 10) % 10, 17])
+        tail = [int(x) for x in rng.integers(4, 14, 2)]
+        completions.append(tail + ([20, 21, 2] if hack else [2]))  # hacks carry a distinctive suffix
+        labels.append(hack)
+    table = _rollouts(prompts, completions, list(range(120)))
+    scorer = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(), compute_ref=False)
+    tensors, metrics = scorer.refit_probe("hack", table, labels)
+    assert metrics["auroc"] > 0.85 and metrics["num"] > 10
+    scorer.set_probe("hack", tensors)
+    scores = np.array(scorer.score(table)[0].column("probe/hack/score"))
+    assert scores[np.array(labels) == 1].mean() > scores[np.array(labels) == 0].mean() + 0.3
+
+
+def test_evaluator_live_equals_frozen_until_weights_change(tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    prompts = [f"{a}+{b}=" for a, b in rng.integers(0, 50, (80, 2))]
+    data = Labelled(prompts * 2, [str(i) for i in range(80)] + [f"{i} {i + 1}" for i in range(80)], [0] * 80 + [1] * 80)
+    LinearProbe("hack", 0, torch.randn(64), torch.zeros(1), "mean").save(tmp_path / "hack")
+    ev = ProbeEvaluator(str(tiny_model_dir), [(str(tmp_path / "hack"), None)], data)
+    table = _rollouts([[1, 5, 14, 6, 17]] * 3, [[7, 2], [8, 0, 9, 2], [9, 2]], [0, 0, 0])
+    start = ev.report(None, table)
+    assert start["eval/hack_auroc_live"] == start["eval/hack_auroc_frozen"]
+    assert start["eval/hack_score_gap_abs"] == 0.0
+    assert start["eval/hack_auroc_retrained"] > 0.9  # spaces are easy to read off a fresh probe
+    later = ev.report(_perturbed_state(tiny_model_dir), table)
+    assert later["eval/hack_auroc_frozen"] == start["eval/hack_auroc_frozen"]
+    assert later["eval/hack_score_gap_abs"] > 1e-3
+    assert later["eval/hack_auroc_live"] != start["eval/hack_auroc_live"] or later["eval/hack_score_gap_abs"] > 0
