@@ -57,7 +57,9 @@ class ProbeEvaluator:
     def report(self, named_tensors: dict | None, rollouts: pa.Table | None) -> dict[str, float]:
         """Metrics `eval/<probe>_<what>`; `named_tensors` (the live policy's weights) None: initial weights."""
         if named_tensors is not None:
-            _load_state(self.live, named_tensors)
+            from pipeline.weights import from_wire
+
+            _load_state(self.live, from_wire(named_tensors))
         live_acts = self._acts(self.live)
         test_labels = self.labels[self.test_rows]
         out: dict[str, float] = {}

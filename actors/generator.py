@@ -102,16 +102,19 @@ class Generator:
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
         return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version)
 
-    def update_weights(self, named_tensors: dict, version: int) -> int:
-        """Load a transformers-named state dict (CPU tensors) as weight version `version`."""
+    def update_weights(self, weights, version: int) -> int:
+        """Load transformers-named weights (`WireWeights` or a state dict) as weight version `version`."""
         from vllm.model_executor.model_loader.reload.layerwise import (
             finalize_layerwise_reload,
             initialize_layerwise_reload,
         )
 
+        from pipeline.weights import from_wire
+
         if version < self.version:
             raise ValueError(f"generator holds weight version {self.version}; refusing older version {version}")
         model_config = self.llm.llm_engine.model_config
+        named_tensors = from_wire(weights)
 
         def load(model):
             initialize_layerwise_reload(model)

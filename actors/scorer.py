@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from pipeline.batching import token_budget_batches
 from pipeline.config import ScorerConfig
 from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
 
@@ -24,6 +25,7 @@ class ScoreStats:
     num_sequences: int
     num_tokens: int  # prompt + completion tokens through the model
     num_nonfinite: int  # rows with a NaN/inf probe score
+    padding_waste: float = 0.0  # fraction of the padded tokens of this call that were padding
 
 
 def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
@@ -84,25 +86,30 @@ class Scorer:
         start = time.perf_counter()
         prompts = rollouts.column("prompt_ids").to_pylist()
         completions = rollouts.column("completion_ids").to_pylist()
-        ref: list[list[float]] = []
-        tokens: dict[str, list[list[float]]] = {p.name: [] for p in self.probes}
-        aggs: dict[str, list[float]] = {p.name: [] for p in self.probes}
-        num_tokens = 0
-        for lo in range(0, len(prompts), self.cfg.batch_size):
-            hi = lo + self.cfg.batch_size
-            r, t, a, n = self._score_batch(prompts[lo:hi], completions[lo:hi])
-            ref += r
+        n_rows = len(prompts)
+        ref: list[list[float]] = [[] for _ in range(n_rows)]
+        tokens: dict[str, list] = {p.name: [None] * n_rows for p in self.probes}
+        aggs: dict[str, list] = {p.name: [None] * n_rows for p in self.probes}
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        batches = token_budget_batches(lengths, self.cfg.token_budget, self.cfg.batch_size)
+        num_tokens = padded = 0
+        for rows in batches:
+            r, t, a, n = self._score_batch([prompts[i] for i in rows], [completions[i] for i in rows])
             num_tokens += n
-            for name in tokens:
-                tokens[name] += t[name]
-                aggs[name] += a[name]
+            padded += max(lengths[i] for i in rows) * len(rows) if n else 0
+            for k, i in enumerate(rows):
+                ref[i] = r[k]
+                for name in tokens:
+                    tokens[name][i] = t[name][k]
+                    aggs[name][i] = a[name][k]
         nonfinite = [not all(math.isfinite(aggs[n][i]) for n in aggs) for i in range(len(prompts))]
         table = rollouts.append_column(self.schema.field("ref_logprobs"), pa.array(ref, pa.list_(pa.float32())))
         table = table.append_column(self.schema.field("nonfinite_score"), pa.array(nonfinite, pa.bool_()))
         for name in self.probe_names:
             table = table.append_column(self.schema.field(f"probe/{name}/tokens"), pa.array(tokens[name], pa.list_(pa.float32())))
             table = table.append_column(self.schema.field(f"probe/{name}/score"), pa.array(aggs[name], pa.float32()))
-        stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite))
+        stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite),
+                           1 - num_tokens / padded if padded else 0.0)
         return table, stats
 
     def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):
@@ -139,11 +146,13 @@ class Scorer:
             agg[probe.name] = aggregate(scores, comp_mask, probe.aggregation).cpu().tolist()
         return ref, tok, agg, num_tokens
 
-    def update_weights(self, named_tensors: dict, version: int) -> int:
+    def update_weights(self, weights, version: int) -> int:
         """Live mode only: load the learner's weights into the probe model (the reference never changes)."""
+        from pipeline.weights import from_wire
+
         if self.probe_model is self.model:
             raise ValueError("scorer.model is \"frozen\": the frozen copy never takes new weights")
-        _load_state(self.probe_model, named_tensors)
+        _load_state(self.probe_model, from_wire(weights))
         self.version = version
         return version
 

@@ -146,13 +146,18 @@ class Learner:
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
-    def get_weights(self) -> tuple[int, dict | None]:
-        """(version, transformers-named CPU state dict on rank 0, None elsewhere). Call on every rank."""
+    def get_weights(self):
+        """The current weights as `WireWeights` (transformers names) on rank 0, None elsewhere.
+
+        Call on every rank: under ZeRO-3 gathering the parameters is a collective.
+        """
+        from pipeline.weights import to_wire
+
         with self._gathered():
             if self.rank != 0:
-                return self.version, None
+                return None
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
-        return self.version, state
+        return to_wire(state, self.version)
 
     def save_checkpoint(self, directory: str) -> str | None:
         """Save the policy in transformers format (safetensors) at the current version. Call on every rank."""

@@ -46,3 +46,29 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
         comp[i, len(p) : len(r)] = True
         assert len(p) > 0, "a prompt needs at least one token (BOS)"
     return PackedBatch(ids, attn, comp, [len(p) for p in prompt_ids], [len(c) for c in completion_ids])
+
+
+def token_budget_batches(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Row indices grouped into batches whose padded size (rows x longest) stays within `token_budget`.
+
+    Rows are sorted by length first, so each batch holds sequences of similar length and little padding;
+    a single row longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max(lengths[i], max((lengths[j] for j in current), default=0))
+        if current and (longest * (len(current) + 1) > token_budget or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Fraction of the padded tokens of these batches that are padding."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths) / padded if padded else 0.0

@@ -125,8 +125,10 @@ class ScorerConfig(_Strict):
     """Ray CPUs reserved per scorer."""
     num_gpus: NonNegFloat = 0.0
     """Ray GPUs reserved per scorer."""
-    batch_size: PositiveInt = 64
-    """Sequences per scorer forward pass."""
+    batch_size: PositiveInt = 256
+    """Most sequences per scorer forward pass."""
+    token_budget: PositiveInt = 8192
+    """Most padded tokens (sequences x longest) per scorer forward pass; rows are length-sorted first."""
     probes: list[ProbeSpec] = []
     """Probes applied to every rollout. Empty: plain RLHF (scorers compute reference log-probs only)."""
     model: Literal["frozen", "live"] = "frozen"

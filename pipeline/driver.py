@@ -240,8 +240,9 @@ def push_weights(cfg: Config, roles: Roles, version: int) -> tuple[Any, list[Any
 
     from pipeline.remote import wait
 
-    _, state = wait([lr.get_weights.remote() for lr in roles.learners], "learner (weights)", cfg.pipeline.timeout_s)[0]
-    state_ref = ray.put(state)
+    wire = wait([lr.get_weights.remote() for lr in roles.learners], "learner (weights)", cfg.pipeline.timeout_s)[0]
+    assert wire.version == version, (wire.version, version)
+    state_ref = ray.put(wire)
     targets = roles.generators + (roles.scorers if cfg.scorer.model == "live" else [])
     return state_ref, [a.update_weights.remote(state_ref, version) for a in targets]
 
@@ -318,6 +319,7 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
            "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
            "learner/grad_norm": train_stats[0].grad_norm,
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
+           "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
            "time/generate_s": gen_seconds, "time/score_s": max(s.seconds for s in score_stats),
            "time/learn_compute_s": max(s.seconds for s in train_stats)}
     row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})

@@ -84,13 +84,16 @@ def test_weight_sync_generator_matches_learner_greedy(toy_world, ray_local, tmp_
     for _ in range(3):
         rollouts, _stats = wait(gen.generate.remote(prompts.slice(0, 8), 4, 0), "generator", 300)
         wait(learner.train_step.remote(_train_batch(rollouts, rng)), "learner", 300)
-    version, state = wait(learner.get_weights.remote(), "learner", 300)
-    assert version == 3
-    assert wait(gen.update_weights.remote(state, version), "generator", 300) == 3
+    wire = wait(learner.get_weights.remote(), "learner", 300)
+    assert wire.version == 3
+    assert wait(gen.update_weights.remote(wire, wire.version), "generator", 300) == 3
     after = wait(gen.greedy.remote(world.eval_prompt_ids, 8), "generator", 300)
 
     ckpt = wait(learner.save_checkpoint.remote(str(tmp_path)), "learner", 300)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    from pipeline.weights import from_wire
+
+    state = from_wire(wire)
     for name, tensor in model.state_dict().items():  # the checkpoint is what was published
         if name in state:
             assert torch.equal(tensor, state[name]), name
@@ -102,6 +105,6 @@ def test_weight_sync_generator_matches_learner_greedy(toy_world, ray_local, tmp_
     assert after == expected
     assert after != before, "training changed nothing: the test would not notice a missed update"
     with pytest.raises(ValueError, match="refusing older version"):
-        wait(gen.update_weights.remote(state, 1), "generator", 300)
+        wait(gen.update_weights.remote(wire, 1), "generator", 300)
     ray_local.kill(gen)
     ray_local.kill(learner)

@@ -102,3 +102,17 @@ def test_pack_aligns_completion_values():
     assert [v.tolist() for v in shifted] == [[1.0, 2.0, 3.0], [4.0]]
     laid = batch.completion_targets([[0.1, 0.2, 0.3], [0.4]])
     assert torch.allclose(laid, torch.tensor([[0, 0.1, 0.2, 0.3], [0.4, 0, 0, 0]]))
+
+
+def test_token_budget_batches_bound_padded_size_and_cover_all_rows():
+    from pipeline.batching import padding_waste, token_budget_batches
+
+    lengths = [5, 30, 6, 29, 7, 31, 5, 100]
+    batches = token_budget_batches(lengths, token_budget=64, max_rows=8)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 64 or len(b) == 1
+    assert [7] in batches  # longer than the budget: alone
+    fixed = [list(range(0, 4)), list(range(4, 8))]  # fixed-size batches in arrival order
+    assert padding_waste(lengths, batches) < padding_waste(lengths, fixed)
+    assert padding_waste([4, 4], [[0, 1]]) == 0.0
