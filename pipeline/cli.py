@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the file's)")
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiment-<time>)")
     ex.add_argument("--dry-run", action="store_true", help="validate every run's config, list the runs, exit")
+    co = sub.add_parser("cost", help="FLOPs/memory per step and the probes' overhead, toy to 405B",
+                        description="Estimate FLOPs and memory of one RL step per stage (generate, reference, learn, "
+                        "probes) for Llama-style models, and the overhead probe shaping adds over plain RLHF, with "
+                        "and without a KL term. See pipeline/cost.py for the model and its assumptions.")
+    co.add_argument("--model", nargs="+", default=["toy", "0.5b", "7b", "70b", "405b"], help="presets to tabulate")
+    co.add_argument("--prompts", type=int, default=64)
+    co.add_argument("--group", type=int, default=8)
+    co.add_argument("--prompt-len", type=int, default=256)
+    co.add_argument("--completion-len", type=int, default=1024)
+    co.add_argument("--probe-layer", type=int, default=None, help="deepest probed layer (default: the middle)")
+    co.add_argument("--num-probes", type=int, default=1)
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
     rp.add_argument("dir", help="experiment output directory")
     ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _experiment(args, rest)
     if args.command == "report":
         return _report(args)
+    if args.command == "cost":
+        return _cost(args)
     if args.command == "probe":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -152,6 +165,29 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
     except ValueError as e:
         print(f"probe-rl experiment: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from pipeline.cost import PRESETS, Workload, format_table, step_cost
+
+    unknown = [m for m in args.model if m not in PRESETS]
+    if unknown:
+        print(f"probe-rl cost: unknown model {unknown}; presets: {sorted(PRESETS)}", file=sys.stderr)
+        return 2
+    for kl in (True, False):
+        costs = []
+        for m in args.model:
+            arch = PRESETS[m]
+            layer = min(args.probe_layer, arch.layers - 1) if args.probe_layer is not None else arch.layers // 2
+            work = Workload(args.prompts, args.group, args.prompt_len, args.completion_len, (layer,),
+                            args.num_probes, kl)
+            costs.append(step_cost(arch, work))
+        print(f"\n{'With' if kl else 'Without'} a KL term ({args.prompts} prompts x {args.group} completions, "
+              f"{args.prompt_len}+{args.completion_len} tokens, {args.num_probes} probe(s)):\n")
+        print(format_table(costs))
+    print("\nEstimated time uses per-stage utilisation (decode 5%, prefill/score 40%, learn 35% of peak); "
+          "FLOPs are exact for the architecture.")
     return 0
 
 
