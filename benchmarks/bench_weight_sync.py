@@ -51,7 +51,7 @@ def main() -> None:
         for k, v in state.items():
             dst[k].copy_(v)
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     fetch = ray.remote(_fetch)
 

@@ -46,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     run.add_argument("--config", default=None, help=f"TOML config file (default: {DEFAULT_CONFIG.name})")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--config-env", default=None, help=argparse.SUPPRESS)  # set by `probe-rl submit`
+    jobs_common = argparse.ArgumentParser(add_help=False)
+    jobs_common.add_argument("--address", default=None,
+                             help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265); "
+                             "token-authenticated clusters read $RAY_AUTH_TOKEN")
+    sm = sub.add_parser("submit", parents=[jobs_common], help="submit a run as a Ray job to a cluster",
+                        description="Validate CONFIG (+ dotted overrides) here, then submit it as a Ray job whose "
+                        "working directory is this project. Prints the job id.",
+                        epilog="example: probe-rl submit configs/gpu.toml --pipeline.num_steps 50 "
+                        "--address http://127.0.0.1:8265 --follow", allow_abbrev=False)
+    sm.add_argument("config", nargs="?", default=None, help=f"TOML config (default: {DEFAULT_CONFIG.name})")
+    sm.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    sm.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
+    sm.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
+    for name, text in (("status", "print a job's status"), ("logs", "print (or --follow) a job's logs"),
+                       ("stop", "stop a job")):
+        jp = sub.add_parser(name, parents=[jobs_common], help=text)
+        jp.add_argument("job_id")
+        if name == "logs":
+            jp.add_argument("--follow", action="store_true")
     probe = sub.add_parser("probe", help="train and evaluate linear probes", description="Linear probes on a model's "
                            "residual stream: fit them on labelled completions, or measure them on a model/checkpoint.")
     psub = probe.add_subparsers(dest="probe_command", metavar="ACTION", required=True)
@@ -91,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--completion-len", type=int, default=1024)
     co.add_argument("--probe-layer", type=int, default=None, help="deepest probed layer (default: the middle)")
     co.add_argument("--num-probes", type=int, default=1)
+    pf = sub.add_parser("profile", help="overhead of probes against plain RLHF, measured A B A B",
+                        description="Run the plain arm (no probes: scorers compute reference log-probs only) and the "
+                        "probe-shaped arm on the same config and seed, alternating, and write profile.md with seconds "
+                        "per stage, tokens/s, scorer utilisation, the overhead ratio with its spread, a chart, and a "
+                        "Ray timeline of one step per arm.", epilog="Extra --section.key VALUE overrides apply to every "
+                        "run.", allow_abbrev=False)
+    pf.add_argument("config", nargs="?", default=None, help=f"TOML config (default: {DEFAULT_CONFIG.name})")
+    pf.add_argument("--repeats", type=int, default=2, help="A B pairs per KL setting")
+    pf.add_argument("--kl", choices=["on", "off", "both"], default="both", help="with a KL term, without, or both")
+    pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
     rp.add_argument("dir", help="experiment output directory")
     ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
@@ -103,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `probe-rl` alone runs the default toy job
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -116,15 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     if args.command == "cost":
         return _cost(args)
+    if args.command == "profile":
+        return _profile(args, rest)
     if args.command == "probe":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _probe(args)
+    if args.command in ("status", "logs", "stop"):
+        return _job(args)
     try:
-        cfg = load_config(args.config, rest)
+        if getattr(args, "config_env", None):
+            cfg = _config_from_env(args.config_env, rest)
+        else:
+            cfg = load_config(args.config, rest)
     except ConfigError as e:
         print(f"probe-rl: {e}", file=sys.stderr)
         return 2
+    if args.command == "submit":
+        return _submit(args, cfg)
     if args.dry_run:
         print(dump_toml(cfg))
         return 0
@@ -164,6 +203,64 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
         run_experiment(args.file, runs, args.out)
     except ValueError as e:
         print(f"probe-rl experiment: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _config_from_env(var: str, rest: list[str]) -> Config:
+    import os
+    import tempfile
+
+    text = os.environ.get(var)
+    if text is None:
+        raise ConfigError(f"--config-env {var}: the variable is not set")
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    return load_config(f.name, rest)
+
+
+def _submit(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline import jobs
+
+    job_id = jobs.submit(cfg, args.address, args.python, args.job_id)
+    print(job_id)
+    if args.follow:
+        jobs.follow_logs(job_id, args.address)
+        status = jobs.wait_for(job_id, args.address, timeout_s=60)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    c = jobs.client(args.address)
+    if args.command == "status":
+        info = c.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.command == "logs":
+        if args.follow:
+            jobs.follow_logs(args.job_id, args.address)
+        else:
+            print(c.get_job_logs(args.job_id), end="")
+    else:
+        print(f"{args.job_id}: {'stop requested' if c.stop_job(args.job_id) else 'already finished'}")
+    return 0
+
+
+def _profile(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"probe-rl profile: {e}", file=sys.stderr)
+        return 2
+    from pipeline.profile import profile
+
+    try:
+        profile(args.config, rest, args.repeats, args.kl, args.out)
+    except ValueError as e:
+        print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -91,8 +92,9 @@ def make_run_dir(cfg: Config) -> Path:
 def init_ray(cfg: Config) -> None:
     import ray
 
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, log_to_driver=True)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")  # set inside a submitted Ray job
+    if address:
+        ray.init(address=address, log_to_driver=True)
         return
     need = (
         cfg.generator.num_workers * cfg.generator.num_cpus
@@ -100,9 +102,10 @@ def init_ray(cfg: Config) -> None:
         + cfg.learner.num_ranks * cfg.learner.num_cpus
         + (cfg.eval.num_cpus if cfg.eval.every else 0)
     )
-    # A local instance bound to loopback, with exactly the CPUs the roles reserve (they share real cores).
-    ray.init(num_cpus=math.ceil(need), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+    # A local instance with exactly the CPUs the roles reserve (they share real cores) and no dashboard.
+    # Ray 2.60 rewrites a loopback node address to the machine's own and listens on all interfaces; its
+    # token authentication (on by default, token in ~/.ray/auth_token) is what keeps other hosts out.
+    ray.init(num_cpus=math.ceil(need), include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def start_roles(cfg: Config, world: World, log=print) -> Roles:
@@ -189,7 +192,7 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
     version, next_launch, samples = 0, 1, []
     bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
     for step in range(1, p.num_steps + 1):
-        timer = StageTimer()
+        timer, wall_start = StageTimer(), time.time()
         # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
         while next_launch <= min(p.num_steps, step + p.max_staleness):
             pending.append(launch_step(cfg, world, roles, next_launch))
@@ -218,6 +221,7 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
             with timer("probe_eval"):
                 reward_metrics.update(probe_eval(cfg, roles, eval_sink, step, state_ref, scored))
         row = step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
+        row.update({"time/wall_start": wall_start, "time/wall_end": time.time()})  # for Ray timelines
         sink.log(row)
         samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)

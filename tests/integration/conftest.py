@@ -1,4 +1,4 @@
-"""One Ray instance and one small toy world for the whole integration module."""
+"""A small toy world shared by the integration tests, and a Ray instance per module."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def toy_world(toy_overrides):
     return cfg, build_world(cfg)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 
     # Logical CPUs: the roles of a run reserve 2, the weight-sync test 1.5; they share the real cores.
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()
