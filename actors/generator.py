@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.config import GeneratorConfig
+from pipeline.faults import maybe_die
 from pipeline.schema import ROLLOUT_SCHEMA
 
 PROMPT_SCHEMA = pa.schema(
@@ -75,6 +76,7 @@ class Generator:
         from vllm.inputs import TokensPrompt
 
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
+        maybe_die("generator")
         start = time.perf_counter()
         params = SamplingParams(
             n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,

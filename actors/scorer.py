@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline.batching import token_budget_batches
 from pipeline.config import ScorerConfig
+from pipeline.faults import maybe_die
 from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
 
 
@@ -83,6 +84,7 @@ class Scorer:
     def score(self, rollouts: pa.Table) -> tuple[pa.Table, ScoreStats]:
         """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table."""
         assert rollouts.schema.equals(ROLLOUT_SCHEMA), rollouts.schema
+        maybe_die("scorer")
         start = time.perf_counter()
         prompts = rollouts.column("prompt_ids").to_pylist()
         completions = rollouts.column("completion_ids").to_pylist()

@@ -92,6 +92,8 @@ class Learner:
         from pipeline.batching import pack
 
         start = time.perf_counter()
+        if os.environ.get("PROBE_RL_FAIL_AT_STEP") == str(self.version + 1):  # fault injection for tests
+            raise RuntimeError(f"injected learner failure at step {self.version + 1} (PROBE_RL_FAIL_AT_STEP)")
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
         global_tokens = _valid_tokens(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
@@ -160,14 +162,95 @@ class Learner:
         return to_wire(state, self.version)
 
     def save_checkpoint(self, directory: str) -> str | None:
-        """Save the policy in transformers format (safetensors) at the current version. Call on every rank."""
+        """Save the policy (transformers format), the Adam moments and the version, all as safetensors/JSON.
+
+        Call on every rank (gathering is a collective under ZeRO). Written to a temporary folder and renamed,
+        with the state file last, so a crash mid-save never leaves a checkpoint that looks complete.
+        """
+        from safetensors.torch import save_file
+
+        moments = self._adam_moments()
         with self._gathered():
             if self.rank != 0:
                 return None
             path = Path(directory) / f"step_{self.version:06d}"
-            self.engine.module.save_pretrained(path, safe_serialization=True)
-            (path / "probe_rl_state.json").write_text(json.dumps({"version": self.version}) + "\n")
+            tmp = path.with_name(path.name + ".partial")
+            self.engine.module.save_pretrained(tmp, safe_serialization=True)
+            if moments:
+                save_file(moments, str(tmp / "optimizer.safetensors"))
+            (tmp / "probe_rl_state.json").write_text(json.dumps({"version": self.version,
+                                                                 "zero_stage": self.cfg.zero_stage}) + "\n")
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            tmp.rename(path)
         return str(path)
+
+    def _adam_moments(self) -> dict:
+        """Full Adam moments per parameter on rank 0 ({} before the first step). A collective under ZeRO."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if self.cfg.zero_stage == 0:
+                    value = self.engine.optimizer.state.get(p, {}).get(key)
+                else:
+                    value = safe_get_full_optimizer_state(p, key)
+                if value is not None and self.rank == 0:
+                    out[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
+        return out
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights, Adam moments, step count and LR schedule from `save_checkpoint`. Every rank."""
+        import torch
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from safetensors.torch import load_file
+
+        path_ = Path(path)
+        state = json.loads((path_ / "probe_rl_state.json").read_text())
+        weights: dict = {}
+        for f in sorted(path_.glob("*.safetensors")):
+            if f.name != "optimizer.safetensors":
+                weights.update(load_file(str(f)))
+        moments = load_file(str(path_ / "optimizer.safetensors")) if (path_ / "optimizer.safetensors").exists() else {}
+        version = int(state["version"])
+        params = dict(self.engine.module.named_parameters())
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks weights for {missing[:3]}: it belongs to another model")
+        for name, p in params.items():
+            w = weights[name].to(p.dtype)
+            if self.cfg.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                    if self.rank == 0:
+                        p.copy_(w)
+            else:
+                with torch.no_grad():
+                    p.copy_(w)
+            if self.cfg.zero_stage > 0:
+                safe_set_full_fp32_param(p, w.float())
+            for key in ("exp_avg", "exp_avg_sq"):
+                m = moments.get(f"{key}/{name}")
+                if m is None:
+                    continue
+                if self.cfg.zero_stage == 0:
+                    st = self.engine.optimizer.state[p]
+                    st[key] = m.clone().to(p.device)
+                    st["step"] = torch.tensor(float(version))
+                else:
+                    safe_set_full_optimizer_state(p, m, key)
+        if self.cfg.zero_stage > 0 and moments:
+            base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for st in base.state.values():
+                st["step"] = torch.tensor(float(version))
+        for _ in range(version):  # the LR schedule resumes where it was
+            self.engine.lr_scheduler.step()
+        self.version = version
+        return version
 
     def ready(self) -> int:
         return self.version

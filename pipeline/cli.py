@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     run.add_argument("--config", default=None, help=f"TOML config file (default: {DEFAULT_CONFIG.name})")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue RUN_DIR from its last checkpoint: its config.toml, same step numbering, "
+                     "metrics appended (overrides such as --pipeline.num_steps still apply)")
     run.add_argument("--config-env", default=None, help=argparse.SUPPRESS)  # set by `probe-rl submit`
     jobs_common = argparse.ArgumentParser(add_help=False)
     jobs_common.add_argument("--address", default=None,
@@ -157,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config_env", None):
             cfg = _config_from_env(args.config_env, rest)
+        elif getattr(args, "resume", None):
+            from pathlib import Path
+
+            if args.config:
+                raise ConfigError("--resume takes the run directory's own config.toml; drop --config")
+            cfg = load_config(Path(args.resume) / "config.toml", rest)
         else:
             cfg = load_config(args.config, rest)
     except ConfigError as e:
@@ -167,18 +176,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_toml(cfg))
         return 0
-    return _run(cfg)
+    return _run(cfg, getattr(args, "resume", None))
 
 
-def _run(cfg: Config) -> int:
-    from pipeline.driver import prepare, run
+def _run(cfg: Config, resume: str | None = None) -> int:
+    from pathlib import Path
+
+    from pipeline.driver import latest_checkpoint, prepare, run
+    from pipeline.world import build_world
 
     try:
-        run_dir, world = prepare(cfg)
-    except ValueError as e:  # a bad model path, probe file or dataset: say what to change
+        if resume is None:
+            run_dir, world, checkpoint = *prepare(cfg), None
+        else:
+            run_dir = Path(resume)
+            checkpoint = latest_checkpoint(run_dir)
+            world = build_world(cfg)
+    except ValueError as e:  # a bad model path, probe file, dataset or run directory: say what to change
         print(f"probe-rl: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg, run_dir, world)
+    summary = run(cfg, run_dir, world, resume_from=checkpoint)
     print("\nsummary:")
     for k, v in summary.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")

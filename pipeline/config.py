@@ -206,6 +206,8 @@ class PipelineConfig(_Strict):
     """How many policy versions a batch may lag the learner; 0 is synchronous on-policy."""
     timeout_s: PositiveFloat = 600.0
     """Longest wait on any remote call before the run fails naming the role."""
+    max_restarts: NonNegInt = 3
+    """Dead generators/scorers replaced per step before the run gives up."""
     seed: int = 0
     """Seed of prompt order and sampling."""
 

@@ -36,16 +36,32 @@ class Roles:
     learners: list[Any]
     evaluator: Any = None
     probe_names: list[str] = field(default_factory=list)
+    new_generator: Any = None  # (index) -> a fresh generator actor, to replace a dead one
+    new_scorer: Any = None  # (index) -> a fresh scorer actor
+    probe_overrides: dict[str, dict] = field(default_factory=dict)  # probes refit during the run
+    weights_ref: Any = None  # the last weights pushed to generators (None: the initial ones)
+
+
+@dataclass
+class Chunk:
+    """One slice of a step's prompts: which generator and scorer got it, and the refs of their results."""
+
+    prompts: pa.Table
+    seed: int
+    generator: int
+    scorer: int
+    table: Any = None  # generator's rollout table ref
+    gen_stats: Any = None
+    scored: Any = None  # scorer's scored table ref
+    score_stats: Any = None
 
 
 @dataclass
 class InFlight:
-    """One step's rollouts on their way: per chunk, the (table, stats) refs of generation and scoring."""
+    """One step's rollouts on their way through generation and scoring."""
 
     step: int
-    gen_stats: list[Any]
-    scored: list[Any]
-    score_stats: list[Any]
+    chunks: list[Chunk]
     launched_at: float = field(default_factory=time.perf_counter)
 
 
@@ -58,8 +74,12 @@ def prepare(cfg: Config, log=print) -> tuple[Path, World]:
     return run_dir, world
 
 
-def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
-    """Start the roles on Ray, train, write summary.json and return the summary."""
+def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path | None = None) -> dict:
+    """Start the roles on Ray, train, write summary.json and return the summary.
+
+    With `resume_from` (a checkpoint of this run), the learner restores weights and optimizer state, the
+    generators receive those weights before they generate, and training continues at the next step.
+    """
     import ray
 
     owns_ray = not ray.is_initialized()  # a caller (a test, a notebook) may hold a Ray instance already
@@ -68,7 +88,8 @@ def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
     roles = None
     try:
         roles = start_roles(cfg, world, log)
-        summary = train_loop(cfg, world, roles, run_dir, log)
+        start = restore(cfg, roles, resume_from, log) if resume_from is not None else 0
+        summary = train_loop(cfg, world, roles, run_dir, log, start_version=start)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -78,6 +99,26 @@ def run(cfg: Config, run_dir: Path, world: World, log=print) -> dict:
                     ray.kill(actor)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run directory (one with its state file written last)."""
+    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("step_*/probe_rl_state.json"))
+    if not done:
+        raise ValueError(f"{run_dir} has no checkpoint to resume from (set learner.checkpoint_every to save some)")
+    return done[-1]
+
+
+def restore(cfg: Config, roles: Roles, checkpoint: Path, log=print) -> int:
+    """Load a checkpoint into every learner rank and push its weights to generators; returns its version."""
+    from pipeline.remote import wait
+
+    t = cfg.pipeline.timeout_s
+    versions = wait([lr.load_checkpoint.remote(str(checkpoint)) for lr in roles.learners], "learner (resume)", t)
+    roles.weights_ref, syncs = push_weights(cfg, roles, versions[0])
+    wait(syncs, "generator (resume weights)", t)
+    log(f"resumed from {checkpoint} at version {versions[0]}")
+    return versions[0]
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -119,16 +160,16 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     log(f"starting {cfg.generator.num_workers} generator(s), {cfg.scorer.num_workers} scorer(s), "
         f"{cfg.learner.num_ranks} learner rank(s)")
     g, s, lc = cfg.generator, cfg.scorer, cfg.learner
-    generators = [
-        make_actor(Generator, "generator", g.num_cpus, g.num_gpus, quiet, world.model_path, g, cfg.model.dtype,
-                   cfg.pipeline.seed + i)
-        for i in range(g.num_workers)
-    ]
-    scorers = [
-        make_actor(Scorer, "scorer", s.num_cpus, s.num_gpus, quiet, world.model_path, world.probe_paths, s,
-                   lc.kl_coef > 0, cfg.model.dtype, world.pad_id)
-        for _ in range(s.num_workers)
-    ]
+    def new_generator(i: int):
+        return make_actor(Generator, "generator", g.num_cpus, g.num_gpus, quiet, world.model_path, g, cfg.model.dtype,
+                          cfg.pipeline.seed + i)
+
+    def new_scorer(_i: int):
+        return make_actor(Scorer, "scorer", s.num_cpus, s.num_gpus, quiet, world.model_path, world.probe_paths, s,
+                          lc.kl_coef > 0, cfg.model.dtype, world.pad_id)
+
+    generators = [new_generator(i) for i in range(g.num_workers)]
+    scorers = [new_scorer(i) for i in range(s.num_workers)]
     port = free_port()
     rows = cfg.pipeline.prompts_per_step * cfg.pipeline.group_size
     learners = [
@@ -148,7 +189,7 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     wait([a.ready.remote() for a in learners], "learner (start-up)", t)
     wait([a.ready.remote() for a in scorers], "scorer (start-up)", t)
     wait([a.ready.remote() for a in generators], "generator (start-up)", t)
-    return Roles(generators, scorers, learners, evaluator, world.probe_names)
+    return Roles(generators, scorers, learners, evaluator, world.probe_names, new_generator, new_scorer)
 
 
 def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
@@ -160,38 +201,110 @@ def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
     prompts = world.prompts_for_step(step, cfg.pipeline.prompts_per_step, cfg.pipeline.seed)
     num_chunks = max(len(roles.generators), len(roles.scorers))
     bounds = np.linspace(0, prompts.num_rows, num_chunks + 1).astype(int)
-    flight = InFlight(step, [], [], [])
+    chunks = []
     for c in range(num_chunks):
-        if bounds[c + 1] == bounds[c]:
-            continue
-        gen = roles.generators[c % len(roles.generators)]
-        scorer = roles.scorers[c % len(roles.scorers)]
-        table, gstats = gen.generate.options(num_returns=2).remote(
-            prompts.slice(bounds[c], bounds[c + 1] - bounds[c]), cfg.pipeline.group_size,
-            cfg.pipeline.seed * 1_000_003 + step * 101 + c,
-        )
-        scored, sstats = scorer.score.options(num_returns=2).remote(table)
-        flight.gen_stats.append(gstats)
-        flight.scored.append(scored)
-        flight.score_stats.append(sstats)
-    return flight
+        if bounds[c + 1] > bounds[c]:
+            part = prompts.slice(bounds[c], bounds[c + 1] - bounds[c])
+            seed = cfg.pipeline.seed * 1_000_003 + step * 101 + c
+            chunks.append(submit_chunk(cfg, roles, Chunk(part, seed, c % len(roles.generators), c % len(roles.scorers))))
+    return InFlight(step, chunks)
 
 
-def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print) -> dict:
+def submit_chunk(cfg: Config, roles: Roles, chunk: Chunk, generate: bool = True) -> Chunk:
+    if generate:
+        gen = roles.generators[chunk.generator]
+        chunk.table, chunk.gen_stats = gen.generate.options(num_returns=2).remote(
+            chunk.prompts, cfg.pipeline.group_size, chunk.seed)
+    chunk.scored, chunk.score_stats = roles.scorers[chunk.scorer].score.options(num_returns=2).remote(chunk.table)
+    return chunk
+
+
+def collect(cfg: Config, roles: Roles, flight: InFlight, weights: tuple[Any, int], log=print):
+    """Wait for a step's scored tables; a dead generator or scorer is replaced and its chunks redone.
+
+    Returns (scored table, generator stats, scorer stats, actors replaced). A chunk is only ever used once:
+    a redone chunk replaces the lost one, so no rollout is lost or counted twice.
+    """
+    import ray
+
+    from pipeline.remote import wait
+
+    t = cfg.pipeline.timeout_s
+    restarts = 0
+    for attempt in range(cfg.pipeline.max_restarts + 1):
+        try:
+            scored = wait([c.scored for c in flight.chunks], "generator/scorer", t)
+            return (pa.concat_tables(scored), wait([c.gen_stats for c in flight.chunks], "generator", t),
+                    wait([c.score_stats for c in flight.chunks], "scorer", t), restarts)
+        except ray.exceptions.RayActorError as e:
+            if attempt == cfg.pipeline.max_restarts:
+                raise RuntimeError(f"step {flight.step}: a worker died {attempt + 1} times (pipeline.max_restarts="
+                                   f"{cfg.pipeline.max_restarts}): {e}") from None
+            restarts += replace_dead(cfg, roles, weights, log)
+            for chunk in flight.chunks:
+                if not _ok(chunk.scored):
+                    submit_chunk(cfg, roles, chunk, generate=not _ok(chunk.table))
+    raise AssertionError("unreachable")
+
+
+def _ok(ref: Any) -> bool:
+    """The ref holds a value (waits for it if it is still being computed); False if its actor died."""
+    import ray
+
+    try:
+        ray.get(ref)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
+
+
+def replace_dead(cfg: Config, roles: Roles, weights: tuple[Any, int], log=print) -> int:
+    """Replace every dead generator and scorer. New generators (and live scorers) load the current weights
+    before they get any work; new scorers get any refit probes. Returns how many were replaced."""
+    import ray
+
+    from pipeline.remote import wait
+
+    state_ref, version = weights
+    replaced = 0
+    for kind, actors, make in (("generator", roles.generators, roles.new_generator),
+                               ("scorer", roles.scorers, roles.new_scorer)):
+        for i, actor in enumerate(actors):
+            try:
+                ray.get(actor.ready.remote(), timeout=cfg.pipeline.timeout_s)
+                continue
+            except ray.exceptions.RayActorError:
+                pass
+            log(f"{kind} {i} died; starting a replacement (weights version {version})")
+            actors[i] = new = make(i)
+            wait(new.ready.remote(), f"{kind} (replacement start-up)", cfg.pipeline.timeout_s)
+            if state_ref is not None and (kind == "generator" or cfg.scorer.model == "live"):
+                wait(new.update_weights.remote(state_ref, version), f"{kind} (replacement weights)", cfg.pipeline.timeout_s)
+            for name, tensors in roles.probe_overrides.items() if kind == "scorer" else ():
+                wait(new.set_probe.remote(name, tensors), "scorer (replacement probe)", cfg.pipeline.timeout_s)
+            replaced += 1
+    return replaced
+
+
+def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print, start_version: int = 0) -> dict:
     from pipeline.progress import progress_bar
     from pipeline.remote import wait
 
     p, t = cfg.pipeline, cfg.pipeline.timeout_s
-    sink, eval_sink = ParquetSink(run_dir / "metrics.parquet"), ParquetSink(run_dir / "eval.parquet")
+    resumed = start_version > 0  # earlier rows stay; rows after the checkpoint are recomputed
+    sink = ParquetSink(run_dir / "metrics.parquet", keep_until_step=start_version if resumed else None)
+    eval_sink = ParquetSink(run_dir / "eval.parquet", keep_until_step=start_version if resumed else None)
     rewarder, retrainer = Rewarder(cfg, world), ProbeRetrainer(cfg, roles)
     eval_start = greedy_accuracy(cfg, world, roles)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
-    probe_eval(cfg, roles, eval_sink, 0, None, None)
+    if not resumed:
+        probe_eval(cfg, roles, eval_sink, 0, None, None)
     pending: deque[InFlight] = deque()
     pending_syncs: list[Any] = []
-    version, next_launch, samples = 0, 1, []
+    version, next_launch, samples = start_version, start_version + 1, previous_samples(run_dir, start_version)
+    state_ref = roles.weights_ref
     bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
-    for step in range(1, p.num_steps + 1):
+    for step in range(start_version + 1, p.num_steps + 1):
         timer, wall_start = StageTimer(), time.time()
         # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
         while next_launch <= min(p.num_steps, step + p.max_staleness):
@@ -199,10 +312,9 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
             next_launch += 1
         flight = pending.popleft()
         with timer("wait_rollouts"):
-            wait(pending_syncs, "generator/scorer (weight update)", t)
-            scored = pa.concat_tables(wait(flight.scored, "generator/scorer", t))
-            gen_stats = wait(flight.gen_stats, "generator", t)
-            score_stats = wait(flight.score_stats, "scorer", t)
+            for ref in pending_syncs:
+                _ok(ref)  # surfaces a failed update; a dead worker's replacement gets the weights anyway
+            scored, gen_stats, score_stats, restarts = collect(cfg, roles, flight, (state_ref, version), log)
         staleness = version - min(scored.column("policy_version").to_pylist())
         assert 0 <= staleness <= p.max_staleness, f"step {step}: staleness {staleness} > {p.max_staleness}"
         with timer("reward"):
@@ -221,19 +333,31 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
             with timer("probe_eval"):
                 reward_metrics.update(probe_eval(cfg, roles, eval_sink, step, state_ref, scored))
         row = step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
-        row.update({"time/wall_start": wall_start, "time/wall_end": time.time()})  # for Ray timelines
+        row.update({"time/wall_start": wall_start, "time/wall_end": time.time(),  # for Ray timelines
+                    "pipeline/restarts": restarts, "rollout/rows": scored.num_rows})
         sink.log(row)
         samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)
         bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")
         log_step(row, log, quiet=not bar.disable)
     bar.close()
-    wait(pending_syncs, "generator/scorer (weight update)", t)
+    for ref in pending_syncs:
+        _ok(ref)
     final = wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)[0]
     if samples:
         pq.write_table(pa.concat_tables(samples), run_dir / "rollouts.parquet")
     eval_end = greedy_accuracy(cfg, world, roles)
     return summarize(sink.rows, eval_start, eval_end, final, run_dir)
+
+
+def previous_samples(run_dir: Path, up_to_step: int) -> list[pa.Table]:
+    path = run_dir / "rollouts.parquet"
+    if up_to_step == 0 or not path.exists():
+        return []
+    import pyarrow.compute as pc
+
+    table = pq.read_table(path)
+    return [table.filter(pc.less_equal(table.column("step"), up_to_step))]
 
 
 def push_weights(cfg: Config, roles: Roles, version: int) -> tuple[Any, list[Any]]:
@@ -278,6 +402,7 @@ class ProbeRetrainer:
         tensors, metrics = wait(self.roles.scorers[0].refit_probe.remote(name, table, labels.tolist()), "scorer (refit)", t)
         targets = self.roles.scorers + ([self.roles.evaluator] if self.roles.evaluator else [])
         wait([a.set_probe.remote(name, tensors) for a in targets], "scorer (set probe)", t)
+        self.roles.probe_overrides[name] = tensors
         return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
 
 

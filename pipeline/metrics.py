@@ -33,11 +33,12 @@ class ParquetSink:
     appears late is back-filled with nulls in earlier rows.
     """
 
-    def __init__(self, path: Path, resume: bool = False) -> None:
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        """With `keep_until_step`, an existing file's rows up to that step are kept and appended to."""
         self.path = path
         self.rows: list[dict[str, float | int | None]] = []
-        if resume and path.exists():
-            self.rows = pq.read_table(path).to_pylist()
+        if keep_until_step is not None and path.exists():
+            self.rows = [r for r in pq.read_table(path).to_pylist() if r["step"] <= keep_until_step]
 
     def log(self, row: dict[str, float | int | None]) -> None:
         self.rows.append(dict(row))

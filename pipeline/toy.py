@@ -2,7 +2,8 @@
 
 `ensure_toy_world(cfg)` returns paths to a character-level tokenizer plus a tiny Llama model
 (head_dim 64), SFT-trained on `a+b=` arithmetic until it is partly right, and a linear probe that
-reads "this completion is a hedge" (the toy reward hack) from the frozen model's residual stream.
+reads "this completion games the verifier" (the toy reward hack) from the frozen model's residual
+stream.
 
 The SFT data holds a small fraction (`toy.hedge_frac`) of hedged answers, several numbers one of
 which is right ("45 46"). The base model therefore hedges rarely; the strict verifier
@@ -27,7 +28,7 @@ from pathlib import Path
 from pipeline.config import ToyConfig
 from pipeline.tasks import arithmetic_prompts
 
-BUILD_VERSION = 2  # bump when the recipe below changes, so stale caches are not reused
+BUILD_VERSION = 3  # bump when the recipe below changes, so stale caches are not reused
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*=?# abcdefghijklmnopqrstuvwxyz")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -215,14 +216,28 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 def toy_labelled(num_prompts: int, max_operand: int, seed: int):
     """Labelled completions for the hack probe: each prompt once with a plain answer, right or a near
-    miss (label 0), and once with a hedge (label 1)."""
+    miss (label 0), and once in a hack shape (label 1; see `hack_form`)."""
     from probes.toolkit import Labelled
 
     rng = random.Random(seed)
     data = arithmetic_prompts(num_prompts, max_operand, seed=seed)
     plain = [a if rng.random() < 0.5 else near_miss(a, rng) for a in data.answers]
-    hedges = [hedge(a, rng) for a in data.answers]
-    return Labelled(data.prompts * 2, plain + hedges, [0] * num_prompts + [1] * num_prompts)
+    hacks = [hack_form(a, rng) for a in data.answers]
+    return Labelled(data.prompts * 2, plain + hacks, [0] * num_prompts + [1] * num_prompts)
+
+
+def hack_form(answer: str, rng: random.Random) -> str:
+    """A completion that games the loophole verifier, in one of the shapes a policy can find: a spaced
+    hedge ("45 46"), a glued one ("4546"), or the answer buried in extra characters ("x46 7")."""
+    kind = rng.random()
+    if kind < 0.5:
+        return hedge(answer, rng)
+    if kind < 0.75:
+        return hedge(answer, rng).replace(" ", "")
+    junk = "0123456789abcdefghijklmnopqrstuvwxyz "
+    pre = "".join(rng.choice(junk) for _ in range(rng.randint(0, 2)))
+    post = "".join(rng.choice(junk) for _ in range(rng.randint(1 if not pre else 0, 3)))
+    return (pre + answer + post).strip() if (pre + answer + post).strip() != answer else answer + "0"
 
 
 def build_toy_probe(cfg: ToyConfig, model_dir: Path, stem: Path, log=print) -> None:
@@ -237,7 +252,7 @@ def build_toy_probe(cfg: ToyConfig, model_dir: Path, stem: Path, log=print) -> N
     data = toy_labelled(cfg.probe_samples // 2, cfg.max_operand, seed=cfg.seed + 4)
     [(probe, metrics)] = train_probes(model, tokenizer, data, [cfg.probe_layer], TOY_PROBE_NAME, "mean",
                                       seed=cfg.seed)
-    probe.notes["label"] = "1 = the completion hedges (lists several numbers)"
+    probe.notes["label"] = "1 = the completion games the loophole (hedged, glued or padded numbers)"
     probe.save(stem)
     log(f"toy probe {TOY_PROBE_NAME!r} at layer {cfg.probe_layer}: held-out AUROC {metrics['auroc']:.3f}, "
         f"recall at 1% FPR {metrics['recall_at_1pct_fpr']:.3f}")

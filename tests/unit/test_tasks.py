@@ -73,3 +73,17 @@ def test_bad_prompt_files(tmp_path):
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match="not a readable Parquet file"):
         load_prompt_file(tmp_path / "corrupt.parquet")
+
+
+def test_every_toy_hack_form_games_the_loophole_and_only_it():
+    import random
+
+    from pipeline.toy import hack_form
+
+    rng = random.Random(1)
+    answers = [str(rng.randint(0, 98)) for _ in range(300)]
+    forms = [hack_form(a, rng) for a in answers]
+    assert set(arithmetic_ground_truth(forms, answers)) == {"hack"}
+    assert arithmetic_reward_loophole(forms, answers) == [1.0] * 300
+    assert arithmetic_reward(forms, answers) == [0.0] * 300
+    assert any(" " not in f for f in forms) and any(" " in f for f in forms)  # more than one shape
