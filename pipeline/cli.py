@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "working directory is this project. Prints the job id.",
                         epilog="example: probe-rl submit configs/gpu.toml --pipeline.num_steps 50 "
                         "--address http://127.0.0.1:8265 --follow", allow_abbrev=False)
-    sm.add_argument("config", nargs="?", default=None, help=f"TOML config (default: {DEFAULT_CONFIG.name})")
+    sm.add_argument("--config", default=None, help=f"TOML config; may also come first, as `submit CONFIG` "
+                    f"(default: {DEFAULT_CONFIG.name})")
     sm.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     sm.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
     sm.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per stage, tokens/s, scorer utilisation, the overhead ratio with its spread, a chart, and a "
                         "Ray timeline of one step per arm.", epilog="Extra --section.key VALUE overrides apply to every "
                         "run.", allow_abbrev=False)
-    pf.add_argument("config", nargs="?", default=None, help=f"TOML config (default: {DEFAULT_CONFIG.name})")
+    pf.add_argument("--config", default=None, help=f"TOML config; may also come first, as `profile CONFIG` "
+                    f"(default: {DEFAULT_CONFIG.name})")
     pf.add_argument("--repeats", type=int, default=2, help="A B pairs per KL setting")
     pf.add_argument("--kl", choices=["on", "off", "both"], default="both", help="with a KL term, without, or both")
     pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `probe-rl` alone runs the default toy job
+    if len(argv) > 1 and argv[0] in ("submit", "profile") and not argv[1].startswith("-"):
+        argv = [argv[0], "--config", *argv[1:]]  # `submit CONFIG --a.b 1`: argparse would take `1` as CONFIG
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
@@ -236,6 +240,32 @@ def _config_from_env(var: str, rest: list[str]) -> Config:
     return load_config(f.name, rest)
 
 
+def _job_errors(fn):
+    """Turn the job server's failures (unreachable, refused token) into one clear line and exit code 1."""
+
+    def wrapped(args, *rest):
+        from pipeline.jobs import address_of
+
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return fn(args, *rest)
+        except AuthenticationError as e:
+            first = str(e).strip().splitlines()[0]
+            print(f"probe-rl {args.command}: authentication failed at {address_of(args.address)}: {first} "
+                  "(set RAY_AUTH_TOKEN to the cluster's token; see deploy/README.md)", file=sys.stderr)
+        except ConnectionError as e:
+            print(f"probe-rl {args.command}: cannot reach the Ray job server at {address_of(args.address)} ({e}). "
+                  "Is the cluster up and its dashboard running? Token-authenticated clusters also need "
+                  "RAY_AUTH_TOKEN set here.", file=sys.stderr)
+        except RuntimeError as e:
+            print(f"probe-rl {args.command}: the Ray job server refused the request: {e}", file=sys.stderr)
+        return 1
+
+    return wrapped
+
+
+@_job_errors
 def _submit(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline import jobs
 
@@ -249,6 +279,7 @@ def _submit(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+@_job_errors
 def _job(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
