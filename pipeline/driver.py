@@ -337,6 +337,7 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
                     "pipeline/restarts": restarts, "rollout/rows": scored.num_rows})
         sink.log(row)
         samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
+        write_samples(samples, run_dir)  # every step: a crash keeps what was sampled (small: a sample per step)
         bar.update(1)
         bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")
         log_step(row, log, quiet=not bar.disable)
@@ -344,10 +345,14 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
     for ref in pending_syncs:
         _ok(ref)
     final = wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in roles.learners], "learner", t)[0]
-    if samples:
-        pq.write_table(pa.concat_tables(samples), run_dir / "rollouts.parquet")
     eval_end = greedy_accuracy(cfg, world, roles)
     return summarize(sink.rows, eval_start, eval_end, final, run_dir)
+
+
+def write_samples(samples: list[pa.Table], run_dir: Path) -> None:
+    tmp = run_dir / "rollouts.parquet.tmp"
+    pq.write_table(pa.concat_tables(samples, promote_options="default"), tmp)
+    tmp.replace(run_dir / "rollouts.parquet")
 
 
 def previous_samples(run_dir: Path, up_to_step: int) -> list[pa.Table]:
