@@ -57,7 +57,7 @@ def main() -> None:
     probe = [(str(probe_dir / "p"), None)]
     table = rollouts(args.seqs, 1024, 0)
     print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}; {args.seqs} sequences, "
-          f"{sum(len(p) + len(c) for p, c in zip(table['prompt_ids'].to_pylist(), table['completion_ids'].to_pylist()))} tokens; "
+          f"{sum(len(p) + len(c) for p, c in zip(table['prompt_ids'].to_pylist(), table['completion_ids'].to_pylist(), strict=True))} tokens; "
           f"probe at layer {mid}; {args.threads} threads")
 
     # 1. Hook overhead on the same padded batch: identical forward with and without the capture.
@@ -97,7 +97,7 @@ def main() -> None:
           "the rest is embedding, no LM head, Arrow)")
 
     # 3. Token-budget batching vs fixed-size batches in arrival order.
-    lengths = [len(p) + len(c) for p, c in zip(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist())]
+    lengths = [len(p) + len(c) for p, c in zip(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist(), strict=True)]
     fixed_rows = 16
     fixed = [list(range(i, min(i + fixed_rows, len(lengths)))) for i in range(0, len(lengths), fixed_rows)]
     budget = max(lengths) * fixed_rows

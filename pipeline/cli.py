@@ -244,9 +244,9 @@ def _job_errors(fn):
     """Turn the job server's failures (unreachable, refused token) into one clear line and exit code 1."""
 
     def wrapped(args, *rest):
-        from pipeline.jobs import address_of
-
         from ray.exceptions import AuthenticationError
+
+        from pipeline.jobs import address_of
 
         try:
             return fn(args, *rest)

@@ -91,6 +91,8 @@ class GeneratorConfig(_Strict):
     """Ray CPUs reserved per generator."""
     num_gpus: NonNegFloat = 0.0
     """Ray GPUs reserved per generator (0 on CPU)."""
+    memory_gib: NonNegFloat = 0.0
+    """Ray memory reserved per worker, GiB (0: none reserved)."""
     max_new_tokens: PositiveInt = 8
     """Longest completion, in tokens."""
     temperature: PositiveFloat = 1.0
@@ -120,11 +122,17 @@ class ProbeSpec(_Strict):
 
 class ScorerConfig(_Strict):
     num_workers: PositiveInt = 1
-    """Scorer actors (frozen model copies); scale these independently of generators."""
+    """Scorer actors (frozen model copies); scale these independently of generators. With `max_workers`,
+    the minimum and starting count."""
+    max_workers: PositiveInt | None = None
+    """Scale scorers by backlog between num_workers and this: add one when scoring lags generation, retire
+    one after a few idle steps. None: a fixed count."""
     num_cpus: PositiveFloat = 0.5
     """Ray CPUs reserved per scorer."""
     num_gpus: NonNegFloat = 0.0
     """Ray GPUs reserved per scorer."""
+    memory_gib: NonNegFloat = 0.0
+    """Ray memory reserved per worker, GiB (0: none reserved)."""
     batch_size: PositiveInt = 256
     """Most sequences per scorer forward pass."""
     token_budget: PositiveInt = 8192
@@ -160,6 +168,8 @@ class LearnerConfig(_Strict):
     """Ray CPUs reserved per rank."""
     num_gpus: NonNegFloat = 0.0
     """Ray GPUs reserved per rank."""
+    memory_gib: NonNegFloat = 0.0
+    """Ray memory reserved per worker, GiB (0: none reserved)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
     lr: PositiveFloat = 5e-5
@@ -248,6 +258,9 @@ class Config(_Strict):
             raise ValueError("shaping.probe must name one of scorer.probes when more than one probe is listed")
         if self.scorer.retrain_every and (self.task.ground_truth_fn is None or not self.scorer.probes):
             raise ValueError("scorer.retrain_every needs task.ground_truth_fn (the labels) and a probe to refit")
+        if self.scorer.max_workers is not None and self.scorer.max_workers < self.scorer.num_workers:
+            raise ValueError(f"scorer.max_workers={self.scorer.max_workers} is below scorer.num_workers="
+                             f"{self.scorer.num_workers} (the minimum)")
         if self.eval.every and not self.scorer.probes:
             raise ValueError("eval.every measures probes: list at least one in scorer.probes")
         if self.eval.every and self.eval.probe_data is None and self.model.path != "toy":

@@ -153,20 +153,32 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     from actors.generator import Generator
     from actors.scorer import Scorer
     from learner.learner import Learner
-    from pipeline.remote import free_port, make_actor, wait
+    from pipeline.remote import Resources, check_fits, free_port, make_actor, reserve, wait
 
     quiet = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     log(f"starting {cfg.generator.num_workers} generator(s), {cfg.scorer.num_workers} scorer(s), "
         f"{cfg.learner.num_ranks} learner rank(s)")
-    g, s, lc = cfg.generator, cfg.scorer, cfg.learner
+    g, s, lc, t = cfg.generator, cfg.scorer, cfg.learner, cfg.pipeline.timeout_s
+    need = {"generator": (g.num_workers, Resources(g.num_cpus, g.num_gpus, g.memory_gib)),
+            "scorer": (s.num_workers, Resources(s.num_cpus, s.num_gpus, s.memory_gib)),
+            "learner": (lc.num_ranks, Resources(lc.num_cpus, lc.num_gpus, lc.memory_gib))}
+    if cfg.eval.every:
+        need["evaluator"] = (1, Resources(cfg.eval.num_cpus))
+    check_fits([(role, n, res) for role, (n, res) in need.items()])  # fail fast, naming the role
+    # One placement group per role: learner ranks packed together, generators and scorers spread. The
+    # DeepSpeed rendezvous uses 127.0.0.1, so all learner ranks must share a node (multi-node: not yet).
+    groups = {role: reserve(role, n, res, t, "PACK" if role == "learner" else "SPREAD") for role, (n, res) in need.items()}
+
     def new_generator(i: int):
         return make_actor(Generator, "generator", g.num_cpus, g.num_gpus, quiet, world.model_path, g, cfg.model.dtype,
-                          cfg.pipeline.seed + i)
+                          cfg.pipeline.seed + i, placement=(groups["generator"], i), memory_gib=g.memory_gib)
 
-    def new_scorer(_i: int):
+    def new_scorer(i: int):
+        # Scorers beyond the minimum (scaled up by backlog) are scheduled outside the role's group.
+        placement = (groups["scorer"], i) if i < s.num_workers else None
         return make_actor(Scorer, "scorer", s.num_cpus, s.num_gpus, quiet, world.model_path, world.probe_paths, s,
-                          lc.kl_coef > 0, cfg.model.dtype, world.pad_id)
+                          lc.kl_coef > 0, cfg.model.dtype, world.pad_id, placement=placement, memory_gib=s.memory_gib)
 
     generators = [new_generator(i) for i in range(g.num_workers)]
     scorers = [new_scorer(i) for i in range(s.num_workers)]
@@ -174,7 +186,8 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     rows = cfg.pipeline.prompts_per_step * cfg.pipeline.group_size
     learners = [
         make_actor(Learner, "learner", lc.num_cpus, lc.num_gpus, quiet, world.model_path, lc, rows, r,
-                   lc.num_ranks, "127.0.0.1", port, cfg.model.dtype, world.pad_id)
+                   lc.num_ranks, "127.0.0.1", port, cfg.model.dtype, world.pad_id,
+                   placement=(groups["learner"], r), memory_gib=lc.memory_gib)
         for r in range(lc.num_ranks)
     ]
     evaluator = None
@@ -182,8 +195,8 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
         from actors.evaluator import ProbeEvaluator
 
         evaluator = make_actor(ProbeEvaluator, "evaluator", cfg.eval.num_cpus, 0, quiet, world.model_path,
-                               world.probe_paths, world.eval_labelled, cfg.model.dtype, world.pad_id, cfg.pipeline.seed)
-    t = cfg.pipeline.timeout_s
+                               world.probe_paths, world.eval_labelled, cfg.model.dtype, world.pad_id, cfg.pipeline.seed,
+                               placement=(groups["evaluator"], 0))
     if evaluator is not None:
         wait(evaluator.ready.remote(), "evaluator (start-up)", t)
     wait([a.ready.remote() for a in learners], "learner (start-up)", t)
