@@ -40,6 +40,7 @@ class Roles:
     new_scorer: Any = None  # (index) -> a fresh scorer actor
     probe_overrides: dict[str, dict] = field(default_factory=dict)  # probes refit during the run
     weights_ref: Any = None  # the last weights pushed to generators (None: the initial ones)
+    active_scorers: int = 0  # scorers that get new work; those past it are draining (0: all)
 
 
 @dataclass
@@ -212,14 +213,15 @@ def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
     each scorer call takes its generator's table ref directly, without a round trip through the driver.
     """
     prompts = world.prompts_for_step(step, cfg.pipeline.prompts_per_step, cfg.pipeline.seed)
-    num_chunks = max(len(roles.generators), len(roles.scorers))
+    num_scorers = roles.active_scorers or len(roles.scorers)
+    num_chunks = max(len(roles.generators), num_scorers)
     bounds = np.linspace(0, prompts.num_rows, num_chunks + 1).astype(int)
     chunks = []
     for c in range(num_chunks):
         if bounds[c + 1] > bounds[c]:
             part = prompts.slice(bounds[c], bounds[c + 1] - bounds[c])
             seed = cfg.pipeline.seed * 1_000_003 + step * 101 + c
-            chunks.append(submit_chunk(cfg, roles, Chunk(part, seed, c % len(roles.generators), c % len(roles.scorers))))
+            chunks.append(submit_chunk(cfg, roles, Chunk(part, seed, c % len(roles.generators), c % num_scorers)))
     return InFlight(step, chunks)
 
 
@@ -307,7 +309,7 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
     resumed = start_version > 0  # earlier rows stay; rows after the checkpoint are recomputed
     sink = ParquetSink(run_dir / "metrics.parquet", keep_until_step=start_version if resumed else None)
     eval_sink = ParquetSink(run_dir / "eval.parquet", keep_until_step=start_version if resumed else None)
-    rewarder, retrainer = Rewarder(cfg, world), ProbeRetrainer(cfg, roles)
+    rewarder, retrainer, scaler = Rewarder(cfg, world), ProbeRetrainer(cfg, roles), ScorerScaler(cfg, roles, log)
     eval_start = greedy_accuracy(cfg, world, roles)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
     if not resumed:
@@ -332,6 +334,8 @@ def train_loop(cfg: Config, world: World, roles: Roles, run_dir: Path, log=print
         assert 0 <= staleness <= p.max_staleness, f"step {step}: staleness {staleness} > {p.max_staleness}"
         with timer("reward"):
             batch, reward_metrics = rewarder(scored)
+        with timer("scale"):
+            reward_metrics.update(scaler(gen_stats, score_stats, pending, (state_ref, version)))
         with timer("learn"):
             train_stats = wait([lr.train_step.remote(batch) for lr in roles.learners], "learner", t)
         version = train_stats[0].version
@@ -422,6 +426,59 @@ class ProbeRetrainer:
         wait([a.set_probe.remote(name, tensors) for a in targets], "scorer (set probe)", t)
         self.roles.probe_overrides[name] = tensors
         return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
+
+
+def scale_decision(lag: float, idle_streak: int, n: int, n_min: int, n_max: int, up: float = 1.0,
+                   idle: float = 0.3, idle_steps: int = 3) -> tuple[int, int]:
+    """(+1 add a scorer / -1 retire one / 0, new idle streak) from lag = scoring seconds / generation seconds
+    of a step: above `up` scored batches lag generation; below `idle` for `idle_steps` steps scorers idle."""
+    if lag > up:
+        return (1 if n < n_max else 0), 0
+    streak = idle_streak + 1 if lag < idle else 0
+    if streak >= idle_steps and n > n_min:
+        return -1, 0
+    return 0, streak
+
+
+class ScorerScaler:
+    """Scorer count between scorer.num_workers and scorer.max_workers, by backlog. A retired scorer first
+    drains (gets no new chunks) and is stopped once no batch in flight still uses it."""
+
+    def __init__(self, cfg: Config, roles: Roles, log=print) -> None:
+        self.cfg, self.roles, self.log, self.streak = cfg, roles, log, 0
+
+    def __call__(self, gen_stats, score_stats, pending: deque, weights: tuple[Any, int]) -> dict[str, float]:
+        import ray
+
+        from pipeline.remote import wait
+
+        s, roles = self.cfg.scorer, self.roles
+        active = roles.active_scorers or len(roles.scorers)
+        if s.max_workers is None:
+            return {"scorer/workers": active}
+        busy = {c.scorer for f in pending for c in f.chunks}
+        while len(roles.scorers) > active and len(roles.scorers) - 1 not in busy:  # drained: stop it
+            ray.kill(roles.scorers.pop())
+        lag = max(x.seconds for x in score_stats) / max(max(x.seconds for x in gen_stats), 1e-6)
+        move, self.streak = scale_decision(lag, self.streak, active, s.num_workers, s.max_workers)
+        if move > 0 and len(roles.scorers) == active:
+            new = roles.new_scorer(active)
+            wait(new.ready.remote(), "scorer (scale-up start-up)", self.cfg.pipeline.timeout_s)
+            state_ref, version = weights
+            if state_ref is not None and s.model == "live":
+                wait(new.update_weights.remote(state_ref, version), "scorer (scale-up weights)", self.cfg.pipeline.timeout_s)
+            for name, tensors in roles.probe_overrides.items():
+                wait(new.set_probe.remote(name, tensors), "scorer (scale-up probe)", self.cfg.pipeline.timeout_s)
+            roles.scorers.append(new)
+            active += 1
+            self.log(f"scoring lags generation ({lag:.2f}x): scorers {active - 1} -> {active}")
+        elif move > 0:  # a draining scorer is still there: take it back instead of starting one
+            active += 1
+        elif move < 0:
+            active -= 1
+            self.log(f"scorers idle: {active + 1} -> {active}")
+        roles.active_scorers = active
+        return {"scorer/workers": active, "scorer/lag": lag}
 
 
 def probe_eval(cfg: Config, roles: Roles, sink: ParquetSink, step: int, state_ref: Any, scored: pa.Table | None) -> dict:

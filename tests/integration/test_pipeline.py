@@ -108,3 +108,21 @@ def test_weight_sync_generator_matches_learner_greedy(toy_world, ray_local, tmp_
         wait(gen.update_weights.remote(wire, 1), "generator", 300)
     ray_local.kill(gen)
     ray_local.kill(learner)
+
+
+def test_scorers_scale_up_when_scoring_lags(toy_overrides, toy_world, ray_local):
+    from pipeline.driver import make_run_dir, run
+
+    # One sequence per scorer forward pass makes scoring slower than generation: the backlog grows.
+    cfg = load_config(overrides={**toy_overrides, "run": {**toy_overrides["run"], "name": "scale"},
+                                 "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
+                                 "scorer": {"probes": [{"path": "toy"}], "batch_size": 1, "max_workers": 2}})
+    _, world = toy_world
+    run_dir = make_run_dir(cfg)
+    messages = []
+    run(cfg, run_dir, world, log=messages.append)
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert rows[0]["scorer/lag"] > 1
+    assert [r["scorer/workers"] for r in rows][:2] == [2, 2]  # scaled up after step 1, never past the maximum
+    assert any("scorers 1 -> 2" in m for m in messages)
+    assert [r["rollout/rows"] for r in rows] == [32] * 4

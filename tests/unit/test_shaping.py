@@ -67,3 +67,14 @@ def test_group_advantages_exclude_masked_rows_from_statistics():
 def test_uniform_group_has_zero_advantage():
     adv = group_advantages(np.ones(4), np.zeros(4, dtype=int))
     np.testing.assert_array_equal(adv, np.zeros(4))
+
+
+def test_scorer_scaling_decision():
+    from pipeline.driver import scale_decision
+
+    assert scale_decision(1.5, 0, n=1, n_min=1, n_max=3) == (1, 0)  # scoring lags: add one
+    assert scale_decision(1.5, 2, n=3, n_min=1, n_max=3) == (0, 0)  # already at the maximum
+    assert scale_decision(0.1, 0, n=2, n_min=1, n_max=3) == (0, 1)  # idle, but not for long yet
+    assert scale_decision(0.1, 2, n=2, n_min=1, n_max=3) == (-1, 0)  # idle for 3 steps: retire one
+    assert scale_decision(0.1, 2, n=1, n_min=1, n_max=3) == (0, 3)  # never below the minimum
+    assert scale_decision(0.5, 2, n=2, n_min=1, n_max=3) == (0, 0)  # busy enough: the streak resets
