@@ -79,29 +79,33 @@ def load_reward_fn(dotted: str, key: str = "task.reward_fn") -> RewardFn:
     return fn
 
 
-def load_prompt_file(path: str | Path) -> PromptSet:
-    """Read a Parquet or JSONL prompt dataset with `prompt` and `answer` columns."""
+def read_rows(path: str | Path, what: str) -> list:
+    """Rows of a Parquet or JSONL file as dicts; errors name `what` (a config key or file role) and the line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"task.dataset {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise ValueError(f"task.dataset {path} is not a readable Parquet file: {e}") from None
-        rows = table.to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
+            raise ValueError(f"{what} {path} is not a readable Parquet file: {e}") from None
+    if path.suffix in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"task.dataset {path}, line {n}: not valid JSON ({e})") from None
-    else:
-        raise ValueError(f"task.dataset {path}: unsupported extension {path.suffix!r}; use .parquet or .jsonl")
+                    raise ValueError(f"{what} {path}, line {n}: not valid JSON ({e})") from None
+        return rows
+    raise ValueError(f"{what} {path}: unsupported extension {path.suffix!r}; use .parquet or .jsonl")
+
+
+def load_prompt_file(path: str | Path) -> PromptSet:
+    """Read a Parquet or JSONL prompt dataset with `prompt` and `answer` columns."""
+    rows = read_rows(path, "task.dataset")
     if not rows:
         raise ValueError(f"task.dataset {path} has no rows")
     for n, row in enumerate(rows, 1):

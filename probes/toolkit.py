@@ -36,26 +36,9 @@ class Labelled:
 
 def load_labelled(path: str | Path) -> Labelled:
     """Read a labelled dataset; every malformed row gets a message with its number."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"labelled dataset {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from pipeline.tasks import read_rows
 
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise ValueError(f"labelled dataset {path} is not a readable Parquet file: {e}") from None
-    elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"labelled dataset {path}, line {n}: not valid JSON ({e})") from None
-    else:
-        raise ValueError(f"labelled dataset {path}: unsupported extension {path.suffix!r}; use .parquet or .jsonl")
+    rows = read_rows(path, "labelled dataset")
     for n, r in enumerate(rows, 1):
         ok = isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
         if not ok or r.get("label") not in (0, 1, True, False):
