@@ -206,16 +206,8 @@ class Learner:
         """Restore weights, Adam moments, step count and LR schedule from `save_checkpoint`. Every rank."""
         import torch
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-        from safetensors.torch import load_file
 
-        path_ = Path(path)
-        state = json.loads((path_ / "probe_rl_state.json").read_text())
-        weights: dict = {}
-        for f in sorted(path_.glob("*.safetensors")):
-            if f.name != "optimizer.safetensors":
-                weights.update(load_file(str(f)))
-        moments = load_file(str(path_ / "optimizer.safetensors")) if (path_ / "optimizer.safetensors").exists() else {}
-        version = int(state["version"])
+        version, weights, moments = read_checkpoint(path)
         params = dict(self.engine.module.named_parameters())
         missing = sorted(set(params) - set(weights))
         if missing:
@@ -254,6 +246,31 @@ class Learner:
 
     def ready(self) -> int:
         return self.version
+
+
+def read_checkpoint(path: str) -> tuple[int, dict, dict]:
+    """(version, weights, Adam moments) of a checkpoint folder; a malformed one is refused with a clear
+    message. Only JSON and safetensors are read: nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    try:
+        state = json.loads((folder / "probe_rl_state.json").read_text())
+        version = int(state["version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {folder}: probe_rl_state.json is missing or malformed ({e})") from None
+    weights: dict = {}
+    moments: dict = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not any(f.name != "optimizer.safetensors" for f in files):
+        raise ValueError(f"checkpoint {folder} holds no model weights (*.safetensors)")
+    for f in files:
+        try:
+            (moments if f.name == "optimizer.safetensors" else weights).update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint file {f} is not a readable safetensors file: {e}") from None
+    return version, weights, moments
 
 
 def _grad_norm(module) -> float:

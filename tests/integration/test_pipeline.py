@@ -17,8 +17,11 @@ pytestmark = pytest.mark.integration
 def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
     from pipeline.driver import make_run_dir, run
 
+    # Two generators and two scorers share each step; with max_staleness 1 the driver's staleness check
+    # would fail the run if either generator missed a weight version.
     cfg = load_config(overrides={**toy_overrides, "run": {**toy_overrides["run"], "name": "e2e"},
-                                 "learner": {**toy_overrides["learner"], "checkpoint_every": 2}})
+                                 "learner": {**toy_overrides["learner"], "checkpoint_every": 2},
+                                 "generator": {"num_workers": 2}, "scorer": {"num_workers": 2, "probes": [{"path": "toy"}]}})
     _, world = toy_world
     run_dir = make_run_dir(cfg)
     summary = run(cfg, run_dir, world, log=lambda *_: None)
@@ -26,6 +29,7 @@ def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == [1, 2, 3]
     assert [r["version"] for r in metrics] == [1, 2, 3]
+    assert [r["rollout/rows"] for r in metrics] == [32] * 3
     staleness = [r["pipeline/staleness"] for r in metrics]
     assert staleness[0] == 0 and max(staleness) == 1  # generation ran one version ahead of learning
     for r in metrics:
