@@ -41,6 +41,7 @@ class Roles:
     probe_overrides: dict[str, dict] = field(default_factory=dict)  # probes refit during the run
     weights_ref: Any = None  # the last weights pushed to generators (None: the initial ones)
     active_scorers: int = 0  # scorers that get new work; those past it are draining (0: all)
+    groups: list[Any] = field(default_factory=list)  # the roles' placement groups, removed at the end
 
 
 @dataclass
@@ -94,10 +95,14 @@ def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path |
     finally:
         if owns_ray:
             ray.shutdown()
-        elif roles is not None:
+        elif roles is not None:  # leave a caller's Ray instance as we found it
+            from ray.util.placement_group import remove_placement_group
+
             for actor in roles.generators + roles.scorers + roles.learners + [roles.evaluator]:
                 if actor is not None:
                     ray.kill(actor)
+            for group in roles.groups:
+                remove_placement_group(group)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -169,7 +174,16 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     check_fits([(role, n, res) for role, (n, res) in need.items()])  # fail fast, naming the role
     # One placement group per role: learner ranks packed together, generators and scorers spread. The
     # DeepSpeed rendezvous uses 127.0.0.1, so all learner ranks must share a node (multi-node: not yet).
-    groups = {role: reserve(role, n, res, t, "PACK" if role == "learner" else "SPREAD") for role, (n, res) in need.items()}
+    groups = {}
+    try:
+        for role, (n, res) in need.items():
+            groups[role] = reserve(role, n, res, t, "PACK" if role == "learner" else "SPREAD")
+    except ValueError:
+        from ray.util.placement_group import remove_placement_group
+
+        for placement in groups.values():
+            remove_placement_group(placement.group)
+        raise
 
     def new_generator(i: int):
         return make_actor(Generator, "generator", g.num_cpus, g.num_gpus, quiet, world.model_path, g, cfg.model.dtype,
@@ -203,7 +217,8 @@ def start_roles(cfg: Config, world: World, log=print) -> Roles:
     wait([a.ready.remote() for a in learners], "learner (start-up)", t)
     wait([a.ready.remote() for a in scorers], "scorer (start-up)", t)
     wait([a.ready.remote() for a in generators], "generator (start-up)", t)
-    return Roles(generators, scorers, learners, evaluator, world.probe_names, new_generator, new_scorer)
+    return Roles(generators, scorers, learners, evaluator, world.probe_names, new_generator, new_scorer,
+                 groups=[pl.group for pl in groups.values()])
 
 
 def launch_step(cfg: Config, world: World, roles: Roles, step: int) -> InFlight:
