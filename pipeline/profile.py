@@ -141,9 +141,11 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
             work = Workload(base.pipeline.prompts_per_step, base.pipeline.group_size, 6, 4, (base.toy.probe_layer,),
                             len(base.scorer.probes), kl, 4)
             lines.append(f"| {tag} | {step_cost(arch, work).overhead():.2%} | {o[0] - 1:+.2%} |")
-        lines += ["", "On 2 CPU cores the toy step is dominated by fixed per-call costs (Ray calls, Arrow, Python), "
-                  "not FLOPs, so the measured ratio bounds the overhead from above only loosely; see `probe-rl cost` "
-                  "for the FLOP picture at real sizes."]
+        lines += ["", "The prediction is the probes' share of the step's compute. The measured ratio is of wall "
+                  "time, where scoring overlaps learning (the pipeline is asynchronous) and the toy step on 2 CPU "
+                  "cores is dominated by fixed per-call costs (Ray calls, Arrow, Python), so extra scorer compute "
+                  "shows up only when the scorer becomes the slowest stage. `probe-rl cost` gives the FLOP picture "
+                  "at real sizes."]
     lines += ["", "![seconds per step by stage](step_time.png)", "",
               "Ray timelines of one step per arm: `timeline-<arm>.json` (open in chrome://tracing or Perfetto)."]
     _plot(root, results)

@@ -130,3 +130,33 @@ def test_scorers_scale_up_when_scoring_lags(toy_overrides, toy_world, ray_local)
     assert [r["scorer/workers"] for r in rows][:2] == [2, 2]  # scaled up after step 1, never past the maximum
     assert any("scorers 1 -> 2" in m for m in messages)
     assert [r["rollout/rows"] for r in rows] == [32] * 4
+
+
+def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
+    """scorer.model = live, scorer.retrain_every and eval.every wired through a real run."""
+    from pipeline.driver import make_run_dir, run
+
+    cfg = load_config(overrides={
+        **toy_overrides, "run": {**toy_overrides["run"], "name": "knobs"},
+        "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
+        "task": {**toy_overrides["task"], "reward_fn": "pipeline.tasks:arithmetic_reward_loophole",
+                 "ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"},
+        "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
+                   "retrain_window": 2},
+        "eval": {"every": 2},
+    })
+    _, world = toy_world
+    run_dir = make_run_dir(cfg)
+    run(cfg, run_dir, world, log=lambda *_: None)
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    for r in rows:
+        assert abs(r["rollout/correct_rate"] + r["rollout/hack_rate"] + r["rollout/wrong_rate"] - 1) < 1e-6
+    # a refit ran (or was skipped for want of both classes) at steps 2 and 4, and nowhere else
+    refit = [("scorer/retrain_auroc" in r and r["scorer/retrain_auroc"] is not None)
+             or ("scorer/retrain_skipped" in r and r["scorer/retrain_skipped"] is not None) for r in rows]
+    assert refit == [False, True, False, True]
+    evals = pq.read_table(run_dir / "eval.parquet").to_pylist()
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert evals[0]["eval/hack_auroc_live"] == evals[0]["eval/hack_auroc_frozen"]  # before any update
+    assert all(e["eval/hack_auroc_frozen"] == evals[0]["eval/hack_auroc_frozen"] for e in evals)  # frozen is frozen
+    assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
