@@ -33,8 +33,11 @@ outputs (in run.output_dir/run.name):
   config.toml       the resolved config
   metrics.parquet   one row per step: rewards, probe scores, KL, loss, staleness, tokens/s, seconds per stage
   rollouts.parquet  a sample of rollouts with their scores and decoded text
-  checkpoints/      the policy in transformers format (safetensors)
+  eval.parquet      with eval.every: probe AUROC on the live policy, the frozen copy and a refit probe
+  checkpoints/      the policy in transformers format plus Adam moments (safetensors): --resume
   summary.json      first/last task reward, eval accuracy before/after, seconds per step
+
+other commands: probe-rl {probe,experiment,profile,cost,submit,status,logs,stop} --help
 """
 
 
