@@ -37,7 +37,7 @@ outputs (in run.output_dir/run.name):
   checkpoints/      the policy in transformers format plus Adam moments (safetensors): --resume
   summary.json      first/last task reward, eval accuracy before/after, seconds per step
 
-other commands: probe-rl {probe,experiment,profile,cost,submit,status,logs,stop} --help
+other commands: probe-rl {{probe,experiment,profile,cost,submit,status,logs,stop}} --help
 """
 
 
