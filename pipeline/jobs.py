@@ -30,12 +30,22 @@ def client(address: str | None):
     return JobSubmissionClient(address_of(address))
 
 
-def submit(cfg: Config, address: str | None, python: str = "python", job_id: str | None = None) -> str:
+def submit(cfg: Config, address: str | None, python: str = "python", job_id: str | None = None,
+           agent_wait_s: float = 120.0) -> str:
     """Submit a run; returns the job id."""
     entrypoint = f"{shlex.quote(python)} -m pipeline.cli run --config-env {CONFIG_ENV}"
     runtime_env = {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
                    "env_vars": {CONFIG_ENV: dump_toml(cfg), "PYTHONUNBUFFERED": "1"}}
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+    c = client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+        except RuntimeError as e:
+            # A head that has just started answers 500 until its job agent is up: wait for it, briefly.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait_for(job_id: str, address: str | None, timeout_s: float, poll_s: float = 2.0) -> str:
