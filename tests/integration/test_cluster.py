@@ -78,7 +78,7 @@ def test_submitted_toy_run_succeeds_and_writes_metrics(ray_head, toy_overrides, 
             "--task.eval_prompts", "8", "--toy.cache_dir", toy["cache_dir"], "--toy.sft_steps", str(toy["sft_steps"]),
             "--toy.probe_samples", str(toy["probe_samples"]), "--run.output_dir", str(out_dir),
             "--run.name", "submitted", "--run.progress", "false"]
-    out = _cli(args, env)
+    out = _cli(args, env, timeout=300)  # submit itself waits up to 120 s for a just-started head's job agent
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().splitlines()[-1]
     deadline, status = time.monotonic() + 900, ""
