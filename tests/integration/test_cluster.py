@@ -36,6 +36,11 @@ def ray_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="prl-", dir="/tmp")
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={_port()}", "--dashboard-host=127.0.0.1",
                     f"--temp-dir={temp_dir}",
+                    # Ports of its own: the job agent's default (52365) may still be held by another head
+                    # on this machine, and then no job can be submitted ("No available agent").
+                    f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+                    f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}",
+                    f"--ray-client-server-port={_port()}",
                     f"--dashboard-port={dash}", "--num-cpus=3", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
