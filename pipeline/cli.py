@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("job_id")
         if name == "logs":
             jp.add_argument("--follow", action="store_true")
+    _add_probe_parser(sub)
+    _add_analysis_parsers(sub)
+    return parser
+
+
+def _add_probe_parser(sub) -> None:
     probe = sub.add_parser("probe", help="train and evaluate linear probes", description="Linear probes on a model's "
                            "residual stream: fit them on labelled completions, or measure them on a model/checkpoint.")
     psub = probe.add_subparsers(dest="probe_command", metavar="ACTION", required=True)
@@ -96,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Score labelled completions with saved probes on a model or checkpoint.")
     pe.add_argument("probes", nargs="+", help="probe files (<stem>, <stem>.json or <stem>.safetensors)")
     pe.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
+    ptd.add_argument("out", help="output .jsonl")
+    ptd.add_argument("--num", type=int, default=1000, help="prompts (two completions each)")
+    ptd.add_argument("--seed", type=int, default=123)
+    ptd.add_argument("--config", default=None)
+
+
+def _add_analysis_parsers(sub) -> None:
     ex = sub.add_parser("experiment", help="run arms x seeds and write a report",
                         description="Run every arm of an experiment file with every seed (plain RL against probe-shaped "
                         "RL by default), sharing one Ray instance, then write report.md with PNG plots: hack rate and "
@@ -131,12 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
     rp.add_argument("dir", help="experiment output directory")
-    ptd = psub.add_parser("toy-data", help="write the toy labelled set (hedge vs plain answers)")
-    ptd.add_argument("out", help="output .jsonl")
-    ptd.add_argument("--num", type=int, default=1000, help="prompts (two completions each)")
-    ptd.add_argument("--seed", type=int, default=123)
-    ptd.add_argument("--config", default=None)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

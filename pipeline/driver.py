@@ -64,7 +64,6 @@ class InFlight:
 
     step: int
     chunks: list[Chunk]
-    launched_at: float = field(default_factory=time.perf_counter)
 
 
 def prepare(cfg: Config, log=print) -> tuple[Path, World]:
