@@ -1,7 +1,7 @@
 """Evaluator: does the probe still work on the trained policy?
 
-Holds the frozen initial model and a live copy that takes the learner's weights at evaluation
-checkpoints. On a fixed labelled set it measures each training probe's AUROC on the live policy's
+Holds the frozen initial model and a live copy that loads the learner's checkpoint at each evaluation
+point. On a fixed labelled set it measures each training probe's AUROC on the live policy's
 activations and on the frozen copy's, and the AUROC of a probe freshly fitted to the live policy
 (a collapse of the first with the third intact means the policy's representations moved, not its
 behaviour). On the latest rollouts it measures the gap between live and frozen probe scores.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from actors.scorer import _load_state, load_frozen_model
+from actors.frozen import load_checkpoint_weights, load_frozen_model
 from probes.probe import load_probe
 from probes.toolkit import (
     Labelled,
@@ -54,12 +54,11 @@ class ProbeEvaluator:
         probe = next(p for p in self.probes if p.name == name)
         probe.weight, probe.bias = tensors["weight"].float(), tensors["bias"].float().reshape(1)
 
-    def report(self, named_tensors: dict | None, rollouts: pa.Table | None) -> dict[str, float]:
-        """Metrics `eval/<probe>_<what>`; `named_tensors` (the live policy's weights) None: initial weights."""
-        if named_tensors is not None:
-            from pipeline.weights import from_wire
-
-            _load_state(self.live, from_wire(named_tensors))
+    def report(self, checkpoint: str | None, rollouts: pa.Table | None) -> dict[str, float]:
+        """Metrics `eval/<probe>_<what>` of the policy in `checkpoint` (a checkpoint folder; None: the initial
+        weights), read from disk so no weight copy travels for it."""
+        if checkpoint is not None:
+            load_checkpoint_weights(self.live, checkpoint)
         live_acts = self._acts(self.live)
         test_labels = self.labels[self.test_rows]
         out: dict[str, float] = {}

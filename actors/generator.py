@@ -1,9 +1,16 @@
-"""Generator: a vLLM engine that turns prompt tables into rollout tables, and loads new weights.
+"""Generator: a vLLM engine that turns prompt tables into rollout tables, and takes new weights.
 
-A plain class; `pipeline/remote.py` makes it a Ray actor. On CPU the engine runs in-process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the multiprocess engine is ~80x slower for small batches
-there. Weights are loaded through vLLM's layerwise reload, the same path its own weight-transfer
-engines use, so a transformers-format state dict lands correctly in fused vLLM layers.
+A plain class; `pipeline/remote.py` makes it a Ray actor. New weights arrive through vLLM's own RL
+weight-transfer protocol, whichever transport carries them (pipeline/weights.py):
+
+- collective: the learner's trainer-side engine calls `init_weight_transfer_engine`, `start_weight_update`,
+  `update_weights` and `finish_weight_update` on this actor (through `pipeline.remote.ReceiverClient`), and
+  the bytes go straight from learner rank 0 into vLLM's workers;
+- object store: `load_weights` takes a `WireWeights` from Ray's object store and feeds it through the same
+  four calls with probe-rl's inline backend.
+
+vLLM's engine core runs in this process or in a separate one (`generator.engine_process`); weights land the
+same way in both, since the receiving engine lives in vLLM's workers and is registered there as a plugin.
 """
 
 from __future__ import annotations
@@ -16,16 +23,9 @@ import pyarrow as pa
 
 from pipeline.config import GeneratorConfig
 from pipeline.faults import maybe_die
-from pipeline.schema import ROLLOUT_SCHEMA
+from pipeline.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
-PROMPT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.int64()),  # (P,) index into the task dataset
-        pa.field("group_id", pa.int64()),  # (P,) unique per prompt per step; all its completions share it
-        pa.field("prompt_ids", pa.list_(pa.int32())),  # (P, T_p) prompt token ids
-        pa.field("answer", pa.string()),  # (P,) reference answer for the reward function
-    ]
-)
+INLINE_CHUNK_BYTES = 256 * 2**20  # object-store weights enter the engine in chunks of about this size
 
 
 @dataclass(frozen=True)
@@ -35,35 +35,47 @@ class GenerateStats:
     policy_version: int
 
 
-def configure_cpu_env(kv_cache_gib: int, num_threads: int) -> None:
-    """Environment vLLM's CPU backend needs; must run before vllm is imported in this process."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # actors share cores; let the OS place threads
-    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+def configure_env(cfg: GeneratorConfig, on_gpu: bool) -> None:
+    """Environment vLLM reads when the engine starts; must run before the engine is built in this process."""
+    separate = cfg.engine_process == "separate" or (cfg.engine_process == "auto" and on_gpu)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # actors share cores; let the OS place threads
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.num_cpus))))
 
 
 class Generator:
-    def __init__(self, model_path: str, cfg: GeneratorConfig, dtype: str = "float32", seed: int = 0) -> None:
+    def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
+                 seed: int = 0) -> None:
         import torch
 
         self.cfg = cfg
         on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
+        configure_env(cfg, on_gpu)
         if not on_gpu:
-            configure_cpu_env(cfg.kv_cache_gib, max(1, int(cfg.num_cpus)))
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
         from vllm import LLM, SamplingParams
+        from vllm.config import WeightTransferConfig
         from vllm.inputs import TokensPrompt
 
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            enforce_eager=True,
-            max_model_len=cfg.max_model_len,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_prefix_caching=False,
-        )
+        from pipeline.vllm_weights import register
+
+        register()  # in this process; vLLM's engine process loads it through the vllm.general_plugins entry point
+        try:
+            self.llm = LLM(
+                model=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
+                max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_prefix_caching=False, weight_transfer_config=WeightTransferConfig(backend=weight_backend),
+            )
+        except ValueError as e:
+            if "weight transfer backend" in str(e):
+                raise ValueError(f"{e}. vLLM's engine process loads probe-rl's backends from the vllm.general_plugins "
+                                 "entry point: install probe-rl on every node (pip install -e .)") from None
+            raise
+        self.weight_backend = weight_backend
         self.version = 0
         # The first sampling call with log-probs pays a one-off warm-up (~20 s on CPU); pay it at start-up.
         self.greedy([[0]], 2)
@@ -104,29 +116,43 @@ class Generator:
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
         return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version)
 
-    def update_weights(self, weights, version: int) -> int:
-        """Load transformers-named weights (`WireWeights` or a state dict) as weight version `version`."""
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
+    # --- vLLM's weight-transfer protocol, called by the learner's trainer-side engine ----------------------
 
-        from pipeline.weights import from_wire
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
 
-        if version < self.version:
-            raise ValueError(f"generator holds weight version {self.version}; refusing older version {version}")
-        model_config = self.llm.llm_engine.model_config
-        named_tensors = from_wire(weights)
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
-        def load(model):
-            initialize_layerwise_reload(model)
-            model.load_weights(iter(named_tensors.items()))
-            finalize_layerwise_reload(model, model_config)
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
 
-        self.llm.apply_model(load)
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str) -> int:
+        self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()
-        self.version = version
-        return version
+        self.version = int(weight_version)
+        return self.version
+
+    def load_weights(self, weights, version: int) -> int:
+        """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
+        protocol with the inline backend, in chunks so the engine process never holds two full copies."""
+        from pipeline.weights import dtype_name, from_wire
+
+        named = from_wire(weights)
+        self.start_weight_update()
+        chunk, size = [], 0
+        for name, tensor in named.items():
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= INLINE_CHUNK_BYTES:
+                self.update_weights(_inline_info(chunk, dtype_name))
+                chunk, size = [], 0
+        if chunk:
+            self.update_weights(_inline_info(chunk, dtype_name))
+        return self.finish_weight_update(str(version))
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy completions (token ids), for evaluation and the weight-sync check."""
@@ -139,3 +165,14 @@ class Generator:
 
     def ready(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _inline_info(chunk, dtype_name) -> dict:
+    import torch
+
+    # numpy arrays cross into vLLM's engine process as msgpack buffers; bfloat16 travels as its int16 bits
+    arrays = [(t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach().cpu().numpy() for _, t in chunk]
+    return {"names": [n for n, _ in chunk], "tensors": arrays, "dtype_names": [dtype_name(t.dtype) for _, t in chunk]}

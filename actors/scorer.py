@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from actors.frozen import load_frozen_model
 from pipeline.batching import token_budget_batches
 from pipeline.config import ScorerConfig
 from pipeline.faults import maybe_die
 from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
+from pipeline.weights import make_receiver
 
 
 @dataclass(frozen=True)
@@ -29,25 +31,17 @@ class ScoreStats:
     padding_waste: float = 0.0  # fraction of the padded tokens of this call that were padding
 
 
-def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 class Scorer:
     def __init__(
         self,
+        *,
         model_path: str,
         probe_paths: list[tuple[str, str | None]],  # (path, aggregation override)
         cfg: ScorerConfig,
         compute_ref: bool,
         dtype: str = "float32",
         pad_id: int = 0,
+        weight_backend: str | None = None,  # live mode: how new weights arrive (see pipeline/weights.py)
     ) -> None:
         import torch
 
@@ -63,7 +57,7 @@ class Scorer:
         # "live": probes read a second copy that follows the learner's weights (costs a second pass);
         # "frozen": probes read the reference copy, fused with the reference log-prob pass.
         self.probe_model = load_frozen_model(model_path, dtype, self.device) if cfg.model == "live" else self.model
-        self.version = 0
+        self.receiver = make_receiver(self.probe_model, weight_backend, "live scorer") if cfg.model == "live" else None
         num_layers, hidden = self.model.config.num_hidden_layers, self.model.config.hidden_size
         self.probes = []
         for path, aggregation in probe_paths:
@@ -148,15 +142,40 @@ class Scorer:
             agg[probe.name] = aggregate(scores, comp_mask, probe.aggregation).cpu().tolist()
         return ref, tok, agg, num_tokens
 
-    def update_weights(self, weights, version: int) -> int:
-        """Live mode only: load the learner's weights into the probe model (the reference never changes)."""
-        from pipeline.weights import from_wire
+    # --- live mode: the probe model takes each weight version like a generator does ----------------------
 
-        if self.probe_model is self.model:
+    def _live(self):
+        if self.receiver is None:
             raise ValueError("scorer.model is \"frozen\": the frozen copy never takes new weights")
-        _load_state(self.probe_model, from_wire(weights))
-        self.version = version
+        return self.receiver
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._live().init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self._live().start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self._live().update_weights(update_info)
+
+    def finish_weight_update(self, weight_version: str) -> int:
+        self._live().finish_weight_update(weight_version)
+        return self.version
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._live().shutdown()
+
+    def load_weights(self, weights, version: int) -> int:
+        """The object-store transport: `WireWeights` (or a state dict) into the live probe model."""
+        from pipeline.weights import from_wire, load_state
+
+        load_state(self._live().model, from_wire(weights))
+        self.receiver.version = version
         return version
+
+    @property
+    def version(self) -> int:
+        return self.receiver.version if self.receiver is not None else 0
 
     def refit_probe(self, name: str, rollouts: pa.Table, labels: list[int]) -> tuple[dict, dict]:
         """Refit probe `name` on the probe model's activations of these rollouts (labels 0/1 per row).
@@ -187,15 +206,3 @@ class Scorer:
 
     def ready(self) -> list[str]:
         return self.probe_names
-
-
-def _load_state(model, named_tensors: dict) -> None:
-    """Copy a transformers-named state dict into `model` in place; every model parameter must be given."""
-    import torch
-
-    params = dict(model.named_parameters())
-    missing = [k for k in params if k not in named_tensors]
-    assert not missing, f"weights missing for {missing[:3]}"
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(named_tensors[k].to(p.device, p.dtype))

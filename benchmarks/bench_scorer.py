@@ -82,9 +82,9 @@ def main() -> None:
     # 2. Scorer end to end: reference only (plain RLHF with KL) vs reference + probe in one fused pass,
     #    and without KL: probe on a pass truncated after its layer vs a full pass.
     cfg = ScorerConfig(token_budget=1 << 20, batch_size=1 << 20)
-    ref_only = Scorer(model_dir, [], cfg, compute_ref=True)
-    fused = Scorer(model_dir, probe, cfg, compute_ref=True)
-    cut = Scorer(model_dir, probe, cfg, compute_ref=False)
+    ref_only = Scorer(model_path=model_dir, probe_paths=[], cfg=cfg, compute_ref=True)
+    fused = Scorer(model_path=model_dir, probe_paths=probe, cfg=cfg, compute_ref=True)
+    cut = Scorer(model_path=model_dir, probe_paths=probe, cfg=cfg, compute_ref=False)
     t = interleaved({"ref": lambda: ref_only.score(table), "fused": lambda: fused.score(table),
                      "truncated": lambda: cut.score(table)}, args.repeats)
     r, spread = ratio(t["fused"], t["ref"])
@@ -102,8 +102,8 @@ def main() -> None:
     fixed = [list(range(i, min(i + fixed_rows, len(lengths)))) for i in range(0, len(lengths), fixed_rows)]
     budget = max(lengths) * fixed_rows
     packed = token_budget_batches(lengths, budget, 1 << 20)
-    by_budget = Scorer(model_dir, probe, ScorerConfig(token_budget=budget, batch_size=1 << 20), compute_ref=True)
-    by_rows = Scorer(model_dir, probe, ScorerConfig(token_budget=1 << 30, batch_size=fixed_rows), compute_ref=True)
+    by_budget = Scorer(model_path=model_dir, probe_paths=probe, cfg=ScorerConfig(token_budget=budget, batch_size=1 << 20), compute_ref=True)
+    by_rows = Scorer(model_path=model_dir, probe_paths=probe, cfg=ScorerConfig(token_budget=1 << 30, batch_size=fixed_rows), compute_ref=True)
     t = interleaved({"fixed": lambda: _in_order(by_rows, table), "budget": lambda: by_budget.score(table)}, args.repeats)
     r, spread = ratio(t["budget"], t["fixed"])
     print(f"\n[batching] fixed {fixed_rows} rows in arrival order: padding waste {padding_waste(lengths, fixed):.1%}, "

@@ -1,19 +1,22 @@
 """Learner: one DeepSpeed data-parallel rank training the policy on shaped-reward batches.
 
-A plain class; `pipeline/remote.py` makes one Ray actor per rank. Every rank receives the whole
-train table (zero-copy from Ray's object store) and takes its own contiguous shard. One call of
-`train_step` is one optimizer step and one new weight version. The loss is normalised by the
-number of valid tokens in the *global* batch, so 1 rank and N ranks compute the same update.
+A plain class; `pipeline/remote.py` makes one Ray actor per rank. Construction only records settings;
+`setup(master_addr, master_port)` joins the ranks' process group at rank 0's node (the driver asks rank 0
+for `address()` first, so ranks may sit on different nodes) and builds the model and DeepSpeed engine.
+
+Every rank receives the whole train table (zero-copy from Ray's object store) and takes its own
+contiguous shard. One call of `train_step` is one optimizer step and one new weight version. The loss is
+normalised by the number of valid tokens in the *global* batch, so 1 rank and N ranks compute the same
+update. New weights leave through `send_weights` (the collective transport, see pipeline/weights.py) or
+`get_weights` (the object store); checkpoints through `save_checkpoint` (learner/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -33,56 +36,83 @@ class TrainStats:
 
 
 class Learner:
-    def __init__(
-        self,
-        model_path: str,
-        cfg: LearnerConfig,
-        rows_per_step: int,
-        rank: int = 0,
-        world_size: int = 1,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
-        dtype: str = "float32",
-        pad_id: int = 0,
-    ) -> None:
-        import torch
-
-        on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
-        if not on_gpu:
-            os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
-            torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
-        os.environ.update(
-            RANK=str(rank), LOCAL_RANK="0" if not on_gpu else os.environ.get("LOCAL_RANK", "0"),
-            WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-        )
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, *, model_path: str, cfg: LearnerConfig, rows_per_step: int, rank: int = 0,
+                 world_size: int = 1, dtype: str = "float32", pad_id: int = 0) -> None:
         if rows_per_step % world_size:
             raise ValueError(f"rows per step ({rows_per_step}) must divide evenly over learner.num_ranks={world_size}")
-        self.cfg, self.rank, self.world_size, self.pad_id = cfg, rank, world_size, pad_id
+        self.model_path, self.cfg, self.dtype, self.pad_id = model_path, cfg, dtype, pad_id
+        self.rank, self.world_size = rank, world_size
         self.rows_per_rank = rows_per_step // world_size
         self.grad_accum = math.ceil(self.rows_per_rank / cfg.micro_batch_size)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accum,
-            "train_batch_size": cfg.micro_batch_size * self.grad_accum * world_size,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-        }
-        warmup = max(1, cfg.warmup_steps)
+        self.engine = None
+        self.transfer = None  # the trainer-side weight-transfer engine, once a group is built
+        self.version = 0
+
+    @property
+    def on_gpu(self) -> bool:
+        import torch
+
+        return self.cfg.num_gpus > 0 and torch.cuda.is_available()
+
+    def address(self) -> tuple[str, int]:
+        """This rank's node address and a free port there: where rank 0 hosts the ranks' rendezvous."""
+        from pipeline.remote import free_port, node_address
+
+        return node_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the data-parallel group (every rank at once) and build the model and DeepSpeed engine."""
+        import torch
+
+        if not self.on_gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
+            torch.set_num_threads(max(1, math.ceil(self.cfg.num_cpus)))
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
+        torch.manual_seed(self.cfg.seed)
+        ds_config = self._ds_config()
+        model = self._build_model(ds_config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup = max(1, self.cfg.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
-        self.version = 0
+        from learner.weight_source import PolicySource
+
+        self.source = PolicySource(self.engine.module, self.cfg.zero_stage)
+        return self.version
+
+    def _ds_config(self) -> dict:
+        cfg = self.cfg
+        return {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": cfg.micro_batch_size * self.grad_accum * self.world_size,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+        }
+
+    def _build_model(self, ds_config: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self.cfg.zero_stage == 3:
+            # While this object lives, transformers builds the model inside DeepSpeed's zero.Init: each rank
+            # materialises only its own slice instead of loading the whole model first.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_init = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        model.config.use_cache = False
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
     def train_step(self, table: pa.Table) -> TrainStats:
         """One optimizer step on this rank's shard of the train table; returns the new version."""
@@ -92,8 +122,6 @@ class Learner:
         from pipeline.batching import pack
 
         start = time.perf_counter()
-        if os.environ.get("PROBE_RL_FAIL_AT_STEP") == str(self.version + 1):  # fault injection for tests
-            raise RuntimeError(f"injected learner failure at step {self.version + 1} (PROBE_RL_FAIL_AT_STEP)")
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
         global_tokens = _valid_tokens(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
@@ -122,13 +150,11 @@ class Learner:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 keeps whole grads; DeepSpeed reports none
             self.engine.step()
             # parts are normalised by `denom`; rescale to this rank's token mean for reporting
-            n = int(parts.num_tokens)
-            local_tokens += n
-            scale = denom
-            sums["loss"] += float(parts.loss.detach()) * scale
-            sums["policy_loss"] += float(parts.policy_loss) * scale
-            sums["kl"] += float(parts.kl) * scale
-            sums["clip_frac"] += float(parts.clip_frac) * scale
+            local_tokens += int(parts.num_tokens)
+            sums["loss"] += float(parts.loss.detach()) * denom
+            sums["policy_loss"] += float(parts.policy_loss) * denom
+            sums["kl"] += float(parts.kl) * denom
+            sums["clip_frac"] += float(parts.clip_frac) * denom
         self.version += 1
         if self.cfg.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
@@ -138,68 +164,99 @@ class Learner:
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
         )
 
-    def _gathered(self):
-        """Context in which every parameter is whole on this rank (a collective under ZeRO-3)."""
-        import contextlib
+    # --- weights out -------------------------------------------------------------------------------------
 
-        import deepspeed
+    def init_weight_transfer(self, client, backend: str, bucket_bytes: int, timeout_s: float, name: str) -> None:
+        """Build (or rebuild) the transfer group with the client's receivers: vLLM's trainer-side engine for
+        `backend`. Every rank calls this; rank 0 hosts the group and returns once every receiver joined."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        if self.cfg.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
-        return contextlib.nullcontext()
+        from pipeline.vllm_weights import GLOO, GlooTrainerInitInfo, register
+
+        register()
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
+        address, port = self.address()
+        world = 1 + client.num_ranks
+        if backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world, packed=True,
+                                       packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
+        elif backend == GLOO:
+            info = GlooTrainerInitInfo(master_address=address, master_port=port, world_size=world, timeout_s=timeout_s,
+                                       bucket_bytes=bucket_bytes, name=name, rank=self.rank)
+        else:
+            raise ValueError(f"no collective weight transfer for backend {backend!r}")
+        self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)
+
+    def send_weights(self):
+        """Send the current weights to every receiver (every rank calls this; rank 0 sends). Returns SendStats."""
+        from pipeline.weights import SendStats
+
+        if self.transfer is None:
+            raise RuntimeError("send_weights before init_weight_transfer")
+        start = time.perf_counter()
+        self.transfer.client.version = self.version
+        self.transfer.send_weights()
+        stats = getattr(self.transfer, "last", None)
+        if stats is None or stats.version != self.version:  # vLLM's NCCL engine keeps no statistics
+            sent = self.source.model_bytes if self.rank == 0 else 0
+            stats = SendStats(self.version, num_bytes=sent, max_gathered_bytes=self.source.max_gathered_bytes,
+                              seconds=time.perf_counter() - start)
+        stats.model_bytes = self.source.model_bytes
+        return stats
 
     def get_weights(self):
-        """The current weights as `WireWeights` (transformers names) on rank 0, None elsewhere.
-
-        Call on every rank: under ZeRO-3 gathering the parameters is a collective.
-        """
+        """The object-store transport: the whole model as `WireWeights` on rank 0 (None on other ranks).
+        Every rank calls this (gathering is a collective under ZeRO-3)."""
         from pipeline.weights import to_wire
 
-        with self._gathered():
-            if self.rank != 0:
-                return None
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
-        return to_wire(state, self.version)
+        state = {}
+        for names, tensors in self.source.iter_groups():
+            if self.rank == 0:
+                state.update((n, t.detach().to("cpu", copy=True)) for n, t in zip(names, tensors, strict=True))
+        return to_wire(state, self.version) if self.rank == 0 else None
+
+    # --- checkpoints -------------------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str) -> str | None:
-        """Save the policy (transformers format), the Adam moments and the version, all as safetensors/JSON.
+        """Weights, config and tokenizer (transformers layout), Adam moments and the version; every rank calls
+        this (gathers are collectives under ZeRO), rank 0 writes. Returns the folder on rank 0."""
+        from learner import checkpoint as ck
 
-        Call on every rank (gathering is a collective under ZeRO). Written to a temporary folder and renamed,
-        with the state file last, so a crash mid-save never leaves a checkpoint that looks complete.
-        """
-        from safetensors.torch import save_file
+        path, tmp = ck.begin(directory, self.version) if self.rank == 0 else (None, None)
+        shard = int(self.cfg.checkpoint_shard_gib * 2**30)
+        weights = ck.ShardWriter(tmp, ck.WEIGHTS_PREFIX, shard) if self.rank == 0 else None
+        moments = ck.ShardWriter(tmp, ck.MOMENTS_PREFIX, shard) if self.rank == 0 else None
+        params = dict(self.engine.module.named_parameters())
+        for names, tensors in self.source.iter_groups():
+            for name, tensor in zip(names, tensors, strict=True):
+                for key, value in self._moments(params[name]).items():
+                    if moments is not None:
+                        moments.add(f"{key}/{name}", value.float())
+                if weights is not None:
+                    weights.add(name, tensor)
+        if self.rank != 0:
+            return None
+        weights.close()
+        moments.close()
+        ck.save_model_files(tmp, self.engine.module.config, self.model_path)
+        return str(ck.commit(path, tmp, {"version": self.version, "zero_stage": self.cfg.zero_stage}))
 
-        moments = self._adam_moments()
-        with self._gathered():
-            if self.rank != 0:
-                return None
-            path = Path(directory) / f"step_{self.version:06d}"
-            tmp = path.with_name(path.name + ".partial")
-            self.engine.module.save_pretrained(tmp, safe_serialization=True)
-            if moments:
-                save_file(moments, str(tmp / "optimizer.safetensors"))
-            (tmp / "probe_rl_state.json").write_text(json.dumps({"version": self.version,
-                                                                 "zero_stage": self.cfg.zero_stage}) + "\n")
-            if path.exists():
-                import shutil
-
-                shutil.rmtree(path)
-            tmp.rename(path)
-        return str(path)
-
-    def _adam_moments(self) -> dict:
-        """Full Adam moments per parameter on rank 0 ({} before the first step). A collective under ZeRO."""
+    def _moments(self, param) -> dict:
+        """This parameter's whole Adam moments ({} before the first step); a collective under ZeRO."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         out = {}
-        for name, p in self.engine.module.named_parameters():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if self.cfg.zero_stage == 0:
-                    value = self.engine.optimizer.state.get(p, {}).get(key)
-                else:
-                    value = safe_get_full_optimizer_state(p, key)
-                if value is not None and self.rank == 0:
-                    out[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
+        for key in ("exp_avg", "exp_avg_sq"):
+            if self.cfg.zero_stage == 0:
+                value = self.engine.optimizer.state.get(param, {}).get(key)
+            else:
+                value = safe_get_full_optimizer_state(param, key)
+            if value is not None:
+                out[key] = value.detach().cpu()
         return out
 
     def load_checkpoint(self, path: str) -> int:
@@ -207,13 +264,17 @@ class Learner:
         import torch
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        version, weights, moments = read_checkpoint(path)
+        from learner.checkpoint import CheckpointReader
+
+        if self.version != 0:
+            raise RuntimeError(f"load_checkpoint needs a freshly set-up learner (this one is at version {self.version})")
+        ckpt = CheckpointReader(path)
         params = dict(self.engine.module.named_parameters())
-        missing = sorted(set(params) - set(weights))
+        missing = sorted(set(params) - ckpt.weight_names)
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights for {missing[:3]}: it belongs to another model")
         for name, p in params.items():
-            w = weights[name].to(p.dtype)
+            w = ckpt.weight(name).to(p.dtype)
             if self.cfg.zero_stage == 3:
                 import deepspeed
 
@@ -226,51 +287,29 @@ class Learner:
             if self.cfg.zero_stage > 0:
                 safe_set_full_fp32_param(p, w.float())
             for key in ("exp_avg", "exp_avg_sq"):
-                m = moments.get(f"{key}/{name}")
+                m = ckpt.moment(key, name)
                 if m is None:
                     continue
                 if self.cfg.zero_stage == 0:
                     st = self.engine.optimizer.state[p]
                     st[key] = m.clone().to(p.device)
-                    st["step"] = torch.tensor(float(version))
+                    st["step"] = torch.tensor(float(ckpt.version))
                 else:
                     safe_set_full_optimizer_state(p, m, key)
-        if self.cfg.zero_stage > 0 and moments:
+        if self.cfg.zero_stage > 0 and ckpt.has_moments:
             base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
             for st in base.state.values():
-                st["step"] = torch.tensor(float(version))
-        for _ in range(version):  # the LR schedule resumes where it was
+                st["step"] = torch.tensor(float(ckpt.version))
+        for _ in range(ckpt.version):  # the LR schedule resumes where it was
             self.engine.lr_scheduler.step()
-        self.version = version
-        return version
+        self.version = ckpt.version
+        return self.version
 
     def ready(self) -> int:
         return self.version
 
-
-def read_checkpoint(path: str) -> tuple[int, dict, dict]:
-    """(version, weights, Adam moments) of a checkpoint folder; a malformed one is refused with a clear
-    message. Only JSON and safetensors are read: nothing is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    try:
-        state = json.loads((folder / "probe_rl_state.json").read_text())
-        version = int(state["version"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {folder}: probe_rl_state.json is missing or malformed ({e})") from None
-    weights: dict = {}
-    moments: dict = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not any(f.name != "optimizer.safetensors" for f in files):
-        raise ValueError(f"checkpoint {folder} holds no model weights (*.safetensors)")
-    for f in files:
-        try:
-            (moments if f.name == "optimizer.safetensors" else weights).update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint file {f} is not a readable safetensors file: {e}") from None
-    return version, weights, moments
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def _grad_norm(module) -> float:

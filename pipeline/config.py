@@ -84,15 +84,22 @@ class TaskConfig(_Strict):
     """Held-out prompts for greedy evaluation at the start and end of a run (toy set only)."""
 
 
-class GeneratorConfig(_Strict):
+class RoleResources(_Strict):
+    """What Ray reserves for each worker of a role (one placement-group bundle per worker)."""
+
+    num_cpus: PositiveFloat = 0.5
+    """Ray CPUs reserved per worker."""
+    num_gpus: NonNegFloat = 0.0
+    """Ray GPUs reserved per worker (0 on CPU)."""
+    memory_gib: NonNegFloat = 0.0
+    """Ray memory reserved per worker, GiB (0: none reserved)."""
+
+
+class GeneratorConfig(RoleResources):
     num_workers: PositiveInt = 1
     """vLLM generator actors; each step's prompts are split between them."""
     num_cpus: PositiveFloat = 1.0
     """Ray CPUs reserved per generator."""
-    num_gpus: NonNegFloat = 0.0
-    """Ray GPUs reserved per generator (0 on CPU)."""
-    memory_gib: NonNegFloat = 0.0
-    """Ray memory reserved per worker, GiB (0: none reserved)."""
     max_new_tokens: PositiveInt = 8
     """Longest completion, in tokens."""
     temperature: PositiveFloat = 1.0
@@ -103,6 +110,15 @@ class GeneratorConfig(_Strict):
     """KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """vLLM's memory fraction (on GPU: of the device; on CPU it must stay well below the default)."""
+    tensor_parallel_size: PositiveInt = 1
+    """vLLM tensor parallelism inside one generator: its engine spreads over this many GPUs of the generator's
+    placement bundle (generator.num_gpus must be at least this). GPUs only."""
+    enforce_eager: bool = True
+    """Run vLLM eagerly; False lets it capture CUDA graphs and compile (faster decoding on GPUs, slower start)."""
+    engine_process: Literal["auto", "separate", "in_process"] = "auto"
+    """Where vLLM runs its engine core: in a separate process (vLLM's default, and what "auto" picks on GPUs)
+    or inside the generator actor's process ("auto" on CPU, where the separate process is ~80x slower for small
+    batches). Weights reach the engine the same way in both."""
 
 
 class ProbeSpec(_Strict):
@@ -120,19 +136,13 @@ class ProbeSpec(_Strict):
         return self
 
 
-class ScorerConfig(_Strict):
+class ScorerConfig(RoleResources):
     num_workers: PositiveInt = 1
     """Scorer actors (frozen model copies); scale these independently of generators. With `max_workers`,
     the minimum and starting count."""
     max_workers: PositiveInt | None = None
     """Scale scorers by backlog between num_workers and this: add one when scoring lags generation, retire
     one after a few idle steps. None: a fixed count."""
-    num_cpus: PositiveFloat = 0.5
-    """Ray CPUs reserved per scorer."""
-    num_gpus: NonNegFloat = 0.0
-    """Ray GPUs reserved per scorer."""
-    memory_gib: NonNegFloat = 0.0
-    """Ray memory reserved per worker, GiB (0: none reserved)."""
     batch_size: PositiveInt = 256
     """Most sequences per scorer forward pass."""
     token_budget: PositiveInt = 8192
@@ -161,15 +171,9 @@ class ShapingConfig(_Strict):
     """Score above which a sample is flagged (threshold, screen)."""
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(RoleResources):
     num_ranks: PositiveInt = 1
     """DeepSpeed data-parallel ranks, one Ray actor each."""
-    num_cpus: PositiveFloat = 0.5
-    """Ray CPUs reserved per rank."""
-    num_gpus: NonNegFloat = 0.0
-    """Ray GPUs reserved per rank."""
-    memory_gib: NonNegFloat = 0.0
-    """Ray memory reserved per worker, GiB (0: none reserved)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
     lr: PositiveFloat = 5e-5
@@ -188,11 +192,32 @@ class LearnerConfig(_Strict):
     """Sequences per forward/backward; gradients accumulate over a step's batch."""
     checkpoint_every: NonNegInt = 0
     """Save a checkpoint every N steps (0: only at the end)."""
+    checkpoint_shard_gib: PositiveFloat = 4.0
+    """Largest safetensors file of a checkpoint, GiB; weights are written one layer group at a time."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, about a third more compute."""
     seed: int = 0
     """Learner seed."""
 
 
-class EvalConfig(_Strict):
+class WeightsConfig(_Strict):
+    """How each new weight version travels from the learner to the generators (and live scorers)."""
+
+    transport: Literal["collective", "object_store"] = "collective"
+    """collective: learner rank 0 broadcasts the weights bucket by bucket to every receiver through vLLM's
+    weight-transfer protocol, never holding the whole model twice. object_store: rank 0 copies the whole model
+    to host memory and receivers fetch it from Ray's object store (the fallback; needs that host memory)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend. auto: nccl when the learner and generators have GPUs, else gloo."""
+    bucket_mb: PositiveFloat = 256.0
+    """Largest bucket of the collective transport, MiB: the sender holds one bucket (plus one gathered layer
+    group under ZeRO-3) at a time."""
+    timeout_s: PositiveFloat = 120.0
+    """Longest a transfer-group rendezvous or one bucket may take before the sync fails, naming the member and
+    the weights version."""
+
+
+class EvalConfig(RoleResources):
     """Evaluation checkpoints: does the probe still work on the trained policy?"""
 
     every: NonNegInt = 0
@@ -244,6 +269,7 @@ class Config(_Strict):
     shaping: ShapingConfig = ShapingConfig()
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
+    weights: WeightsConfig = WeightsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     run: RunConfig = RunConfig()
 
@@ -265,12 +291,54 @@ class Config(_Strict):
             raise ValueError("eval.every measures probes: list at least one in scorer.probes")
         if self.eval.every and self.eval.probe_data is None and self.model.path != "toy":
             raise ValueError("eval.every needs eval.probe_data (a labelled set) unless model.path is \"toy\"")
+        self._check_parallelism()
         if self.pipeline.prompts_per_step < self.generator.num_workers:
             raise ValueError(
                 f"pipeline.prompts_per_step={self.pipeline.prompts_per_step} is smaller than "
                 f"generator.num_workers={self.generator.num_workers}: every generator needs a prompt"
             )
         return self
+
+
+    def roles(self) -> list[tuple[str, int, RoleResources]]:
+        """(role, workers, resources per worker) of every role this run starts (the evaluator with eval.every)."""
+        out = [("generator", self.generator.num_workers, self.generator),
+               ("scorer", self.scorer.num_workers, self.scorer),
+               ("learner", self.learner.num_ranks, self.learner)]
+        return out + ([("evaluator", 1, self.eval)] if self.eval.every else [])
+
+    def reserved_cpus(self) -> float:
+        """CPUs the roles reserve from Ray at start-up."""
+        return sum(n * r.num_cpus for _, n, r in self.roles())
+
+    def _check_parallelism(self) -> None:
+        g = self.generator
+        if g.tensor_parallel_size > 1 and g.num_gpus == 0:
+            raise ValueError(
+                f"generator.tensor_parallel_size={g.tensor_parallel_size} needs GPUs: on CPU each generator runs one "
+                "vLLM worker. Set generator.tensor_parallel_size = 1, or give generators GPUs (generator.num_gpus)")
+        if g.num_gpus and g.tensor_parallel_size > g.num_gpus:
+            raise ValueError(
+                f"generator.tensor_parallel_size={g.tensor_parallel_size} is larger than the GPUs in a generator's "
+                f"placement bundle (generator.num_gpus={g.num_gpus:g}); set generator.num_gpus = "
+                f"{g.tensor_parallel_size} or lower the tensor-parallel size")
+        if self.weights.transport == "collective" and self.weights.backend == "nccl":
+            without = [k for k, v in (("learner.num_gpus", self.learner.num_gpus),
+                                      ("generator.num_gpus", g.num_gpus)) if not v]
+            if without:
+                raise ValueError(f"weights.backend = \"nccl\" needs GPUs on the learner and the generators, but "
+                                 f"{' and '.join(without)} = 0; set weights.backend = \"gloo\" (or \"auto\")")
+
+
+def weight_backend(cfg: Config) -> str:
+    """The vLLM weight-transfer backend a run uses: vLLM's "nccl", or probe-rl's gloo or inline (object store)."""
+    from pipeline.weights import BACKEND_GLOO, BACKEND_INLINE
+
+    w = cfg.weights
+    if w.transport == "object_store":
+        return BACKEND_INLINE
+    gpus = cfg.learner.num_gpus > 0 and cfg.generator.num_gpus > 0
+    return "nccl" if w.backend == "nccl" or (w.backend == "auto" and gpus) else BACKEND_GLOO
 
 
 class ConfigError(ValueError):

@@ -78,7 +78,7 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
     root.mkdir(parents=True, exist_ok=True)
     log(f"experiment: {len(runs)} runs -> {root}")
     worlds: dict[str, Any] = {}
-    init_ray(max(runs.values(), key=_cpus))
+    init_ray(max(runs.values(), key=lambda c: c.reserved_cpus()))
     try:
         for i, ((arm, seed), cfg) in enumerate(runs.items(), 1):
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
@@ -99,8 +99,3 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
     write_report(root, exp_path, [(arm, seed) for arm, seed in runs])
     log(f"report: {root / 'report.md'}")
     return root
-
-
-def _cpus(cfg: Config) -> float:
-    return (cfg.generator.num_workers * cfg.generator.num_cpus + cfg.scorer.num_workers * cfg.scorer.num_cpus
-            + cfg.learner.num_ranks * cfg.learner.num_cpus + (cfg.eval.num_cpus if cfg.eval.every else 0))

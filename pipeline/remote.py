@@ -100,7 +100,104 @@ def wait(refs: Any, role: str, timeout_s: float) -> Any:
         ) from None
 
 
+def release(groups) -> None:
+    """Remove these placement groups (`Placement`s)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for placement in groups:
+        remove_placement_group(placement.group)
+
+
+def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float) -> list[Any]:
+    """Results of `refs` (one per named role) within one deadline; the error names the first role that is
+    dead or silent, and what it was doing."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    out = []
+    for ref, name in zip(refs, names, strict=True):
+        if ref not in done:
+            raise RoleTimeout(f"{name} did not finish {what} within {timeout_s:.0f}s: it is hung, stopped, or "
+                              "waiting on something that is")
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayActorError as e:
+            raise PeerDied(f"{name} died during {what}: {str(e).splitlines()[0]}") from None
+        except ray.exceptions.RayTaskError as e:
+            raise PeerFailed(f"{name} failed during {what}: {e.cause if e.cause is not None else e}") from None
+    return out
+
+
+class PeerDied(RuntimeError):
+    """A role's actor died (its process or node is gone)."""
+
+
+class PeerFailed(RuntimeError):
+    """A role's call raised."""
+
+
+@dataclass
+class Receiver:
+    """A weight receiver as the transfer client sees it: a name for messages, an actor, its transfer ranks."""
+
+    name: str
+    actor: Any
+    num_ranks: int = 1
+
+
+class ReceiverClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over receiver actors (generators, live scorers).
+
+    A trainer-side engine (vLLM's NCCL one, or probe-rl's gloo one) drives a weight update through these four
+    calls. Each fans out to every receiver and waits with a timeout; an error names the receiver and the
+    weights version. Each receiver gets its own transfer-group rank offset: the sender is rank 0, then every
+    receiver's workers (tensor-parallel engines hold several) in order.
+    """
+
+    def __init__(self, receivers: list[Receiver], timeout_s: float) -> None:
+        self.receivers, self.timeout_s = receivers, timeout_s
+        self.version = 0  # the version being sent; the learner sets it before each send
+
+    @property
+    def num_ranks(self) -> int:
+        return sum(r.num_ranks for r in self.receivers)
+
+    def _all(self, method: str, what: str, *per_receiver_args) -> list[Any]:
+        refs = [getattr(r.actor, method).remote(*(args[i] for args in per_receiver_args))
+                for i, r in enumerate(self.receivers)]
+        return wait_each(refs, [r.name for r in self.receivers], f"{what} for weights version {self.version}",
+                         self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        # Every receiver first finishes what it is doing (a generation in flight), so the rendezvous below is
+        # bounded by the transfer timeout alone.
+        self._all("ready", "finishing its current work")
+        offsets, rank = [], 1
+        for r in self.receivers:
+            offsets.append({**init_info, "rank_offset": rank})
+            rank += r.num_ranks
+        self._all("init_weight_transfer_engine", "joining the transfer group", offsets)
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", "starting the update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._all("update_weights", "receiving the weights", [update_info] * len(self.receivers))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = str(weight_version if weight_version is not None else self.version)
+        self._all("finish_weight_update", "finishing the update", [version] * len(self.receivers))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine", "leaving the transfer group")
+
+
 def free_port() -> int:
+    """A free TCP port on this node."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def node_address() -> str:
+    """This node's address as Ray knows it (what other nodes reach it at)."""
+    return ray.util.get_node_ip_address()

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+PROMPT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.int64()),  # (P,) index into the task dataset
+        pa.field("group_id", pa.int64()),  # (P,) unique per prompt per step; all its completions share it
+        pa.field("prompt_ids", pa.list_(pa.int32())),  # (P, T_p) prompt token ids
+        pa.field("answer", pa.string()),  # (P,) reference answer for the reward function
+    ]
+)  # driver -> generators: one step's prompts (P of them)
+
 ROLLOUT_FIELDS = [
     pa.field("prompt_id", pa.int64()),  # (B,) index of the prompt in the task dataset
     pa.field("group_id", pa.int64()),  # (B,) rows sharing a prompt in one step; GRPO normalises within it

@@ -1,20 +1,49 @@
-"""Weights on the wire: a state dict as numpy arrays, so Ray's object store moves it without copies.
+"""The weight path from the learner to generators (and live scorers): buckets, transfer groups, wire formats.
 
-Ray serialises numpy arrays out of band (zero-copy reads from shared memory) but pickles torch
-tensors byte by byte; `bench_weight_sync.py` measures the difference. bfloat16 has no numpy dtype,
-so it travels as int16 bits with its dtype named alongside.
+Two transports carry every weight version (config `weights.transport`):
+
+- **collective**: learner rank 0 broadcasts the weights bucket by bucket to every receiver in one process
+  group. On GPUs that is vLLM's own `nccl` engine pair; on CPU it is the gloo engine pair of
+  `pipeline/vllm_weights.py`, which speaks the same protocol (`init_weight_transfer_engine`,
+  `start_weight_update`, `update_weights`, `finish_weight_update`). Nothing passes through the driver or
+  the object store, and no rank holds more than one bucket plus one gathered layer group at a time.
+- **object_store**: learner rank 0 gathers the whole state dict to host memory, the driver puts it in
+  Ray's object store once, and every receiver loads it from there (`WireWeights`): the fallback, and the
+  baseline the benchmark compares against.
+
+This module holds what both ends of the gloo transport share and needs no vLLM: the bucket plan (both
+ends derive it from the same metadata, so bucket boundaries always agree), packing, a process group that
+cannot hang (every rendezvous and collective has a timeout), and a receiver that loads buckets into a
+plain transformers model (the live scorer's copy).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/vllm_weights.py
+BACKEND_INLINE = "probe_rl_inline"
+
+
+class TransferError(RuntimeError):
+    """A weight transfer failed: a peer died, never joined, or stayed silent past the timeout."""
+
+
+# --- object store ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class WireWeights:
+    """A state dict as numpy arrays, so Ray's object store moves it without copies (torch tensors are
+    pickled byte by byte; `bench_weight_sync.py` measures the difference). bfloat16 has no numpy dtype,
+    so it travels as int16 bits with its dtype named alongside."""
+
     version: int
     arrays: dict[str, np.ndarray]
     dtypes: dict[str, str]  # name -> torch dtype name
@@ -28,7 +57,7 @@ def to_wire(state: dict[str, torch.Tensor], version: int) -> WireWeights:
     arrays, dtypes = {}, {}
     for name, t in state.items():
         t = t.detach().to("cpu").contiguous()
-        dtypes[name] = str(t.dtype).removeprefix("torch.")
+        dtypes[name] = dtype_name(t.dtype)
         arrays[name] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
     return WireWeights(version, arrays, dtypes)
 
@@ -42,3 +71,243 @@ def from_wire(wire: WireWeights | dict) -> dict[str, torch.Tensor]:
         t = torch.from_numpy(a) if a.flags.writeable else torch.from_numpy(a.copy())
         out[name] = t.view(torch.bfloat16) if wire.dtypes[name] == "bfloat16" else t
     return out
+
+
+# --- buckets -----------------------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nbytes_of(shape: Iterable[int], dtype: str) -> int:
+    return int(np.prod(list(shape), dtype=np.int64)) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive tensor indices grouped so a bucket holds at most `bucket_bytes` (a larger tensor travels
+    alone). Sender and receivers both call this on the same sizes, so their bucket boundaries agree."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    held = 0
+    for i, size in enumerate(sizes):
+        if current and held + size > bucket_bytes:
+            buckets.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass
+class UpdateInfo:
+    """One weight version's metadata, sent to every receiver before the bytes (plain lists: it crosses
+    Ray and vLLM's engine-process boundary as msgpack)."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    bucket_bytes: int
+    version: int = 0  # for error messages; vLLM keeps the served version itself
+
+    def sizes(self) -> list[int]:
+        return [nbytes_of(s, d) for s, d in zip(self.shapes, self.dtype_names, strict=True)]
+
+    def buckets(self) -> list[list[int]]:
+        return plan_buckets(self.sizes(), self.bucket_bytes)
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors laid end to end as one uint8 buffer (B,): a copy, so the sources may be released after."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack(buffer: torch.Tensor, info: UpdateInfo, indices: list[int]) -> list[tuple[str, torch.Tensor]]:
+    """Views of `buffer` as the named tensors `indices` of `info`."""
+    sizes = [nbytes_of(info.shapes[i], info.dtype_names[i]) for i in indices]
+    parts = buffer.split(sizes)
+    return [(info.names[i], part.view(getattr(torch, info.dtype_names[i])).view(info.shapes[i]))
+            for i, part in zip(indices, parts, strict=True)]
+
+
+# --- a gloo group that cannot hang -------------------------------------------------------------------------
+
+
+@dataclass
+class GroupSpec:
+    """Where and how a transfer group meets: rank 0 (the sender) hosts the store at master_address:port."""
+
+    master_address: str
+    master_port: int
+    world_size: int
+    timeout_s: float
+    name: str = "probe-rl-weights"  # unique per incarnation of the group (it is rebuilt when members change)
+
+
+def open_group(spec: GroupSpec, rank: int, role: str):
+    """Join (rank 0: host) the gloo transfer group. A member that does not arrive within the timeout makes
+    every other member fail with a TransferError instead of waiting forever."""
+    from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    try:
+        store = TCPStore(spec.master_address, spec.master_port, spec.world_size, rank == 0, timeout=timeout,
+                         wait_for_workers=False)
+        return ProcessGroupGloo(PrefixStore(spec.name, store), rank, spec.world_size, timeout)
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError and gloo's connect errors are RuntimeErrors
+        raise TransferError(
+            f"{role}: the weight transfer group {spec.name} ({spec.world_size} members at {spec.master_address}:"
+            f"{spec.master_port}) did not assemble within {spec.timeout_s:.0f}s (weights.timeout_s): a member "
+            f"never joined ({str(e).splitlines()[0]})") from None
+
+
+def broadcast(group, buffer: torch.Tensor, what: str) -> None:
+    """Broadcast `buffer` from rank 0 of `group` (send on rank 0, receive elsewhere); bounded by the
+    group's timeout, so a dead or silent peer raises a TransferError naming `what`."""
+    from torch.distributed import BroadcastOptions
+
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+    try:
+        group.broadcast([buffer], opts).wait()
+    except RuntimeError as e:
+        raise TransferError(f"{what}: {str(e).splitlines()[0]}") from None
+
+
+@dataclass
+class ReceiveStats:
+    num_bytes: int = 0
+    num_buckets: int = 0
+    seconds: float = 0.0
+
+
+def receive_buckets(group, info: UpdateInfo, load: Callable[[list[tuple[str, torch.Tensor]]], object],
+                    device: str | torch.device = "cpu", what: str = "receiver") -> ReceiveStats:
+    """Receive one version bucket by bucket and hand each bucket's tensors to `load`.
+
+    Every bucket gets a fresh buffer: vLLM's layerwise reload keeps the tensors it is handed until a whole
+    layer has arrived, so a reused buffer would be overwritten under it.
+    """
+    stats, start = ReceiveStats(), time.perf_counter()
+    sizes = info.sizes()
+    for b, indices in enumerate(info.buckets()):
+        buffer = torch.empty(sum(sizes[i] for i in indices), dtype=torch.uint8, device=device)
+        broadcast(group, buffer, f"{what}: bucket {b} of weights version {info.version}")
+        load(unpack(buffer, info, indices))
+        stats.num_bytes += buffer.numel()
+        stats.num_buckets += 1
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@dataclass
+class SendStats:
+    """What one learner rank did for one weight version."""
+
+    version: int
+    num_bytes: int = 0  # bytes this rank sent (0 on every rank but the sender)
+    num_buckets: int = 0
+    max_gathered_bytes: int = 0  # most parameter bytes this rank held gathered at once for the sync
+    model_bytes: int = 0  # the whole model, for comparison
+    seconds: float = 0.0
+    receivers: list[str] = field(default_factory=list)
+
+
+class ModelReceiver:
+    """The receiving end of the gloo transport for a plain transformers model (a live scorer's copy):
+    the same four calls vLLM's engines answer, loading each bucket with an in-place copy."""
+
+    def __init__(self, model: torch.nn.Module, role: str) -> None:
+        self.model, self.role = model, role
+        self.group = None
+        self.rank = 0
+        self.version = 0
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        spec = GroupSpec(init_info["master_address"], init_info["master_port"], init_info["world_size"],
+                         init_info["timeout_s"], init_info["name"])
+        self.group = None  # a member joins one incarnation at a time
+        self.group = open_group(spec, init_info["rank_offset"], self.role)
+
+    def start_weight_update(self) -> None:
+        if self.group is None:
+            raise TransferError(f"{self.role}: start_weight_update before init_weight_transfer_engine")
+
+    def update_weights(self, update_info: dict) -> ReceiveStats:
+        info = UpdateInfo(**update_info)
+        params = dict(self.model.named_parameters())
+        unknown = [n for n in info.names if n not in params]
+        if unknown:
+            raise TransferError(f"{self.role}: weights version {info.version} names unknown parameters {unknown[:3]}")
+
+        def load(pairs):
+            with torch.no_grad():
+                for name, tensor in pairs:
+                    params[name].copy_(tensor)
+
+        device = next(self.model.parameters()).device
+        return receive_buckets(self.group, info, load, device, self.role)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        if weight_version is not None:
+            self.version = int(weight_version)
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+class NcclModelReceiver(ModelReceiver):
+    """The receiving end of vLLM's NCCL transport for a plain transformers model on a GPU (a live scorer's
+    copy): joins the group vLLM's trainer engine hosts and unpacks its packed broadcast into the parameters."""
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_process_group
+
+        self.info = NCCLWeightTransferInitInfo(**init_info)
+
+        class _Single:  # a plain model is one worker of one engine: its rank is the offset itself
+            data_parallel_index, world_size, rank = 0, 1, 0
+
+        self.group = worker_init_process_group(self.info, _Single())
+
+    def update_weights(self, update_info: dict) -> ReceiveStats:
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_consumer
+
+        params = dict(self.model.named_parameters())
+        start = time.perf_counter()
+
+        def load(pairs):
+            with torch.no_grad():
+                for name, tensor in pairs:
+                    params[name].copy_(tensor)
+
+        shapes = zip(update_info["names"], update_info["shapes"], update_info["dtype_names"], strict=True)
+        packed_nccl_broadcast_consumer(
+            iterator=((n, (s, getattr(torch, d))) for n, s, d in shapes), group=self.group, src=0,
+            post_unpack_func=load, buffer_size_bytes=self.info.packed_buffer_size_bytes,
+            num_buffers=self.info.packed_num_buffers, device=next(self.model.parameters()).device)
+        torch.cuda.synchronize()
+        return ReceiveStats(seconds=time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.destroy()
+        self.group = None
+
+
+def make_receiver(model: torch.nn.Module, backend: str | None, role: str) -> ModelReceiver:
+    """The receiving end for a plain model: gloo, vLLM's NCCL, or (object store, inline) loads by `load_state`."""
+    return NcclModelReceiver(model, role) if backend == "nccl" else ModelReceiver(model, role)
+
+
+def load_state(model: torch.nn.Module, named_tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a transformers-named state dict into `model` in place; every model parameter must be given."""
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k not in named_tensors]
+    if missing:
+        raise ValueError(f"weights missing for {missing[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(named_tensors[k].to(p.device, p.dtype))

@@ -34,7 +34,7 @@ class World:
 
     def prompts_for_step(self, step: int, num: int, seed: int) -> pa.Table:
         """The step's prompts: a seeded draw without replacement, the same on every run with this seed."""
-        from actors.generator import PROMPT_SCHEMA
+        from pipeline.schema import PROMPT_SCHEMA
 
         rng = np.random.default_rng([seed, step])
         idx = rng.choice(len(self.prompts), size=min(num, len(self.prompts)), replace=False)

@@ -38,13 +38,13 @@ def _perturbed_state(model_dir):
 
 def test_live_scorer_moves_probe_scores_but_not_reference(tiny_model_dir, probe_path):
     table = _rollouts([[1, 5, 14, 6, 17]] * 2, [[7, 2], [8, 9, 2]], [0, 0])
-    frozen = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(model="frozen"), compute_ref=True)
-    live = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(model="live"), compute_ref=True)
+    frozen = Scorer(model_path=str(tiny_model_dir), probe_paths=[(probe_path, None)], cfg=ScorerConfig(model="frozen"), compute_ref=True)
+    live = Scorer(model_path=str(tiny_model_dir), probe_paths=[(probe_path, None)], cfg=ScorerConfig(model="live"), compute_ref=True)
     before = live.score(table)[0]
     assert before.column("probe/hack/tokens").to_pylist() == frozen.score(table)[0].column("probe/hack/tokens").to_pylist()
     with pytest.raises(ValueError, match="frozen copy never takes new weights"):
-        frozen.update_weights(_perturbed_state(tiny_model_dir), 1)
-    assert live.update_weights(_perturbed_state(tiny_model_dir), 1) == 1
+        frozen.load_weights(_perturbed_state(tiny_model_dir), 1)
+    assert live.load_weights(_perturbed_state(tiny_model_dir), 1) == 1 and live.version == 1
     after = live.score(table)[0]
     assert after.column("ref_logprobs").to_pylist() == before.column("ref_logprobs").to_pylist()
     moved = np.abs(np.array(after.column("probe/hack/score")) - np.array(before.column("probe/hack/score")))
@@ -61,7 +61,7 @@ def test_refit_probe_learns_on_policy_labels(tiny_model_dir, probe_path):
         completions.append(tail + ([20, 21, 2] if hack else [2]))  # hacks carry a distinctive suffix
         labels.append(hack)
     table = _rollouts(prompts, completions, list(range(120)))
-    scorer = Scorer(str(tiny_model_dir), [(probe_path, None)], ScorerConfig(), compute_ref=False)
+    scorer = Scorer(model_path=str(tiny_model_dir), probe_paths=[(probe_path, None)], cfg=ScorerConfig(), compute_ref=False)
     tensors, metrics = scorer.refit_probe("hack", table, labels)
     assert metrics["auroc"] > 0.85 and metrics["num"] > 10
     scorer.set_probe("hack", tensors)
@@ -75,12 +75,31 @@ def test_evaluator_live_equals_frozen_until_weights_change(tiny_model_dir, tmp_p
     data = Labelled(prompts * 2, [str(i) for i in range(80)] + [f"{i} {i + 1}" for i in range(80)], [0] * 80 + [1] * 80)
     LinearProbe("hack", 0, torch.randn(64), torch.zeros(1), "mean").save(tmp_path / "hack")
     ev = ProbeEvaluator(str(tiny_model_dir), [(str(tmp_path / "hack"), None)], data)
+    checkpoint = _checkpoint(tiny_model_dir, _perturbed_state(tiny_model_dir), tmp_path / "step_000003")
     table = _rollouts([[1, 5, 14, 6, 17]] * 3, [[7, 2], [8, 0, 9, 2], [9, 2]], [0, 0, 0])
     start = ev.report(None, table)
     assert start["eval/hack_auroc_live"] == start["eval/hack_auroc_frozen"]
     assert start["eval/hack_score_gap_abs"] == 0.0
     assert start["eval/hack_auroc_retrained"] > 0.9  # spaces are easy to read off a fresh probe
-    later = ev.report(_perturbed_state(tiny_model_dir), table)
+    later = ev.report(str(checkpoint), table)
     assert later["eval/hack_auroc_frozen"] == start["eval/hack_auroc_frozen"]
     assert later["eval/hack_score_gap_abs"] > 1e-3
-    assert later["eval/hack_auroc_live"] != start["eval/hack_auroc_live"] or later["eval/hack_score_gap_abs"] > 0
+    # the live copy now holds exactly the checkpoint's weights
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    for name, p in ev.live.named_parameters():
+        assert torch.equal(p, model.state_dict()[name]), name
+
+
+def _checkpoint(model_dir, state, folder):
+    """A checkpoint folder as the learner writes one (weights, config, tokenizer, state file) holding `state`."""
+    from learner import checkpoint as ck
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.load_state_dict(state)
+    path, tmp = ck.begin(folder.parent, int(folder.name.split("_")[1]))
+    writer = ck.ShardWriter(tmp, ck.WEIGHTS_PREFIX, 2**30)
+    for name, p in model.named_parameters():
+        writer.add(name, p)
+    writer.close()
+    ck.save_model_files(tmp, model.config, str(model_dir))
+    return ck.commit(path, tmp, {"version": 3})

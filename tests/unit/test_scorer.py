@@ -51,7 +51,7 @@ def reference(model_dir, layer, weight, bias):
 
 
 def test_scores_and_ref_logprobs_match_reference(tiny_model_dir, probes):
-    scorer = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=2), compute_ref=True)
+    scorer = Scorer(model_path=str(tiny_model_dir), probe_paths=probes, cfg=ScorerConfig(batch_size=2), compute_ref=True)
     table, stats = scorer.score(rollouts())
     assert table.schema.equals(scored_schema(["a", "b"]))
     assert stats.num_sequences == 3 and stats.num_nonfinite == 1
@@ -73,16 +73,16 @@ def test_scores_and_ref_logprobs_match_reference(tiny_model_dir, probes):
 
 
 def test_padding_does_not_change_scores(tiny_model_dir, probes):
-    one = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=1), compute_ref=True).score(rollouts())[0]
-    three = Scorer(str(tiny_model_dir), probes, ScorerConfig(batch_size=3), compute_ref=True).score(rollouts())[0]
+    one = Scorer(model_path=str(tiny_model_dir), probe_paths=probes, cfg=ScorerConfig(batch_size=1), compute_ref=True).score(rollouts())[0]
+    three = Scorer(model_path=str(tiny_model_dir), probe_paths=probes, cfg=ScorerConfig(batch_size=3), compute_ref=True).score(rollouts())[0]
     for col in ("ref_logprobs", "probe/a/tokens", "probe/b/tokens"):
         for x, y in zip(one.column(col).to_pylist(), three.column(col).to_pylist(), strict=True):
             assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(x, y, strict=True))
 
 
 def test_truncated_pass_without_kl_gives_identical_probe_scores(tiny_model_dir, probes):
-    full = Scorer(str(tiny_model_dir), probes[:1], ScorerConfig(), compute_ref=True).score(rollouts())[0]
-    cut = Scorer(str(tiny_model_dir), probes[:1], ScorerConfig(), compute_ref=False).score(rollouts())[0]
+    full = Scorer(model_path=str(tiny_model_dir), probe_paths=probes[:1], cfg=ScorerConfig(), compute_ref=True).score(rollouts())[0]
+    cut = Scorer(model_path=str(tiny_model_dir), probe_paths=probes[:1], cfg=ScorerConfig(), compute_ref=False).score(rollouts())[0]
     assert cut.column("ref_logprobs").to_pylist() == [[], [], []]
     for x, y in zip(full.column("probe/a/tokens").to_pylist(), cut.column("probe/a/tokens").to_pylist(), strict=True):
         assert x == pytest.approx(y, abs=1e-6)
@@ -91,7 +91,7 @@ def test_truncated_pass_without_kl_gives_identical_probe_scores(tiny_model_dir, 
 def test_probe_that_does_not_fit_is_refused_at_start(tiny_model_dir, tmp_path):
     LinearProbe("wide", 0, torch.zeros(128), torch.zeros(1)).save(tmp_path / "wide")
     with pytest.raises(ValueError, match="hidden size 128 but .* has hidden size 64"):
-        Scorer(str(tiny_model_dir), [(str(tmp_path / "wide"), None)], ScorerConfig(), compute_ref=True)
+        Scorer(model_path=str(tiny_model_dir), probe_paths=[(str(tmp_path / "wide"), None)], cfg=ScorerConfig(), compute_ref=True)
 
 
 def test_pack_aligns_completion_values():

@@ -1,0 +1,33 @@
+"""Plain transformers copies of the policy that the scorer and the evaluator hold: loading one frozen (no
+gradients, eval mode), and loading a checkpoint's weights into one in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
+    """Copy a probe-rl checkpoint's weights into `model`, one tensor at a time; returns its version."""
+    import torch
+
+    from learner.checkpoint import CheckpointReader
+
+    ckpt = CheckpointReader(checkpoint)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - ckpt.weight_names)
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} lacks weights for {missing[:3]}: it belongs to another model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(ckpt.weight(name).to(p.device, p.dtype))
+    return ckpt.version

@@ -1,0 +1,283 @@
+"""probe-rl's backends for vLLM's weight-transfer protocol, registered as a vLLM plugin.
+
+vLLM 0.32 receives RL weight updates through `LLM.init_weight_transfer_engine`, `start_weight_update`,
+`update_weights` and `finish_weight_update`, dispatched to a per-worker engine chosen by
+`WeightTransferConfig.backend`. On GPUs probe-rl uses vLLM's own `nccl` engines. For CPU it registers:
+
+- `probe_rl_gloo`: the same packed, bucketed broadcast from learner rank 0 over a gloo group, worker side
+  (`GlooWorkerEngine`) and trainer side (`GlooTrainerEngine`), so a CPU run exercises the code path a GPU
+  cluster runs: the trainer drives the handshake through a client, the receiving worker lives wherever
+  vLLM put it (in the actor's process, or in vLLM's separate engine process).
+- `probe_rl_inline`: the object-store fallback. The generator actor receives a `WireWeights` from Ray's
+  object store and hands its tensors to `update_weights` in bounded chunks; vLLM's msgpack carries them
+  into the engine process without pickling.
+
+vLLM loads every `vllm.general_plugins` entry point in each of its processes (pyproject.toml names
+`register` here), so the engine process finds these backends too.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightSource,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from pipeline.weights import (
+    BACKEND_GLOO,
+    BACKEND_INLINE,
+    GroupSpec,
+    SendStats,
+    TransferError,
+    UpdateInfo,
+    broadcast,
+    dtype_name,
+    open_group,
+    receive_buckets,
+)
+
+GLOO, INLINE = BACKEND_GLOO, BACKEND_INLINE
+
+
+def register() -> None:
+    """vLLM plugin entry point: make both backends known to vLLM's factories in this process."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    for name, cls in ((GLOO, "GlooWorkerEngine"), (INLINE, "InlineWorkerEngine")):
+        if name not in WeightTransferEngineFactory._registry:
+            WeightTransferEngineFactory.register_engine(name, __name__, cls)
+    if GLOO not in WeightTransferTrainerFactory._registry:
+        WeightTransferTrainerFactory.register_engine(GLOO, __name__, "GlooTrainerEngine")
+
+
+# --- worker side (inside vLLM's workers) -------------------------------------------------------------------
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int  # transfer-group rank of this engine's first worker (the sender is rank 0)
+    timeout_s: float
+    name: str
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo, UpdateInfo):
+    pass
+
+
+class _ReloadingEngine(WeightTransferEngine):
+    """Checkpoint-format weights land through vLLM's layerwise reload, as in vLLM's own NCCL engine. An update
+    aborted halfway (its sender died) leaves layers waiting for weights; the next update finalizes that one
+    first, so a full resend always leaves the model whole."""
+
+    _active = False
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        if self._active:
+            self.finish_weight_update()
+        initialize_layerwise_reload(self.model)
+        self._active = True
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        self._active = False
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+        if torch.accelerator.is_available():  # the base class synchronizes unconditionally, which fails on CPU
+            torch.accelerator.synchronize()
+
+
+class GlooWorkerEngine(_ReloadingEngine):
+    """Receives learner rank 0's bucketed broadcast over gloo (the CPU twin of vLLM's NCCL engine)."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+
+    def _worker_rank(self) -> int:
+        p = self.parallel_config
+        return p.data_parallel_index * p.world_size + p.rank
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        self.shutdown()  # a rebuilt group (a member was replaced) supersedes the old one
+        spec = GroupSpec(init_info.master_address, init_info.master_port, init_info.world_size,
+                         init_info.timeout_s, init_info.name)
+        rank = init_info.rank_offset + self._worker_rank()
+        self.group = open_group(spec, rank, f"vLLM worker (transfer rank {rank})")
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self.group is None:
+            raise TransferError("update_weights before init_weight_transfer_engine")
+        receive_buckets(self.group, update_info, self.model.load_weights, self.device,
+                        f"vLLM worker {self._worker_rank()}")
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+@dataclass
+class InlineInitInfo(WeightTransferInitInfo):
+    pass
+
+
+@dataclass
+class InlineUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    tensors: list[Any]  # torch tensors (in process) or numpy arrays (msgpack into the engine process)
+    dtype_names: list[str]
+
+
+class InlineWorkerEngine(_ReloadingEngine):
+    """Loads tensors handed over in the update call itself (the object-store transport's last hop)."""
+
+    init_info_cls = InlineInitInfo
+    update_info_cls = InlineUpdateInfo
+
+    def init_transfer_engine(self, init_info: InlineInitInfo) -> None:
+        pass
+
+    def receive_weights(self, update_info: InlineUpdateInfo) -> None:
+        pairs = []
+        for name, t, dt in zip(update_info.names, update_info.tensors, update_info.dtype_names, strict=True):
+            t = t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
+            pairs.append((name, t.view(torch.bfloat16) if dt == "bfloat16" and t.dtype != torch.bfloat16 else t))
+        self.model.load_weights(pairs)
+
+    def shutdown(self) -> None:
+        pass
+
+
+# --- trainer side (inside learner rank processes) ----------------------------------------------------------
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = GLOO
+
+    master_address: str
+    master_port: int
+    world_size: int  # 1 (the sender) + every receiving worker
+    timeout_s: float
+    bucket_bytes: int
+    name: str
+
+
+class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """Learner rank 0 sends; every rank walks the source in step, since gathering a ZeRO-3 layer group is a
+    collective. The handshake goes through the client (start, update in a thread beside the broadcast,
+    finish), exactly as vLLM's NCCL trainer engine drives it."""
+
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client, source, is_sender, init_info: GlooTrainerInitInfo) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.info = init_info
+        self.group = None
+        self.last = SendStats(0)
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source: WeightSource | None = None):
+        if source is None:
+            raise ValueError("the gloo trainer engine needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender, init_info=init_info)
+        if not engine.is_sender:
+            return engine
+        worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
+                       "world_size": init_info.world_size, "timeout_s": init_info.timeout_s, "name": init_info.name}
+        # Receivers block in the rendezvous until every member arrives, so they join from a side thread while
+        # this rank hosts the store; a member that never arrives fails both sides within the timeout.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            joined = pool.submit(client.init_weight_transfer_engine, worker_info)
+            try:
+                engine.group = open_group(GroupSpec(init_info.master_address, init_info.master_port,
+                                                    init_info.world_size, init_info.timeout_s, init_info.name),
+                                          0, "learner rank 0 (weights sender)")
+            finally:
+                joined.result()  # a receiver's own error (dead, refused) names it; raise that one first
+        return engine
+
+    def send_weights(self) -> None:
+        source, start = self.source, time.perf_counter()
+        meta = source.metadata()
+        stats = SendStats(getattr(self.client, "version", 0), model_bytes=sum(
+            m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in meta))
+        if not self.is_sender:
+            for _ in source.iter_groups():  # keep step with rank 0's gathers; send nothing
+                pass
+        else:
+            info = UpdateInfo([m.name for m in meta], [dtype_name(m.dtype) for m in meta],
+                              [list(m.shape) for m in meta], self.info.bucket_bytes, stats.version)
+            self.client.start_weight_update()
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                received = pool.submit(self.client.update_weights, asdict(info))
+                try:
+                    self._broadcast(source, info, stats)
+                except TransferError:
+                    if received.done():
+                        received.result()  # the receiver's error says more than "connection closed"
+                    raise
+                received.result()
+            self.client.finish_weight_update()
+        stats.max_gathered_bytes = getattr(source, "max_gathered_bytes", 0)
+        stats.seconds = time.perf_counter() - start
+        self.last = stats
+
+    def _broadcast(self, source: WeightSource, info: UpdateInfo, stats: SendStats) -> None:
+        """Copy the source's tensors into buckets along the shared plan; send each as soon as it is full.
+
+        Each tensor is copied once, into its bucket, so a gathered ZeRO-3 layer may be released as soon as
+        its group has been walked; at most one bucket and one layer group are held at a time. When a send
+        fails, the walk still runs to the end without sending: the other learner ranks are waiting in the
+        same gathers, and leaving them there would hang them."""
+        sizes, plan = info.sizes(), info.buckets()
+        bucket_of = {i: b for b, indices in enumerate(plan) for i in indices}
+        buffer, offset, index, failed = None, 0, 0, None
+        for names, tensors in source.iter_groups():
+            for name, tensor in zip(names, tensors, strict=True):
+                if index >= len(info.names) or name != info.names[index]:
+                    raise RuntimeError(f"weight source yielded {name!r} out of its metadata's order")
+                b = bucket_of[index]
+                index += 1
+                if failed is not None:
+                    continue
+                if buffer is None:
+                    buffer = torch.empty(sum(sizes[i] for i in plan[b]), dtype=torch.uint8)
+                size = sizes[index - 1]
+                buffer[offset : offset + size].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+                offset += size
+                if index == len(info.names) or bucket_of[index] != b:
+                    try:
+                        broadcast(self.group, buffer, f"learner rank 0: bucket {b} of weights version {info.version}")
+                        stats.num_bytes += buffer.numel()
+                        stats.num_buckets += 1
+                    except TransferError as e:
+                        failed = e
+                    buffer, offset = None, 0
+        if failed is not None:
+            raise failed
+        if index != len(info.names):
+            raise RuntimeError(f"weight source yielded {index} tensors, its metadata {len(info.names)}")
+
+    def shutdown(self) -> None:
+        self.group = None
