@@ -173,6 +173,6 @@ class Generator:
 def _inline_info(chunk, dtype_name) -> dict:
     import torch
 
-    # numpy arrays cross into vLLM's engine process as msgpack buffers; bfloat16 travels as its int16 bits
-    arrays = [(t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach().cpu().numpy() for _, t in chunk]
-    return {"names": [n for n, _ in chunk], "tensors": arrays, "dtype_names": [dtype_name(t.dtype) for _, t in chunk]}
+    return {"names": [n for n, _ in chunk], "dtype_names": [dtype_name(t.dtype) for _, t in chunk],
+            "shapes": [list(t.shape) for _, t in chunk],
+            "data": [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for _, t in chunk]}

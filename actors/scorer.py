@@ -206,3 +206,8 @@ class Scorer:
 
     def ready(self) -> list[str]:
         return self.probe_names
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

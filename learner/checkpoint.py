@@ -1,8 +1,8 @@
 """Checkpoint folders: weights, config and tokenizer in transformers' layout, plus Adam moments and the step.
 
 A checkpoint loads anywhere a transformers model does (`AutoModelForCausalLM.from_pretrained`,
-`AutoTokenizer.from_pretrained`, `vllm.LLM(model=...)`). Weights and moments are written as safetensors
-shards of at most `shard_bytes`, one layer group at a time, so writing never holds the whole model on a
+`AutoTokenizer.from_pretrained`, `vllm.LLM(model=...)`). Weights and moments (in `optimizer/`, out of model
+loaders' sight) are written as safetensors shards of at most `shard_bytes`, one layer group at a time, so writing never holds the whole model on a
 rank; `model.safetensors.index.json` maps names to shards as transformers expects. `probe_rl_state.json`
 is written last and the folder renamed into place, so a crash mid-save never leaves a folder that looks
 complete. Reading is lazy (one tensor at a time) and never unpickles anything.
@@ -19,6 +19,7 @@ import torch
 STATE_FILE = "probe_rl_state.json"
 WEIGHTS_PREFIX = "model"
 MOMENTS_PREFIX = "optimizer"
+MOMENTS_DIR = "optimizer"  # a folder of its own: model loaders (vLLM) read every *.safetensors beside config.json
 
 
 class ShardWriter:
@@ -27,6 +28,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, prefix: str, shard_bytes: int) -> None:
         self.folder, self.prefix, self.shard_bytes = folder, prefix, shard_bytes
+        folder.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
@@ -111,8 +113,9 @@ class CheckpointReader:
             raise ValueError(f"checkpoint {self.folder}: {STATE_FILE} is missing or malformed ({e})") from None
         self.state = state
         self._where: dict[str, dict[str, object]] = {WEIGHTS_PREFIX: {}, MOMENTS_PREFIX: {}}
-        for f in sorted(self.folder.glob("*.safetensors")):
-            kind = MOMENTS_PREFIX if f.name.startswith(MOMENTS_PREFIX) else WEIGHTS_PREFIX
+        files = [(WEIGHTS_PREFIX, f) for f in sorted(self.folder.glob("*.safetensors"))]
+        files += [(MOMENTS_PREFIX, f) for f in sorted((self.folder / MOMENTS_DIR).glob("*.safetensors"))]
+        for kind, f in files:
             try:
                 handle = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError) as e:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.config import LearnerConfig
+from pipeline.faults import maybe_fail_step
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Learner:
         from pipeline.batching import pack
 
         start = time.perf_counter()
+        maybe_fail_step(self.version + 1)
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
         global_tokens = _valid_tokens(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
@@ -229,7 +231,7 @@ class Learner:
         path, tmp = ck.begin(directory, self.version) if self.rank == 0 else (None, None)
         shard = int(self.cfg.checkpoint_shard_gib * 2**30)
         weights = ck.ShardWriter(tmp, ck.WEIGHTS_PREFIX, shard) if self.rank == 0 else None
-        moments = ck.ShardWriter(tmp, ck.MOMENTS_PREFIX, shard) if self.rank == 0 else None
+        moments = ck.ShardWriter(tmp / ck.MOMENTS_DIR, ck.MOMENTS_PREFIX, shard) if self.rank == 0 else None
         params = dict(self.engine.module.named_parameters())
         for names, tensors in self.source.iter_groups():
             for name, tensor in zip(names, tensors, strict=True):

@@ -330,10 +330,12 @@ class Config(_Strict):
                                  f"{' and '.join(without)} = 0; set weights.backend = \"gloo\" (or \"auto\")")
 
 
+BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/vllm_weights.py
+BACKEND_INLINE = "probe_rl_inline"
+
+
 def weight_backend(cfg: Config) -> str:
     """The vLLM weight-transfer backend a run uses: vLLM's "nccl", or probe-rl's gloo or inline (object store)."""
-    from pipeline.weights import BACKEND_GLOO, BACKEND_INLINE
-
     w = cfg.weights
     if w.transport == "object_store":
         return BACKEND_INLINE

@@ -1,9 +1,10 @@
-"""Fault injection for tests: make one worker process die once, at a chosen call.
+"""Fault injection for tests: make one worker process die once, at a chosen call, or a learner step fail.
 
 `PROBE_RL_KILL_ONCE="scorer:3:/tmp/marker"` makes the first scorer process that reaches its 3rd
 `score` call exit hard (as a crashed or preempted node would), after creating the marker file so
 that its replacement, and every other process, carries on. Several specs are separated by commas.
-Unset, this costs one dict lookup.
+`PROBE_RL_FAIL_AT_STEP=3` makes the learner raise when it is asked for step 3.
+Unset, each costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ def maybe_die(role: str) -> None:
             continue
         os.close(fd)
         os._exit(1)
+
+
+def maybe_fail_step(step: int) -> None:
+    """Raise in the learner when `PROBE_RL_FAIL_AT_STEP` names this step."""
+    if os.environ.get("PROBE_RL_FAIL_AT_STEP") == str(step):
+        raise RuntimeError(f"injected learner failure at step {step} (PROBE_RL_FAIL_AT_STEP)")

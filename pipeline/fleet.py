@@ -99,7 +99,7 @@ class Fleet:
 
         group = self.groups.get(role)
         placement = (group, index) if group is not None and index is not None and index < group.count else None
-        return make_actor(cls, role, rc.num_cpus, rc.num_gpus, QUIET_ENV, placement=placement,
+        return make_actor(cls, role, rc.num_cpus, rc.num_gpus, env=QUIET_ENV, placement=placement,
                           memory_gib=rc.memory_gib, **kwargs)
 
     def new_generator(self, i: int):
@@ -123,15 +123,13 @@ class Fleet:
     def start_learners(self) -> None:
         """Start every rank, then let them meet at rank 0's node (so ranks may sit on different nodes)."""
         from learner.learner import Learner
-        from pipeline.remote import wait
 
         cfg, lc = self.cfg, self.cfg.learner
         rows = cfg.pipeline.prompts_per_step * cfg.pipeline.group_size
         self.learners = [self._make(Learner, "learner", lc, r, dict(
             model_path=self.world.model_path, cfg=lc, rows_per_step=rows, rank=r, world_size=lc.num_ranks,
             dtype=cfg.model.dtype, pad_id=self.world.pad_id)) for r in range(lc.num_ranks)]
-        address, port = wait(self.learners[0].address.remote(), "learner rank 0 (address)", self.timeout)
-        wait([a.setup.remote(address, port) for a in self.learners], "learner (start-up)", self.timeout)
+        setup_learners(self.learners, self.timeout)
         self.transfer_members = ()  # new ranks hold no transfer group yet
 
     # --- weights -----------------------------------------------------------------------------------------
@@ -187,7 +185,7 @@ class Fleet:
                 self._ensure_transfer_group(version)
                 names = [f"learner rank {r}" for r in range(len(self.learners))]
                 stats = wait_each([lr.send_weights.remote() for lr in self.learners], names,
-                                  f"sending weights version {version}", self.timeout)
+                                  f"send_weights (weights version {version})", self.timeout)
                 self.last_sync, self.version = stats[0], version
                 return
             except (PeerFailed, PeerDied, RoleTimeout) as e:
@@ -214,7 +212,7 @@ class Fleet:
         names = [f"learner rank {r}" for r in range(len(self.learners))]
         wait_each([lr.init_weight_transfer.remote(client, self.backend, int(w.bucket_mb * 2**20), w.timeout_s,
                                                   f"probe-rl-weights-{self.incarnation}") for lr in self.learners],
-                  names, f"building transfer group {self.incarnation} (weights version {version})", self.timeout)
+                  names, f"init_weight_transfer (group {self.incarnation}, weights version {version})", self.timeout)
         self.transfer_members = members
 
     def catch_up(self) -> None:
@@ -302,3 +300,11 @@ class Fleet:
             if actor is not None:
                 ray.kill(actor)
         release(self.groups.values())
+
+
+def setup_learners(learners: list[Any], timeout_s: float) -> None:
+    """The ranks meet at rank 0's node: ask rank 0 for its address and a free port there, then set up all."""
+    from pipeline.remote import wait
+
+    address, port = wait(learners[0].address.remote(), "learner rank 0 (address)", timeout_s)
+    wait([a.setup.remote(address, port) for a in learners], "learner (start-up)", timeout_s)

@@ -74,9 +74,9 @@ def reserve(role: str, count: int, res: Resources, timeout_s: float, strategy: s
     return Placement(group, count)
 
 
-def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float, env: dict[str, str] | None = None,
-               *args: Any, placement: tuple[Placement, int] | None = None, memory_gib: float = 0.0, **kwargs: Any):
-    """Start `cls(*args, **kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
+def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, env: dict[str, str] | None = None,
+               placement: tuple[Placement, int] | None = None, memory_gib: float = 0.0, **kwargs: Any):
+    """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1}
     if memory_gib:
         opts["memory"] = memory_gib * 2**30
@@ -87,7 +87,7 @@ def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float, env: dict
 
         group, index = placement
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group.group, placement_group_bundle_index=index)
-    return ray.remote(**opts)(cls).remote(*args, **kwargs)
+    return ray.remote(**opts)(cls).remote(**kwargs)
 
 
 def wait(refs: Any, role: str, timeout_s: float) -> Any:
@@ -110,13 +110,13 @@ def release(groups) -> None:
 
 def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float) -> list[Any]:
     """Results of `refs` (one per named role) within one deadline; the error names the first role that is
-    dead or silent, and what it was doing."""
+    dead, silent or failing, and `what` it was asked (e.g. "update_weights (weights version 3)")."""
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     done = set(ready)
     out = []
     for ref, name in zip(refs, names, strict=True):
         if ref not in done:
-            raise RoleTimeout(f"{name} did not finish {what} within {timeout_s:.0f}s: it is hung, stopped, or "
+            raise RoleTimeout(f"{name} did not answer {what} within {timeout_s:.0f}s: it is hung, stopped, or "
                               "waiting on something that is")
         try:
             out.append(ray.get(ref))
@@ -161,34 +161,34 @@ class ReceiverClient:
     def num_ranks(self) -> int:
         return sum(r.num_ranks for r in self.receivers)
 
-    def _all(self, method: str, what: str, *per_receiver_args) -> list[Any]:
+    def _all(self, method: str, *per_receiver_args) -> list[Any]:
         refs = [getattr(r.actor, method).remote(*(args[i] for args in per_receiver_args))
                 for i, r in enumerate(self.receivers)]
-        return wait_each(refs, [r.name for r in self.receivers], f"{what} for weights version {self.version}",
+        return wait_each(refs, [r.name for r in self.receivers], f"{method} (weights version {self.version})",
                          self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         # Every receiver first finishes what it is doing (a generation in flight), so the rendezvous below is
         # bounded by the transfer timeout alone.
-        self._all("ready", "finishing its current work")
+        self._all("ready")
         offsets, rank = [], 1
         for r in self.receivers:
             offsets.append({**init_info, "rank_offset": rank})
             rank += r.num_ranks
-        self._all("init_weight_transfer_engine", "joining the transfer group", offsets)
+        self._all("init_weight_transfer_engine", offsets)
 
     def start_weight_update(self) -> None:
-        self._all("start_weight_update", "starting the update")
+        self._all("start_weight_update")
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        self._all("update_weights", "receiving the weights", [update_info] * len(self.receivers))
+        self._all("update_weights", [update_info] * len(self.receivers))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         version = str(weight_version if weight_version is not None else self.version)
-        self._all("finish_weight_update", "finishing the update", [version] * len(self.receivers))
+        self._all("finish_weight_update", [version] * len(self.receivers))
 
     def shutdown_weight_transfer_engine(self) -> None:
-        self._all("shutdown_weight_transfer_engine", "leaving the transfer group")
+        self._all("shutdown_weight_transfer_engine")
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ vLLM 0.32 receives RL weight updates through `LLM.init_weight_transfer_engine`, 
   cluster runs: the trainer drives the handshake through a client, the receiving worker lives wherever
   vLLM put it (in the actor's process, or in vLLM's separate engine process).
 - `probe_rl_inline`: the object-store fallback. The generator actor receives a `WireWeights` from Ray's
-  object store and hands its tensors to `update_weights` in bounded chunks; vLLM's msgpack carries them
-  into the engine process without pickling.
+  object store and hands its tensors' bytes to `update_weights` in bounded chunks; vLLM's msgpack carries
+  them into the engine process as bytes, never pickled.
 
 vLLM loads every `vllm.general_plugins` entry point in each of its processes (pyproject.toml names
 `register` here), so the engine process finds these backends too.
@@ -144,8 +144,9 @@ class InlineInitInfo(WeightTransferInitInfo):
 @dataclass
 class InlineUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
-    tensors: list[Any]  # torch tensors (in process) or numpy arrays (msgpack into the engine process)
     dtype_names: list[str]
+    shapes: list[list[int]]
+    data: list[bytes]  # each tensor's raw bytes: msgpack carries bytes into vLLM's engine process as they are
 
 
 class InlineWorkerEngine(_ReloadingEngine):
@@ -158,11 +159,10 @@ class InlineWorkerEngine(_ReloadingEngine):
         pass
 
     def receive_weights(self, update_info: InlineUpdateInfo) -> None:
-        pairs = []
-        for name, t, dt in zip(update_info.names, update_info.tensors, update_info.dtype_names, strict=True):
-            t = t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
-            pairs.append((name, t.view(torch.bfloat16) if dt == "bfloat16" and t.dtype != torch.bfloat16 else t))
-        self.model.load_weights(pairs)
+        info = update_info
+        self.model.load_weights([
+            (name, torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dt)).view(shape))
+            for name, dt, shape, data in zip(info.names, info.dtype_names, info.shapes, info.data, strict=True)])
 
     def shutdown(self) -> None:
         pass

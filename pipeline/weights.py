@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/vllm_weights.py
-BACKEND_INLINE = "probe_rl_inline"
+from pipeline.config import BACKEND_GLOO, BACKEND_INLINE  # noqa: F401  (re-exported: the transport's names)
 
 
 class TransferError(RuntimeError):

@@ -47,7 +47,7 @@ def test_resume_after_learner_crash_matches_uninterrupted_run(toy_world, toy_ove
     run_dir = tmp_path / "crashed"
     before = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert [r["step"] for r in before] == [1, 2]
-    assert (run_dir / "checkpoints" / "step_000002" / "optimizer.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_000002" / "optimizer" / "optimizer.safetensors").is_file()
 
     resumed = _cli(["run", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -14,7 +14,8 @@ from pipeline.driver import latest_checkpoint
 def _ckpt(folder, version=4):
     folder.mkdir(parents=True)
     save_file({"w": torch.ones(3)}, str(folder / "model.safetensors"))
-    save_file({"exp_avg/w": torch.zeros(3)}, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer").mkdir()
+    save_file({"exp_avg/w": torch.zeros(3)}, str(folder / "optimizer" / "optimizer.safetensors"))
     (folder / "probe_rl_state.json").write_text(json.dumps({"version": version}))
     return folder
 

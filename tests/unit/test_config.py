@@ -66,3 +66,33 @@ def test_cli_rejects_bad_config_with_exit_code_2():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "learner.zero_stage" in out.stderr
+
+
+def test_weight_transport_defaults_and_backends():
+    from pipeline.config import BACKEND_GLOO, BACKEND_INLINE, weight_backend
+
+    cpu = load_config()
+    assert cpu.weights.transport == "collective" and weight_backend(cpu) == BACKEND_GLOO  # gloo on CPU
+    gpu = load_config(overrides={"learner": {"num_gpus": 1}, "generator": {"num_gpus": 1}})
+    assert weight_backend(gpu) == "nccl"  # NCCL where learner and generators have GPUs
+    assert weight_backend(load_config(overrides=["--weights.transport", "object_store"])) == BACKEND_INLINE
+
+
+def test_transports_the_machine_cannot_run_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r'weights.backend = "nccl" needs GPUs .* learner.num_gpus and '
+                                          r'generator.num_gpus = 0; set weights.backend = "gloo"'):
+        load_config(overrides=["--weights.backend", "nccl"])
+    with pytest.raises(ConfigError, match=r"generator.tensor_parallel_size=2 needs GPUs: on CPU .* Set "
+                                          r"generator.tensor_parallel_size = 1"):
+        load_config(overrides=["--generator.tensor_parallel_size", "2"])
+    with pytest.raises(ConfigError, match=r"generator.tensor_parallel_size=4 is larger than the GPUs in a generator's "
+                                          r"placement bundle \(generator.num_gpus=2\); set generator.num_gpus = 4"):
+        load_config(overrides=["--generator.tensor_parallel_size", "4", "--generator.num_gpus", "2"])
+    ok = load_config(overrides=["--generator.tensor_parallel_size", "2", "--generator.num_gpus", "2"])
+    assert ok.generator.tensor_parallel_size == 2
+
+
+def test_cli_refuses_an_impossible_transport_before_anything_starts():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--weights.backend", "nccl"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "weights.backend" in out.stderr and "run directory" not in out.stdout

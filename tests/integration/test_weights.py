@@ -1,0 +1,188 @@
+"""The weight path on real Ray, vLLM (CPU) and DeepSpeed: vLLM's weight-transfer protocol over both
+transports and both vLLM engine modes, bucketed sends that never copy the whole model, no hangs, and
+checkpoints that load in transformers and vLLM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import GeneratorConfig, LearnerConfig, ScorerConfig
+from pipeline.weights import BACKEND_GLOO, BACKEND_INLINE
+
+from ._helpers import TIMEOUT, collective_sync, hf_greedy, start_learners, train_batch
+
+pytestmark = pytest.mark.integration
+ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def trained(toy_world, ray_local, tmp_path_factory):
+    """One learner rank trained 3 steps with a large learning rate, and its checkpoint."""
+    from pipeline.remote import wait
+
+    _, world = toy_world
+    cfg = LearnerConfig(lr=3e-2, kl_coef=0.0, micro_batch_size=16, warmup_steps=0)
+    [learner] = start_learners(world.model_path, cfg, 16)
+    for seed in range(3):
+        wait(learner.train_step.remote(train_batch(world.model_path, 16, seed)), "learner", TIMEOUT)
+    checkpoint = wait(learner.save_checkpoint.remote(str(tmp_path_factory.mktemp("ckpt"))), "learner", TIMEOUT)
+    yield learner, checkpoint
+    ray_local.kill(learner)
+
+
+@pytest.mark.parametrize("engine_process", ["in_process", "separate"])
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+def test_generator_greedy_equals_transformers_after_a_sync(trained, toy_world, ray_local, transport, engine_process):
+    """After one sync, vLLM's greedy completions equal transformers `generate` on the learner's weights, with
+    vLLM's engine in the actor's process and in its own process, over either transport."""
+    from actors.generator import Generator
+    from pipeline.remote import Receiver, make_actor, wait
+
+    learner, checkpoint = trained
+    _, world = toy_world
+    prompts = world.eval_prompt_ids[:6]
+    backend = BACKEND_GLOO if transport == "collective" else BACKEND_INLINE
+    gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
+                     cfg=GeneratorConfig(max_new_tokens=8, engine_process=engine_process), weight_backend=backend)
+    before = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
+    if transport == "collective":
+        [stats] = collective_sync([learner], [Receiver("generator 0", gen)])
+        assert stats.version == 3 and stats.num_bytes == stats.model_bytes and stats.num_buckets > 1
+    else:
+        wire = wait(learner.get_weights.remote(), "learner", TIMEOUT)
+        assert wait(gen.load_weights.remote(ray_local.put(wire), wire.version), "generator", TIMEOUT) == 3
+    assert wait(gen.ready.remote(), "generator", TIMEOUT) == 3  # the version rollouts will carry
+    after = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
+    assert after == hf_greedy(checkpoint, prompts)
+    assert after != before, "training changed nothing: the test would not notice a missed update"
+    ray_local.kill(gen)
+
+
+class _Holder:
+    """A plain transformers model behind the receiver that live scorers use (pipeline.weights.ModelReceiver),
+    which can hand back what it received. Shipped to Ray workers by value (test modules are not importable
+    there)."""
+
+    def __init__(self, model_path: str) -> None:
+        from actors.frozen import load_frozen_model
+        from pipeline.weights import ModelReceiver
+
+        self.receiver = ModelReceiver(load_frozen_model(model_path, "float32"), "holder")
+
+    def init_weight_transfer_engine(self, init_info):
+        self.receiver.init_weight_transfer_engine(init_info)
+
+    def start_weight_update(self):
+        self.receiver.start_weight_update()
+
+    def update_weights(self, update_info):
+        self.receiver.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version):
+        self.receiver.finish_weight_update(weight_version)
+
+    def state(self) -> dict:
+        return {k: v.clone() for k, v in self.receiver.model.named_parameters()}
+
+    def ready(self) -> int:
+        return self.receiver.version
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_received_weights_equal_the_learners_and_only_rank_0_sends(toy_world, ray_local, tmp_path, zero_stage):
+    """Two ranks at ZeRO-0 and ZeRO-3 send to two receivers: both receive exactly the learner's weights (as its
+    checkpoint has them); rank 1 sends nothing; each bucket stays below the bucket size, and under ZeRO-3 no
+    rank ever gathers more than a layer group."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.remote import Receiver, make_actor, wait
+    from pipeline.weights import plan_buckets
+
+    _, world = toy_world
+    cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=2, lr=1e-2, kl_coef=0.0, micro_batch_size=8, warmup_steps=0)
+    learners = start_learners(world.model_path, cfg, 16)
+    wait([lr.train_step.remote(train_batch(world.model_path, 16, 7)) for lr in learners], "learner", TIMEOUT)
+    holders = [make_actor(_Holder, "holder", 0.25, model_path=world.model_path) for _ in range(2)]
+    bucket = 64 * 2**10
+    stats = collective_sync(learners, [Receiver(f"holder {i}", h) for i, h in enumerate(holders)], bucket)
+    checkpoint = wait([lr.save_checkpoint.remote(str(tmp_path)) for lr in learners], "learner", TIMEOUT)[0]
+    expected = dict(AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters())
+    initial = dict(AutoModelForCausalLM.from_pretrained(world.model_path).named_parameters())
+    assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4  # training moved them
+    for h in holders:
+        got = wait(h.state.remote(), "holder", TIMEOUT)
+        assert set(got) == set(expected)
+        for name, tensor in got.items():
+            assert torch.equal(tensor, expected[name]), name
+        assert wait(h.ready.remote(), "holder", TIMEOUT) == 1
+    sizes = [p.numel() * p.element_size() for p in expected.values()]
+    assert stats[0].num_bytes == stats[0].model_bytes == sum(sizes)
+    assert stats[0].num_buckets == len(plan_buckets(sizes, bucket)) > 4  # whole-model copies never made
+    assert stats[1].num_bytes == 0 and stats[1].num_buckets == 0
+    for s in stats:
+        if zero_stage == 3:  # one decoder layer group at a time, never the model
+            assert 0 < s.max_gathered_bytes < s.model_bytes / 2
+        else:  # every rank already holds whole parameters: nothing gathered
+            assert s.max_gathered_bytes == 0
+    for a in learners + holders:
+        ray_local.kill(a)
+
+
+def test_silent_or_dead_receiver_fails_the_sync_naming_it(toy_world, ray_local):
+    """A receiver that never joins (its process stopped) and one that died both fail the sync within the
+    timeout, with an error that names the receiver and the weights version."""
+    import time
+
+    from actors.scorer import Scorer
+    from pipeline.remote import Receiver, ReceiverClient, make_actor, wait
+
+    _, world = toy_world
+    [learner] = start_learners(world.model_path, LearnerConfig(micro_batch_size=16), 16)
+    scorers = [make_actor(Scorer, "scorer", 0.25, 0, model_path=world.model_path, probe_paths=[],
+                          cfg=ScorerConfig(model="live"), compute_ref=False, weight_backend=BACKEND_GLOO)
+               for _ in range(2)]
+    pids = wait([s.pid.remote() for s in scorers], "scorer", TIMEOUT)
+    os.kill(pids[1], signal.SIGSTOP)  # alive but silent, as a frozen process or a hung host is
+    try:
+        client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 15)
+        start = time.monotonic()
+        with pytest.raises(Exception, match=r"scorer 1 did not answer \w+ \(weights version 0\) within 15s"):
+            wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "silent"), "learner", TIMEOUT)
+        assert time.monotonic() - start < 60
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    os.kill(pids[1], signal.SIGKILL)
+    time.sleep(1)
+    client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 15)
+    with pytest.raises(Exception, match=r"scorer 1 died during \w+ \(weights version 0\)"):
+        wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "dead"), "learner", TIMEOUT)
+    for a in [learner, *scorers]:
+        ray_local.kill(a)
+
+
+def test_checkpoint_loads_in_transformers_and_vllm(trained, toy_world, ray_local):
+    """A checkpoint folder holds weights, config and tokenizer: transformers loads model and tokenizer from it,
+    and a vLLM engine started on it answers exactly as transformers does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.generator import Generator
+    from pipeline.remote import make_actor, wait
+
+    _, checkpoint = trained
+    _, world = toy_world
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    text = "12+30="
+    assert tokenizer(text)["input_ids"] == world.tokenizer(text)["input_ids"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    assert AutoModelForCausalLM.from_pretrained(checkpoint).config.num_hidden_layers > 0
+    gen = make_actor(Generator, "generator", 1, 0, model_path=checkpoint, cfg=GeneratorConfig(max_new_tokens=8),
+                     weight_backend=BACKEND_GLOO)
+    prompts = world.eval_prompt_ids[:6]
+    assert wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT) == hf_greedy(checkpoint, prompts)
+    ray_local.kill(gen)
