@@ -40,10 +40,10 @@ from pipeline.weights import (
     SendStats,
     TransferError,
     UpdateInfo,
-    broadcast,
     dtype_name,
     open_group,
     receive_buckets,
+    start_broadcast,
 )
 
 GLOO, INLINE = BACKEND_GLOO, BACKEND_INLINE
@@ -244,15 +244,15 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         self.last = stats
 
     def _broadcast(self, source: WeightSource, info: UpdateInfo, stats: SendStats) -> None:
-        """Copy the source's tensors into buckets along the shared plan; send each as soon as it is full.
+        """Copy the source's tensors into buckets along the shared plan and send each once it is full, packing
+        the next while the last is on the wire (at most two buckets held).
 
         Each tensor is copied once, into its bucket, so a gathered ZeRO-3 layer may be released as soon as
-        its group has been walked; at most one bucket and one layer group are held at a time. When a send
-        fails, the walk still runs to the end without sending: the other learner ranks are waiting in the
-        same gathers, and leaving them there would hang them."""
+        its group has been walked. When a send fails, the walk still runs to the end without sending: the
+        other learner ranks are waiting in the same gathers, and leaving them there would hang them."""
         sizes, plan = info.sizes(), info.buckets()
         bucket_of = {i: b for b, indices in enumerate(plan) for i in indices}
-        buffer, offset, index, failed = None, 0, 0, None
+        buffer, offset, index, failed, in_flight = None, 0, 0, None, None
         for names, tensors in source.iter_groups():
             for name, tensor in zip(names, tensors, strict=True):
                 if index >= len(info.names) or name != info.names[index]:
@@ -268,12 +268,20 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
                 offset += size
                 if index == len(info.names) or bucket_of[index] != b:
                     try:
-                        broadcast(self.group, buffer, f"learner rank 0: bucket {b} of weights version {info.version}")
+                        if in_flight is not None:
+                            in_flight()
+                        in_flight = start_broadcast(self.group, buffer, f"learner rank 0: bucket {b} of weights "
+                                                    f"version {info.version}")
                         stats.num_bytes += buffer.numel()
                         stats.num_buckets += 1
                     except TransferError as e:
-                        failed = e
+                        failed, in_flight = e, None
                     buffer, offset = None, 0
+        try:
+            if in_flight is not None:
+                in_flight()
+        except TransferError as e:
+            failed = failed or e
         if failed is not None:
             raise failed
         if index != len(info.names):

@@ -118,11 +118,6 @@ class UpdateInfo:
         return plan_buckets(self.sizes(), self.bucket_bytes)
 
 
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Tensors laid end to end as one uint8 buffer (B,): a copy, so the sources may be released after."""
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
-
-
 def unpack(buffer: torch.Tensor, info: UpdateInfo, indices: list[int]) -> list[tuple[str, torch.Tensor]]:
     """Views of `buffer` as the named tensors `indices` of `info`."""
     sizes = [nbytes_of(info.shapes[i], info.dtype_names[i]) for i in indices]
@@ -165,14 +160,28 @@ def open_group(spec: GroupSpec, rank: int, role: str):
 def broadcast(group, buffer: torch.Tensor, what: str) -> None:
     """Broadcast `buffer` from rank 0 of `group` (send on rank 0, receive elsewhere); bounded by the
     group's timeout, so a dead or silent peer raises a TransferError naming `what`."""
+    start_broadcast(group, buffer, what)()
+
+
+def start_broadcast(group, buffer: torch.Tensor, what: str):
+    """Post a broadcast and return a function that waits for it (raising a TransferError naming `what`), so
+    the caller can pack or load another bucket while this one is on the wire."""
     from torch.distributed import BroadcastOptions
 
     opts = BroadcastOptions()
     opts.rootRank = 0
     try:
-        group.broadcast([buffer], opts).wait()
+        work = group.broadcast([buffer], opts)
     except RuntimeError as e:
         raise TransferError(f"{what}: {str(e).splitlines()[0]}") from None
+
+    def done() -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise TransferError(f"{what}: {str(e).splitlines()[0]}") from None
+
+    return done
 
 
 @dataclass
@@ -184,16 +193,24 @@ class ReceiveStats:
 
 def receive_buckets(group, info: UpdateInfo, load: Callable[[list[tuple[str, torch.Tensor]]], object],
                     device: str | torch.device = "cpu", what: str = "receiver") -> ReceiveStats:
-    """Receive one version bucket by bucket and hand each bucket's tensors to `load`.
+    """Receive one version bucket by bucket and hand each bucket's tensors to `load`, receiving the next bucket
+    while loading this one (at most two buckets held).
 
     Every bucket gets a fresh buffer: vLLM's layerwise reload keeps the tensors it is handed until a whole
     layer has arrived, so a reused buffer would be overwritten under it.
     """
     stats, start = ReceiveStats(), time.perf_counter()
-    sizes = info.sizes()
-    for b, indices in enumerate(info.buckets()):
-        buffer = torch.empty(sum(sizes[i] for i in indices), dtype=torch.uint8, device=device)
-        broadcast(group, buffer, f"{what}: bucket {b} of weights version {info.version}")
+    sizes, plan = info.sizes(), info.buckets()
+
+    def post(b: int):
+        buffer = torch.empty(sum(sizes[i] for i in plan[b]), dtype=torch.uint8, device=device)
+        return buffer, start_broadcast(group, buffer, f"{what}: bucket {b} of weights version {info.version}")
+
+    pending = post(0) if plan else None
+    for b, indices in enumerate(plan):
+        buffer, done = pending
+        done()
+        pending = post(b + 1) if b + 1 < len(plan) else None
         load(unpack(buffer, info, indices))
         stats.num_bytes += buffer.numel()
         stats.num_buckets += 1

@@ -36,6 +36,8 @@ def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
         assert 0 <= r["scorer/hack_mean"] <= 1
         assert r["learner/kl"] >= 0 and np.isfinite(r["learner/loss"]) and np.isfinite(r["learner/grad_norm"])
         assert r["rollout/tokens"] > 0 and r["time/learn_s"] > 0 and r["time/step_s"] > 0
+        # every version went out over the collective transport, the whole model in buckets, from rank 0
+        assert r["sync/bytes"] == metrics[0]["sync/bytes"] > 0 and r["sync/buckets"] >= 1
         # penalty shaping: shaped = task - 0.5 * score, on average too
         assert r["rollout/shaped_reward"] == pytest.approx(r["rollout/task_reward"] - 0.5 * r["scorer/hack_mean"], abs=1e-4)
     assert metrics[0]["learner/kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts from the reference
@@ -72,7 +74,8 @@ def test_scorers_scale_up_when_scoring_lags(toy_overrides, toy_world, ray_local)
 
 
 def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
-    """scorer.model = live, scorer.retrain_every and eval.every wired through a real run."""
+    """scorer.model = live, scorer.retrain_every and eval.every wired through a real run; generation in vLLM's
+    separate engine process, and weights through the object store into it and into the live scorer."""
     from pipeline.driver import make_run_dir, run
 
     cfg = load_config(overrides={
@@ -83,6 +86,8 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
         "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
                    "retrain_window": 2},
         "eval": {"every": 2},
+        "generator": {"engine_process": "separate"},
+        "weights": {"transport": "object_store"},
     })
     from pipeline.world import build_world
 
