@@ -33,6 +33,13 @@ class GenerateStats:
     seconds: float
     num_tokens: int  # completion tokens generated
     policy_version: int
+    end_time: float = 0.0  # wall clock when the table was done (a scorer's queueing time starts here)
+
+
+def request_seed(seed: int, group_id: int) -> int:
+    """The sampling seed of one prompt: a function of the run's seed and the prompt's group, so a prompt's
+    completions do not depend on which generator got it or which prompts shared its batch."""
+    return (seed * 1_000_003 + group_id) % 2**31
 
 
 def configure_env(cfg: GeneratorConfig, on_gpu: bool) -> None:
@@ -83,18 +90,17 @@ class Generator:
                           detokenize=False), use_tqdm=False)
 
     def generate(self, prompts: pa.Table, n: int, seed: int) -> tuple[pa.Table, GenerateStats]:
-        """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order."""
+        """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
+        samples with its own seed (`request_seed`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
         start = time.perf_counter()
-        params = SamplingParams(
-            n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
-            seed=seed, detokenize=False,
-        )
         rows = prompts.to_pydict()
+        params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                                 seed=request_seed(seed, g), detokenize=False) for g in rows["group_id"]]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in rows["prompt_ids"]], params, use_tqdm=False
         )
@@ -114,7 +120,7 @@ class Generator:
                 cols["answer"].append(rows["answer"][i])
                 num_tokens += len(token_ids)
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
-        return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version)
+        return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version, time.time())
 
     # --- vLLM's weight-transfer protocol, called by the learner's trainer-side engine ----------------------
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from actors.frozen import load_frozen_model
 from pipeline.batching import token_budget_batches
 from pipeline.config import ScorerConfig
-from pipeline.faults import maybe_die
+from pipeline.faults import maybe_die, maybe_slow_down
 from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
 from pipeline.weights import make_receiver
 
@@ -29,6 +29,7 @@ class ScoreStats:
     num_tokens: int  # prompt + completion tokens through the model
     num_nonfinite: int  # rows with a NaN/inf probe score
     padding_waste: float = 0.0  # fraction of the padded tokens of this call that were padding
+    start_time: float = 0.0  # wall clock when this call began (it queued from the generator's end_time to here)
 
 
 class Scorer:
@@ -79,7 +80,8 @@ class Scorer:
         """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table."""
         assert rollouts.schema.equals(ROLLOUT_SCHEMA), rollouts.schema
         maybe_die("scorer")
-        start = time.perf_counter()
+        start, start_time = time.perf_counter(), time.time()
+        maybe_slow_down("scorer")
         prompts = rollouts.column("prompt_ids").to_pylist()
         completions = rollouts.column("completion_ids").to_pylist()
         n_rows = len(prompts)
@@ -105,7 +107,7 @@ class Scorer:
             table = table.append_column(self.schema.field(f"probe/{name}/tokens"), pa.array(tokens[name], pa.list_(pa.float32())))
             table = table.append_column(self.schema.field(f"probe/{name}/score"), pa.array(aggs[name], pa.float32()))
         stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite),
-                           1 - num_tokens / padded if padded else 0.0)
+                           1 - num_tokens / padded if padded else 0.0, start_time)
         return table, stats
 
     def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):

@@ -84,8 +84,11 @@ class TaskConfig(_Strict):
     """Held-out prompts for greedy evaluation at the start and end of a run (toy set only)."""
 
 
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 class RoleResources(_Strict):
-    """What Ray reserves for each worker of a role (one placement-group bundle per worker)."""
+    """What Ray reserves for each worker of a role (one placement-group bundle per worker), and where."""
 
     num_cpus: PositiveFloat = 0.5
     """Ray CPUs reserved per worker."""
@@ -93,6 +96,11 @@ class RoleResources(_Strict):
     """Ray GPUs reserved per worker (0 on CPU)."""
     memory_gib: NonNegFloat = 0.0
     """Ray memory reserved per worker, GiB (0: none reserved)."""
+    resources: dict[str, NonNegFloat] = {}
+    """Custom Ray resources per worker, e.g. {"h100" = 1}, to pin the role to nodes that offer them."""
+    placement: Placement = "SPREAD"
+    """How the role's bundles spread over nodes (Ray placement-group strategy): PACK (as few nodes as possible),
+    SPREAD (as many as possible), STRICT_PACK (one node), STRICT_SPREAD (one node per worker)."""
 
 
 class GeneratorConfig(RoleResources):
@@ -141,8 +149,16 @@ class ScorerConfig(RoleResources):
     """Scorer actors (frozen model copies); scale these independently of generators. With `max_workers`,
     the minimum and starting count."""
     max_workers: PositiveInt | None = None
-    """Scale scorers by backlog between num_workers and this: add one when scoring lags generation, retire
-    one after a few idle steps. None: a fixed count."""
+    """Scale scorers by backlog between num_workers and this: add one when generated batches wait for a
+    scorer, retire one (after it drains) when they stay idle. None: a fixed count. A local Ray instance
+    reserves CPUs for the maximum; on a cluster a scorer that cannot be placed yet joins once it is."""
+    scale_up_wait: float = Field(0.2, gt=0, le=1)
+    """Add a scorer when generated batches wait for one longer than this fraction of the step, on average."""
+    scale_down_busy: float = Field(0.5, gt=0, le=1)
+    """Retire a scorer when, with one fewer, the rest would still be busy less than this fraction of the step
+    (and batches wait less than half of `scale_up_wait`), for `scale_down_steps` steps in a row."""
+    scale_down_steps: PositiveInt = 3
+    """Steps in a row of idleness before a scorer is retired."""
     batch_size: PositiveInt = 256
     """Most sequences per scorer forward pass."""
     token_budget: PositiveInt = 8192
@@ -173,7 +189,9 @@ class ShapingConfig(_Strict):
 
 class LearnerConfig(RoleResources):
     num_ranks: PositiveInt = 1
-    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    """DeepSpeed data-parallel ranks, one Ray actor each; they meet at rank 0's node, so they may span nodes."""
+    placement: Placement = "PACK"
+    """How the ranks spread over nodes (Ray placement-group strategy): PACK keeps them together where they fit."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
     lr: PositiveFloat = 5e-5
@@ -190,8 +208,12 @@ class LearnerConfig(RoleResources):
     """Max global gradient norm."""
     micro_batch_size: PositiveInt = 64
     """Sequences per forward/backward; gradients accumulate over a step's batch."""
-    checkpoint_every: NonNegInt = 0
-    """Save a checkpoint every N steps (0: only at the end)."""
+    checkpoint_every: NonNegInt = 10
+    """Save a checkpoint every N steps (0: by time only); the learner recovers from the newest one by itself."""
+    checkpoint_minutes: NonNegFloat = 30.0
+    """Also save one when this many minutes passed since the last (0: by steps only)."""
+    keep_checkpoints: NonNegInt = 3
+    """Checkpoints kept on disk, newest first (0: all). The final one is always kept."""
     checkpoint_shard_gib: PositiveFloat = 4.0
     """Largest safetensors file of a checkpoint, GiB; weights are written one layer group at a time."""
     gradient_checkpointing: bool = False
@@ -242,7 +264,8 @@ class PipelineConfig(_Strict):
     timeout_s: PositiveFloat = 600.0
     """Longest wait on any remote call before the run fails naming the role."""
     max_restarts: NonNegInt = 3
-    """Dead generators/scorers replaced per step before the run gives up."""
+    """How often the run may recover before it gives up: dead or silent generators and scorers replaced per
+    step, and learner restarts from a checkpoint in a row (the count starts again at each new checkpoint)."""
     seed: int = 0
     """Seed of prompt order and sampling."""
 
@@ -308,8 +331,9 @@ class Config(_Strict):
         return out + ([("evaluator", 1, self.eval)] if self.eval.every else [])
 
     def reserved_cpus(self) -> float:
-        """CPUs the roles reserve from Ray at start-up."""
-        return sum(n * r.num_cpus for _, n, r in self.roles())
+        """CPUs the roles reserve from Ray: at start-up, plus the scorers a scale-up may add."""
+        extra = (self.scorer.max_workers or self.scorer.num_workers) - self.scorer.num_workers
+        return sum(n * r.num_cpus for _, n, r in self.roles()) + extra * self.scorer.num_cpus
 
     def _check_parallelism(self) -> None:
         g = self.generator
@@ -416,28 +440,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def dump_toml(cfg: Config) -> str:
-    """The resolved config as TOML (what `--dry-run` prints and a run directory keeps)."""
-    lines: list[str] = []
-    data = cfg.model_dump(mode="json")
-    for section, values in data.items():
-        scalars = {k: v for k, v in values.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
-        tables = {k: v for k, v in values.items() if k not in scalars}
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None]
-        lines.append("")
-        for k, rows in tables.items():
-            for row in rows:
-                lines.append(f"[[{section}.{k}]]")
-                lines += [f"{rk} = {_toml_value(rv)}" for rk, rv in row.items() if rv is not None]
-                lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML (what `--dry-run` prints and a run directory keeps); unset optional keys
+    (None) are left out, and read back as None."""
+    import tomli_w
 
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return repr(v)
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

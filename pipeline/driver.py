@@ -1,11 +1,18 @@
 """The driver: one loop that wires generators, scorers, the rewarder and the learner.
 
 Read `train_loop` top to bottom: launch generation (and its scoring) up to `max_staleness` steps
-ahead, take the oldest batch, compute shaped rewards, take one learner step, push the new weights to
-every generator, log a metrics row. Generation for later steps runs on the generator actors while
-the learner trains, so the two overlap; the version every rollout came from is tracked and the
-staleness of each batch is checked and logged. The actors themselves, and everything that keeps them
-alive (start, replace, scale, push weights), belong to `pipeline/fleet.py`.
+ahead, take the oldest batch, checkpoint when one is due, compute shaped rewards, take one learner
+step, push the new weights to every generator, log a metrics row. Generation for later steps runs on
+the generator actors while the learner trains, so the two overlap; the version every rollout came
+from is tracked and the staleness of each batch is checked. The actors themselves, and everything that
+keeps them alive (start, replace, scale, push weights, restart the learner), belong to
+`pipeline/fleet.py`.
+
+Checkpoint v is taken in step v+1, after that step's rollouts are in and before the learner trains on
+them, together with every rollout already launched (`checkpoints/step_v.inflight.parquet`): those came
+from versions up to v, and an uninterrupted run trains on exactly them. When the learner dies (its
+process, or its node), or a run is resumed, the loop restarts from the newest checkpoint with those
+rollouts, so the steps after it are the steps an uninterrupted run takes.
 """
 
 from __future__ import annotations
@@ -46,10 +53,11 @@ class Chunk:
 
 @dataclass
 class InFlight:
-    """One step's rollouts on their way through generation and scoring."""
+    """One step's rollouts on their way through generation and scoring (or already in, from a checkpoint)."""
 
     step: int
     chunks: list[Chunk]
+    ready: tuple | None = None  # (scored table, generator stats, scorer stats) when nothing is in flight
 
 
 def prepare(cfg: Config, log=print) -> tuple[Path, World]:
@@ -77,8 +85,7 @@ def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path |
     fleet = None
     try:
         fleet = Fleet.start(cfg, world, log)
-        start = restore(fleet, resume_from, log) if resume_from is not None else 0
-        summary = train_loop(cfg, world, fleet, run_dir, log, start_version=start)
+        summary = train_loop(cfg, world, fleet, run_dir, log, resume_from=resume_from)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -86,18 +93,6 @@ def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path |
             fleet.shutdown()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def restore(fleet, checkpoint: Path, log=print) -> int:
-    """Load a checkpoint into every learner rank and give every receiver its weights; returns its version."""
-    from pipeline.remote import wait
-
-    versions = wait([lr.load_checkpoint.remote(str(checkpoint)) for lr in fleet.learners], "learner (resume)",
-                    fleet.timeout)
-    fleet.version = versions[0]
-    fleet.catch_up()
-    log(f"resumed from {checkpoint} at version {versions[0]}")
-    return versions[0]
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -137,6 +132,7 @@ def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:
 
     Prompts are cut into max(#generators, #scorers) chunks so that every worker of both kinds gets work;
     each scorer call takes its generator's table ref directly, without a round trip through the driver.
+    Each prompt samples with its own seed, so how a step is cut does not change its rollouts.
     """
     prompts = world.prompts_for_step(step, cfg.pipeline.prompts_per_step, cfg.pipeline.seed)
     num_scorers = fleet.active_scorers or len(fleet.scorers)
@@ -146,8 +142,8 @@ def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:
     for c in range(num_chunks):
         if bounds[c + 1] > bounds[c]:
             part = prompts.slice(bounds[c], bounds[c + 1] - bounds[c])
-            seed = cfg.pipeline.seed * 1_000_003 + step * 101 + c
-            chunks.append(submit_chunk(cfg, fleet, Chunk(part, seed, c % len(fleet.generators), c % num_scorers)))
+            chunk = Chunk(part, cfg.pipeline.seed, c % len(fleet.generators), c % num_scorers)
+            chunks.append(submit_chunk(cfg, fleet, chunk))
     return InFlight(step, chunks)
 
 
@@ -161,26 +157,30 @@ def submit_chunk(cfg: Config, fleet, chunk: Chunk, generate: bool = True) -> Chu
 
 
 def collect(cfg: Config, fleet, flight: InFlight, log=print):
-    """Wait for a step's scored tables; a dead generator or scorer is replaced and its chunks redone.
+    """Wait for a step's scored tables. A chunk whose worker died, or whose results died with a node, is redone
+    (its dead workers replaced first), so no rollout is lost or counted twice.
 
-    Returns (scored table, generator stats, scorer stats, actors replaced). A chunk is only ever used once:
-    a redone chunk replaces the lost one, so no rollout is lost or counted twice.
+    Returns (scored table, generator stats, scorer stats, workers replaced) and keeps the result on the flight.
     """
     import ray
 
     from pipeline.remote import wait
 
+    if flight.ready is not None:
+        return (*flight.ready, 0)
     t = cfg.pipeline.timeout_s
     restarts = 0
     for attempt in range(cfg.pipeline.max_restarts + 1):
         try:
             scored = wait([c.scored for c in flight.chunks], "generator/scorer", t)
-            return (pa.concat_tables(scored), wait([c.gen_stats for c in flight.chunks], "generator", t),
-                    wait([c.score_stats for c in flight.chunks], "scorer", t), restarts)
-        except ray.exceptions.RayActorError as e:
+            flight.ready = (pa.concat_tables(scored), wait([c.gen_stats for c in flight.chunks], "generator", t),
+                            wait([c.score_stats for c in flight.chunks], "scorer", t))
+            return (*flight.ready, restarts)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
             if attempt == cfg.pipeline.max_restarts:
-                raise RuntimeError(f"step {flight.step}: a worker died {attempt + 1} times (pipeline.max_restarts="
-                                   f"{cfg.pipeline.max_restarts}): {e}") from None
+                raise RuntimeError(f"step {flight.step}: its rollouts were lost {attempt + 1} times "
+                                   f"(pipeline.max_restarts={cfg.pipeline.max_restarts}): {e}") from None
+            log(f"step {flight.step}: {type(e).__name__}; redoing the chunks it took")
             restarts += fleet.replace_dead()
             for chunk in flight.chunks:
                 if not _ok(chunk.scored, t):
@@ -189,7 +189,7 @@ def collect(cfg: Config, fleet, flight: InFlight, log=print):
 
 
 def _ok(ref: Any, timeout_s: float) -> bool:
-    """The ref holds a value (waits for it if it is still being computed); False if its actor died."""
+    """The ref holds a value (waits for it if it is still being computed); False if it died with its worker."""
     import ray
 
     from pipeline.remote import wait
@@ -197,69 +197,148 @@ def _ok(ref: Any, timeout_s: float) -> bool:
     try:
         wait(ref, "generator/scorer (redo check)", timeout_s)
         return True
-    except ray.exceptions.RayActorError:
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
         return False
 
 
-def train_loop(cfg: Config, world: World, fleet, run_dir: Path, log=print, start_version: int = 0) -> dict:
+def train_loop(cfg: Config, world: World, fleet, run_dir: Path, log=print, resume_from: Path | None = None) -> dict:
+    from pipeline.fleet import LearnerLost, ScorerScaler
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
-    resumed = start_version > 0  # earlier rows stay; rows after the checkpoint are recomputed
-    sink = ParquetSink(run_dir / "metrics.parquet", keep_until_step=start_version if resumed else None)
-    eval_sink = ParquetSink(run_dir / "eval.parquet", keep_until_step=start_version if resumed else None)
-    rewarder, retrainer, scaler = Rewarder(cfg, world), ProbeRetrainer(cfg, fleet), ScorerScaler(cfg, fleet, log)
+    loop = LoopState(cfg, run_dir)
+    rewarder, retrainer, scaler = Rewarder(cfg, world), ProbeRetrainer(cfg, fleet), ScorerScaler(fleet, log)
     eval_start = greedy_accuracy(cfg, world, fleet)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
-    if not resumed:
-        probe_eval(cfg, fleet, eval_sink, 0, None, None)
-    pending: deque[InFlight] = deque()
-    version, next_launch, samples = start_version, start_version + 1, previous_samples(run_dir, start_version)
+    if resume_from is not None:
+        loop.restart(fleet, resume_from, log)
+    else:
+        probe_eval(cfg, fleet, loop.eval_sink, 0, None, None)
     bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
-    for step in range(start_version + 1, p.num_steps + 1):
+    bar.update(loop.version)
+    step = loop.version + 1
+    while step <= p.num_steps:
         timer, wall_start = StageTimer(), time.time()
-        # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
-        while next_launch <= min(p.num_steps, step + p.max_staleness):
-            pending.append(launch_step(cfg, world, fleet, next_launch))
-            next_launch += 1
-        flight = pending.popleft()
-        with timer("wait_rollouts"):
-            fleet.settle_loads()
-            scored, gen_stats, score_stats, restarts = collect(cfg, fleet, flight, log)
-        staleness = check_staleness(step, version, scored, p.max_staleness)
-        with timer("reward"):
-            batch, reward_metrics = rewarder(scored)
-        with timer("scale"):
-            reward_metrics.update(scaler(gen_stats, score_stats, pending))
-        with timer("learn"):
-            train_stats = fleet.train(batch)
-        version = train_stats[0].version
-        with timer("sync"):
-            fleet.push_weights(version)
-        with timer("probe_retrain"):
-            reward_metrics.update(retrainer(step, batch, rewarder.last_truth))
-        checkpoint = None
-        if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0 and step < p.num_steps:
-            with timer("checkpoint"):
-                checkpoint = fleet.checkpoint(run_dir)
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == p.num_steps):
-            with timer("probe_eval"):
-                reward_metrics.update(probe_eval(cfg, fleet, eval_sink, step, checkpoint or fleet.checkpoint(run_dir),
-                                                 scored))
-        row = step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
+        try:
+            # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
+            while loop.next_launch <= min(p.num_steps, step + p.max_staleness):
+                loop.pending.append(launch_step(cfg, world, fleet, loop.next_launch))
+                loop.next_launch += 1
+            flight = loop.pending.popleft()
+            with timer("wait_rollouts"):
+                fleet.settle_loads()
+                scored, gen_stats, score_stats, restarts = collect(cfg, fleet, flight, log)
+            staleness = check_staleness(step, loop.version, scored, p.max_staleness)
+            loop.last_scored = scored
+            if loop.checkpoint_due(loop.version):
+                with timer("checkpoint"):
+                    loop.checkpoint(fleet, [flight, *loop.pending], scored, log)
+            with timer("reward"):
+                batch, reward_metrics, truth = rewarder(scored)
+            with timer("scale"):
+                reward_metrics.update(scaler(gen_stats, score_stats, loop.pending))
+            with timer("learn"):
+                train_stats = fleet.train(batch)
+            loop.version = train_stats[0].version
+            with timer("sync"):
+                fleet.push_weights(loop.version)
+            with timer("probe_retrain"):
+                reward_metrics.update(retrainer(step, batch, truth))
+        except LearnerLost as e:
+            from learner.checkpoint import latest_checkpoint as newest
+
+            log(f"step {step}: {e}")
+            loop.restart(fleet, newest(run_dir), log)  # no checkpoint yet: from the initial weights
+            retrainer.window.clear()  # its rollouts were from steps about to be redone
+            bar.reset(p.num_steps)
+            bar.update(loop.version)
+            step = loop.version + 1
+            continue
+        row = step_metrics(step, loop.version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer)
         row.update({"time/wall_start": wall_start, "time/wall_end": time.time(),  # for Ray timelines
-                    "pipeline/restarts": restarts, "rollout/rows": scored.num_rows, **sync_metrics(fleet)})
-        sink.log(row)
-        samples.append(rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
-        write_samples(samples, run_dir)  # every step: a crash keeps what was sampled (small: a sample per step)
+                    "time/step_wall_s": time.time() - wall_start, "pipeline/restarts": restarts,
+                    "pipeline/learner_restarts": loop.learner_restarts, "rollout/rows": scored.num_rows,
+                    **sync_metrics(fleet)})
+        loop.log_step(row, rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)
         bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")
         log_step(row, log, quiet=not bar.disable)
+        step += 1
     bar.close()
     fleet.settle_loads()
-    final = fleet.checkpoint(run_dir)
+    final = loop.checkpoint(fleet, [], loop.last_scored, log)
     eval_end = greedy_accuracy(cfg, world, fleet)
-    return summarize(sink.rows, eval_start, eval_end, final, run_dir)
+    return summarize(loop.sink.rows, eval_start, eval_end, final, run_dir)
+
+
+class LoopState:
+    """What carries from one step of `train_loop` to the next, and how it is saved and restored: the version
+    the learner holds, the rollouts in flight, the metrics and sample sinks, the checkpoint schedule."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.version, self.next_launch = 0, 1
+        self.pending: deque[InFlight] = deque()
+        self.sink = ParquetSink(run_dir / "metrics.parquet")
+        self.eval_sink = ParquetSink(run_dir / "eval.parquet")
+        self.samples: list[pa.Table] = []
+        self.last_checkpoint_time = time.monotonic()
+        self.learner_restarts = 0
+        self.last_scored: pa.Table | None = None  # the latest scored batch (the evaluator's live-vs-frozen gap)
+
+    def log_step(self, row: dict, sample: pa.Table) -> None:
+        self.sink.log(row)
+        self.samples.append(sample)
+        write_samples(self.samples, self.run_dir)  # every step: a crash keeps what was sampled (a few rows a step)
+
+    def checkpoint_due(self, version: int) -> bool:
+        """Checkpoint `version` now? Every learner.checkpoint_every versions, after learner.checkpoint_minutes,
+        and at every evaluation point (its weights are what the evaluator reads)."""
+        lc, every = self.cfg.learner, self.cfg.eval.every
+        if version == 0:
+            return False
+        minutes = (time.monotonic() - self.last_checkpoint_time) / 60
+        return bool((lc.checkpoint_every and version % lc.checkpoint_every == 0)
+                    or (lc.checkpoint_minutes and minutes >= lc.checkpoint_minutes)
+                    or (every and version % every == 0))
+
+    def checkpoint(self, fleet, flights: list[InFlight], scored: pa.Table | None, log=print) -> str:
+        """Checkpoint the learner's version with every flight launched so far (their rollouts written first, the
+        learner's state file last), evaluate it when an evaluation is due, prune old checkpoints."""
+        from pipeline.checkpoints import prune, write_inflight
+
+        cfg = self.cfg
+        for flight in flights:
+            collect(cfg, fleet, flight, log)
+        write_inflight(self.run_dir, self.version, [(f.step, *f.ready) for f in flights])
+        path = fleet.checkpoint(self.run_dir)
+        self.last_checkpoint_time = time.monotonic()
+        self.learner_restarts = 0
+        if cfg.eval.every and (self.version % cfg.eval.every == 0 or self.version == cfg.pipeline.num_steps):
+            probe_eval(cfg, fleet, self.eval_sink, self.version, path, scored)
+        prune(self.run_dir, cfg.learner.keep_checkpoints)
+        return path
+
+    def restart(self, fleet, checkpoint: Path | None, log=print) -> None:
+        """Carry on from `checkpoint` (None: from the start): every learner rank restarts from it, receivers get
+        its weights, the rollouts launched before it return to the queue, and metric and sample rows after it
+        are dropped (they are recomputed)."""
+        from pipeline.checkpoints import read_inflight
+
+        self.learner_restarts += 1
+        if self.learner_restarts > self.cfg.pipeline.max_restarts + 1:
+            raise RuntimeError(f"the learner failed {self.learner_restarts - 1} times since checkpoint {checkpoint} "
+                               f"(pipeline.max_restarts={self.cfg.pipeline.max_restarts}); giving up")
+        self.version = fleet.restart_learners(checkpoint)
+        saved = read_inflight(checkpoint) if checkpoint is not None else []
+        flights = [InFlight(step, [], (table, gen, score)) for step, table, gen, score in saved]
+        self.pending = deque(flights)
+        self.next_launch = max([f.step for f in flights], default=self.version) + 1
+        self.sink.truncate(self.version)
+        self.eval_sink.truncate(self.version)
+        self.samples = previous_samples(self.run_dir, self.version)
+        log(f"learner restarted from {checkpoint or 'the initial weights'} at version {self.version}, with "
+            f"{len(flights)} step(s) of rollouts launched before it")
 
 
 def check_staleness(step: int, version: int, scored: pa.Table, max_staleness: int) -> int:
@@ -328,52 +407,6 @@ class ProbeRetrainer:
         return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
 
 
-def scale_decision(lag: float, idle_streak: int, n: int, n_min: int, n_max: int, up: float = 1.0,
-                   idle: float = 0.3, idle_steps: int = 3) -> tuple[int, int]:
-    """(+1 add a scorer / -1 retire one / 0, new idle streak) from lag = scoring seconds / generation seconds
-    of a step: above `up` scored batches lag generation; below `idle` for `idle_steps` steps scorers idle."""
-    if lag > up:
-        return (1 if n < n_max else 0), 0
-    streak = idle_streak + 1 if lag < idle else 0
-    if streak >= idle_steps and n > n_min:
-        return -1, 0
-    return 0, streak
-
-
-class ScorerScaler:
-    """Scorer count between scorer.num_workers and scorer.max_workers, by backlog. A retired scorer first
-    drains (gets no new chunks) and is stopped once no batch in flight still uses it."""
-
-    def __init__(self, cfg: Config, fleet, log=print) -> None:
-        self.cfg, self.fleet, self.log, self.streak = cfg, fleet, log, 0
-
-    def __call__(self, gen_stats, score_stats, pending: deque) -> dict[str, float]:
-        import ray
-
-        s, fleet = self.cfg.scorer, self.fleet
-        active = fleet.active_scorers or len(fleet.scorers)
-        if s.max_workers is None:
-            return {"scorer/workers": active}
-        busy = {c.scorer for f in pending for c in f.chunks}
-        while len(fleet.scorers) > active and len(fleet.scorers) - 1 not in busy:  # drained: stop it
-            ray.kill(fleet.scorers.pop())
-        lag = max(x.seconds for x in score_stats) / max(max(x.seconds for x in gen_stats), 1e-6)
-        move, self.streak = scale_decision(lag, self.streak, active, s.num_workers, s.max_workers)
-        if move > 0 and len(fleet.scorers) == active:
-            fleet.scorers.append(fleet.bring_up("scorer", fleet.new_scorer, active))
-            if s.model == "live":
-                fleet.catch_up()
-            active += 1
-            self.log(f"scoring lags generation ({lag:.2f}x): scorers {active - 1} -> {active}")
-        elif move > 0:  # a draining scorer is still there: take it back instead of starting one
-            active += 1
-        elif move < 0:
-            active -= 1
-            self.log(f"scorers idle: {active + 1} -> {active}")
-        fleet.active_scorers = active
-        return {"scorer/workers": active, "scorer/lag": lag}
-
-
 def probe_eval(cfg: Config, fleet, sink: ParquetSink, step: int, checkpoint: str | None,
                scored: pa.Table | None) -> dict:
     """Evaluation point: AUROCs of the probes on the policy in `checkpoint` (None: the initial one) and on the
@@ -405,24 +438,27 @@ def greedy_accuracy(cfg: Config, world: World, fleet) -> float | None:
 
 
 def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer) -> dict:
-    gen_seconds = max(s.seconds for s in gen_stats)
+    """One metrics row. Time keys: `time/step_wall_s` is the step's real wall time in the driver (added by the
+    loop); `time/stage/<stage>_s` the driver's time in each stage of it; `time/generate_wall_s` the step's
+    generation wall time (first chunk's start to last chunk's end, on the generators); `time/score_busy_s`
+    the scorers' summed busy time on this step; `time/learn_compute_s` the slowest learner rank's step."""
     tokens = sum(s.num_tokens for s in gen_stats)
+    gen_wall = max(s.end_time for s in gen_stats) - min(s.end_time - s.seconds for s in gen_stats)
     n_tok = sum(s.num_tokens for s in train_stats)
 
     def tok_mean(attr: str) -> float:
         return sum(getattr(s, attr) * s.num_tokens for s in train_stats) / max(n_tok, 1)
 
     row = {"step": step, "version": version, "pipeline/staleness": staleness, **reward_metrics,
-           "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(gen_seconds, 1e-9),
+           "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(gen_wall, 1e-9),
            "learner/loss": tok_mean("loss"), "learner/policy_loss": tok_mean("policy_loss"),
            "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
            "learner/grad_norm": train_stats[0].grad_norm,
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
-           "time/generate_s": gen_seconds, "time/score_s": max(s.seconds for s in score_stats),
+           "time/generate_wall_s": gen_wall, "time/score_busy_s": sum(s.seconds for s in score_stats),
            "time/learn_compute_s": max(s.seconds for s in train_stats)}
-    row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
-    row["time/step_s"] = sum(timer.seconds.values())
+    row.update({f"time/stage/{k}_s": v for k, v in timer.seconds.items()})
     return row
 
 
@@ -431,7 +467,7 @@ def log_step(row: dict, log, quiet: bool) -> None:
     if quiet and step != 1 and step % 10:
         return
     log(f"step {step:4d}  task_reward {row['rollout/task_reward']:.3f}  shaped {row['rollout/shaped_reward']:.3f}  "
-        f"kl {row['learner/kl']:.4f}  staleness {row['pipeline/staleness']}  {row['time/step_s']:.2f}s/step")
+        f"kl {row['learner/kl']:.4f}  staleness {row['pipeline/staleness']}  {row['time/step_wall_s']:.2f}s/step")
 
 
 def summarize(rows: list[dict], eval_start: float | None, eval_end: float | None, checkpoint: str | None,
@@ -448,6 +484,6 @@ def summarize(rows: list[dict], eval_start: float | None, eval_end: float | None
         "task_reward_last_steps": mean("rollout/task_reward", slice(-k, None)),
         "eval_greedy_accuracy_start": eval_start,
         "eval_greedy_accuracy_end": eval_end,
-        "mean_step_s": mean("time/step_s", slice(None)),
+        "mean_step_wall_s": mean("time/step_wall_s", slice(None)),
         "final_checkpoint": checkpoint,
     }

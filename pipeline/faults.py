@@ -4,12 +4,15 @@
 `score` call exit hard (as a crashed or preempted node would), after creating the marker file so
 that its replacement, and every other process, carries on. Several specs are separated by commas.
 `PROBE_RL_FAIL_AT_STEP=3` makes the learner raise when it is asked for step 3.
+`PROBE_RL_SLOW="scorer:1.5:/tmp/switch"` makes every scorer call take 1.5 s longer while /tmp/switch exists
+(a slow scorer made fast again by deleting the file).
 Unset, each costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 _calls: Counter[str] = Counter()
@@ -30,6 +33,15 @@ def maybe_die(role: str) -> None:
             continue
         os.close(fd)
         os._exit(1)
+
+
+def maybe_slow_down(role: str) -> None:
+    spec = os.environ.get("PROBE_RL_SLOW")
+    if not spec:
+        return
+    target, seconds, switch = spec.split(":", 2)
+    if target == role and os.path.exists(switch):
+        time.sleep(float(seconds))
 
 
 def maybe_fail_step(step: int) -> None:

@@ -1,9 +1,10 @@
 """The fleet: every running role, and everything that keeps it alive.
 
 `pipeline/driver.py` runs the training loop; this module owns the actors it talks to. It starts the roles
-(each in its placement group), brings up a worker (start, wait until ready, give it the current weights
-and any refit probes) for a replacement or a scale-up alike, replaces dead workers, and pushes each new
-weight version to every receiver (generators, and scorers in live mode) over the configured transport.
+(each in its placement group), brings up a worker (start, wait until ready, give it any refit probes and
+the current weights) for a replacement, a scale-up and a learner restart alike, replaces dead workers,
+restarts every learner rank from a checkpoint when one is lost, scales scorers by backlog, and pushes
+each new weight version to every receiver (generators, and scorers in live mode).
 
 With the collective transport the receivers and learner rank 0 form one transfer group. A group cannot
 admit a member, so when the receivers change (a replacement, a scale-up) the fleet builds a new group
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, weight_backend
@@ -27,6 +29,11 @@ QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "
 
 class SyncFailed(RuntimeError):
     """A weight version could not reach every receiver, even after replacing the ones that were down."""
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died (its process, or its node) or stopped answering. The loop restarts every rank from
+    the newest checkpoint (`Fleet.restart_learners`)."""
 
 
 @dataclass
@@ -85,11 +92,11 @@ class Fleet:
     def reserve(self) -> None:
         from pipeline.remote import Resources, check_fits, release, reserve
 
-        need = {role: (n, Resources(rc.num_cpus, rc.num_gpus, rc.memory_gib)) for role, n, rc in self.cfg.roles()}
-        check_fits([(role, n, res) for role, (n, res) in need.items()])  # fail fast, naming the role
+        roles = self.cfg.roles()
+        check_fits([(role, n, Resources.of(rc)) for role, n, rc in roles])  # fail fast, naming the role
         try:
-            for role, (n, res) in need.items():
-                self.groups[role] = reserve(role, n, res, self.timeout, "PACK" if role == "learner" else "SPREAD")
+            for role, n, rc in roles:
+                self.groups[role] = reserve(role, n, Resources.of(rc), self.timeout, rc.placement)
         except ValueError:
             release(self.groups.values())
             raise
@@ -99,8 +106,8 @@ class Fleet:
 
         group = self.groups.get(role)
         placement = (group, index) if group is not None and index is not None and index < group.count else None
-        return make_actor(cls, role, rc.num_cpus, rc.num_gpus, env=QUIET_ENV, placement=placement,
-                          memory_gib=rc.memory_gib, **kwargs)
+        return make_actor(cls, role, rc.num_cpus, rc.num_gpus, memory_gib=rc.memory_gib, resources=rc.resources,
+                          env=QUIET_ENV, placement=placement, **kwargs)
 
     def new_generator(self, i: int):
         from actors.generator import Generator
@@ -157,10 +164,8 @@ class Fleet:
     def _publish(self, version: int) -> None:
         import ray
 
-        from pipeline.remote import wait
 
-        wire = wait([lr.get_weights.remote() for lr in self.learners], f"learner (weights version {version})",
-                    self.timeout)[0]
+        wire = self._learner_call([lr.get_weights.remote() for lr in self.learners], f"weights version {version}")[0]
         assert wire.version == version, (wire.version, version)
         self.weights_ref = ray.put(wire)
         self.pending_loads = [r.actor.load_weights.remote(self.weights_ref, version) for r in self.receivers()]
@@ -190,7 +195,7 @@ class Fleet:
                 return
             except (PeerFailed, PeerDied, RoleTimeout) as e:
                 if self._learner_down():
-                    raise
+                    raise LearnerLost(f"a learner rank is down while sending weights version {version}: {e}") from None
                 replaced = self.replace_dead(catch_up=False)
                 if not replaced or attempt == self.cfg.pipeline.max_restarts:
                     raise SyncFailed(f"weights version {version} did not reach every receiver: {e}") from None
@@ -215,17 +220,50 @@ class Fleet:
                   names, f"init_weight_transfer (group {self.incarnation}, weights version {version})", self.timeout)
         self.transfer_members = members
 
-    def catch_up(self) -> None:
-        """Give receivers started since the last sync the current weights before they get any work."""
+    def catch_up(self, force: bool = False) -> None:
+        """Give every receiver the learner's current weights before any of them gets more work (new receivers
+        since the last sync; with `force`, all of them, as after a learner restart)."""
         from pipeline.remote import wait
 
-        if self.version == 0:
+        if self.version == 0 and not force:
             return  # they loaded the initial weights themselves
         if self.cfg.weights.transport == "object_store":
+            if self.weights_ref is None or force:
+                self._publish(self.version)
             wait([r.actor.load_weights.remote(self.weights_ref, self.version) for r in self.receivers()],
                  f"receivers (catching up to weights version {self.version})", self.timeout)
+            self.pending_loads = []
         else:
             self._send(self.version)
+
+    def restart_learners(self, checkpoint) -> int:
+        """Stop every learner rank, start them again in their bundles (Ray re-places the bundles of a lost
+        node), load `checkpoint` (None: the initial weights) and give every receiver its weights."""
+        import ray
+
+        from pipeline.remote import wait
+
+        for actor in self.learners:
+            ray.kill(actor)
+        self.start_learners()
+        self.version = 0
+        if checkpoint is not None:
+            self.version = wait([lr.load_checkpoint.remote(str(checkpoint)) for lr in self.learners],
+                                f"learner (loading {checkpoint})", self.timeout)[0]
+        self.weights_ref, self.pending_loads = None, []
+        self.catch_up(force=True)
+        return self.version
+
+    def _learner_call(self, refs: list[Any], what: str) -> list[Any]:
+        """Wait for a call on every rank; a dead or silent rank becomes LearnerLost."""
+        import ray
+
+        from pipeline.remote import RoleTimeout, wait
+
+        try:
+            return wait(refs, f"learner ({what})", self.timeout)
+        except (ray.exceptions.RayActorError, RoleTimeout) as e:
+            raise LearnerLost(f"learner rank down during {what}: {str(e).splitlines()[0]}") from None
 
     def _learner_down(self) -> bool:
         return bool(self.dead(self.learners))
@@ -267,28 +305,32 @@ class Fleet:
         return replaced
 
     def bring_up(self, kind: str, make, index: int):
-        """Start worker `index` of `kind`, wait until it is ready, hand it any refit probes."""
+        """Start worker `index` of `kind`, wait until it is ready, hand it any refit probes. (Its weights come
+        after: `catch_up` gives every new receiver the current version at once.)"""
         from pipeline.remote import wait
 
         actor = make(index)
         wait(actor.ready.remote(), f"{kind} {index} (start-up)", self.timeout)
+        self.admit(kind, index, actor)
+        return actor
+
+    def admit(self, kind: str, index: int, actor) -> None:
+        """What a started worker needs before it gets work: the probes refit during the run."""
+        from pipeline.remote import wait
+
         if kind == "scorer":
             wait([actor.set_probe.remote(name, tensors) for name, tensors in self.probe_overrides.items()],
                  f"scorer {index} (refit probes)", self.timeout)
-        return actor
 
     # --- helpers for the loop ------------------------------------------------------------------------------
 
     def checkpoint(self, run_dir) -> str:
-        from pipeline.remote import wait
-
-        return wait([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in self.learners],
-                    f"learner (checkpoint of version {self.version})", self.timeout)[0]
+        return self._learner_call([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in self.learners],
+                                  f"checkpoint of version {self.version}")[0]
 
     def train(self, batch: pa.Table) -> list[Any]:
-        from pipeline.remote import wait
-
-        return wait([lr.train_step.remote(batch) for lr in self.learners], "learner", self.timeout)
+        return self._learner_call([lr.train_step.remote(batch) for lr in self.learners],
+                                  f"training version {self.version + 1}")
 
     def shutdown(self) -> None:
         """Stop every actor and free the placement groups (for a caller's Ray instance that outlives the run)."""
@@ -308,3 +350,107 @@ def setup_learners(learners: list[Any], timeout_s: float) -> None:
 
     address, port = wait(learners[0].address.remote(), "learner rank 0 (address)", timeout_s)
     wait([a.setup.remote(address, port) for a in learners], "learner (start-up)", timeout_s)
+
+
+class ScorerScaler:
+    """Scorer count between scorer.num_workers and scorer.max_workers, by backlog: how long generated batches
+    wait for a scorer, as a share of the step's span (first generation start to last scoring end).
+
+    A new scorer starts without blocking the run and joins once it is up (on a cluster, once Ray can place
+    it). A scorer is retired when, with one fewer, the rest would still be mostly idle and nothing waits;
+    it first drains (gets no new chunks) and is stopped once no batch in flight uses it.
+    """
+
+    def __init__(self, fleet: Fleet, log=print) -> None:
+        self.fleet, self.log, self.idle_steps = fleet, log, 0
+        self.joining: tuple[int, Any, Any] | None = None  # (index, actor, its ready ref)
+
+    def __call__(self, gen_stats, score_stats, pending) -> dict[str, float]:
+        fleet, s = self.fleet, self.fleet.cfg.scorer
+        if s.max_workers is None:
+            return {"scorer/workers": float(len(fleet.scorers))}
+        self._admit_joiner()
+        self._stop_drained(pending)
+        active = fleet.active_scorers or len(fleet.scorers)
+        load = scorer_load(gen_stats, score_stats)
+        move, self.idle_steps = scale_decision(load, active, self.joining is not None, self.idle_steps, s)
+        if move > 0 and len(fleet.scorers) > active:  # a draining scorer is still there: take it back
+            active += 1
+        elif move > 0:
+            index = len(fleet.scorers)
+            actor = fleet.new_scorer(index)
+            self.joining = (index, actor, actor.ready.remote())
+            self.log(f"batches wait {load.backlog:.0%} of the step for a scorer: starting scorer {index}")
+        elif move < 0:
+            active -= 1
+            self.log(f"scorers idle: retiring scorer {active} once it drains ({active + 1} -> {active})")
+        fleet.active_scorers = active
+        return {"scorer/workers": float(active), "scorer/backlog": load.backlog, "scorer/wait_s": load.wait_s,
+                "scorer/busy_s": load.busy_s, "scorer/joining": float(self.joining is not None)}
+
+    def _admit_joiner(self) -> None:
+        import ray
+
+        if self.joining is None:
+            return
+        index, actor, ready = self.joining
+        done, _ = ray.wait([ready], timeout=0)
+        if not done:
+            return  # still starting, or waiting for Ray to place it: the run goes on without it
+        self.joining = None
+        fleet = self.fleet
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as e:
+            self.log(f"scorer {index} failed to start ({str(e).splitlines()[0]}); it does not join")
+            return
+        fleet.admit("scorer", index, actor)
+        fleet.scorers.append(actor)
+        if fleet.cfg.scorer.model == "live":
+            fleet.catch_up()
+        fleet.active_scorers = (fleet.active_scorers or len(fleet.scorers) - 1) + 1
+        self.log(f"scorer {index} joined: {fleet.active_scorers} scorer(s)")
+
+    def _stop_drained(self, pending) -> None:
+        import ray
+
+        fleet = self.fleet
+        active = fleet.active_scorers or len(fleet.scorers)
+        busy = {c.scorer for f in pending for c in f.chunks}
+        while len(fleet.scorers) > active and len(fleet.scorers) - 1 not in busy:  # drained: stop it
+            ray.kill(fleet.scorers.pop())
+
+
+@dataclass(frozen=True)
+class ScorerLoad:
+    """One step's scoring load, from the chunks' generator and scorer stats (wall-clock stamps)."""
+
+    wait_s: float  # mean time a generated chunk waited for its scorer
+    busy_s: float  # scorers' summed busy time
+    span_s: float  # first generation start to last scoring end
+    backlog: float  # wait_s / span_s
+
+
+def scorer_load(gen_stats, score_stats) -> ScorerLoad:
+    start = min(g.end_time - g.seconds for g in gen_stats)
+    span = max(max(sc.start_time + sc.seconds for sc in score_stats) - start, 1e-6)
+    wait = float(np.mean([max(0.0, sc.start_time - g.end_time) for g, sc in zip(gen_stats, score_stats, strict=True)]))
+    return ScorerLoad(wait, sum(sc.seconds for sc in score_stats), span, wait / span)
+
+
+def scale_decision(load: ScorerLoad, active: int, joining: bool, idle_steps: int, cfg) -> tuple[int, int]:
+    """(+1 add a scorer / -1 retire one / 0, idle steps so far) for scorer config `cfg` (ScorerConfig).
+
+    Add one when chunks wait longer than `scale_up_wait` of the step (one joins at a time). Retire one after
+    `scale_down_steps` steps in a row in which chunks waited less than half that and the others would be
+    busy less than `scale_down_busy` of the step without it (the gap between the two waits keeps the count
+    from flapping)."""
+    if load.backlog > cfg.scale_up_wait:
+        return (1 if active + joining < cfg.max_workers and not joining else 0), 0
+    idle = (load.backlog < cfg.scale_up_wait / 2 and active > cfg.num_workers and not joining
+            and load.busy_s / ((active - 1) * load.span_s) < cfg.scale_down_busy)
+    if not idle:
+        return 0, 0
+    if idle_steps + 1 >= cfg.scale_down_steps:
+        return -1, 0
+    return 0, idle_steps + 1

@@ -29,19 +29,25 @@ class StageTimer:
 class ParquetSink:
     """Appends flat `{key: number}` rows; rewrites the (small) file after every row so a crash loses nothing.
 
-    Keys follow `stage/name` (`rollout/task_reward`, `learner/kl`, `time/learn_s`). A key that first
+    Keys follow `stage/name` (`rollout/task_reward`, `learner/kl`, `time/step_wall_s`). A key that first
     appears late is back-filled with nulls in earlier rows.
     """
 
-    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
-        """With `keep_until_step`, an existing file's rows up to that step are kept and appended to."""
+    def __init__(self, path: Path) -> None:
+        """An existing file's rows (a resumed run's) are kept and appended to."""
         self.path = path
-        self.rows: list[dict[str, float | int | None]] = []
-        if keep_until_step is not None and path.exists():
-            self.rows = [r for r in pq.read_table(path).to_pylist() if r["step"] <= keep_until_step]
+        self.rows: list[dict[str, float | int | None]] = pq.read_table(path).to_pylist() if path.exists() else []
+
+    def truncate(self, up_to_step: int) -> None:
+        """Drop the rows after `up_to_step` (they are about to be recomputed) and rewrite the file."""
+        self.rows = [r for r in self.rows if r["step"] <= up_to_step]
+        self._write()
 
     def log(self, row: dict[str, float | int | None]) -> None:
         self.rows.append(dict(row))
+        self._write()
+
+    def _write(self) -> None:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]

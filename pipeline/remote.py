@@ -9,7 +9,8 @@ instead of a silent stall.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -24,9 +25,15 @@ class Resources:
     num_cpus: float
     num_gpus: float = 0.0
     memory_gib: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node labels, device kinds)
+
+    @classmethod
+    def of(cls, rc) -> Resources:
+        """A role config's resources (pipeline.config.RoleResources)."""
+        return cls(rc.num_cpus, rc.num_gpus, rc.memory_gib, dict(rc.resources))
 
     def bundle(self) -> dict[str, float]:
-        b = {"CPU": self.num_cpus}
+        b = {"CPU": self.num_cpus, **self.custom}
         if self.num_gpus:
             b["GPU"] = self.num_gpus
         if self.memory_gib:
@@ -74,12 +81,15 @@ def reserve(role: str, count: int, res: Resources, timeout_s: float, strategy: s
     return Placement(group, count)
 
 
-def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, env: dict[str, str] | None = None,
-               placement: tuple[Placement, int] | None = None, memory_gib: float = 0.0, **kwargs: Any):
+def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, memory_gib: float = 0.0,
+               resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
+               placement: tuple[Placement, int] | None = None, **kwargs: Any):
     """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1}
     if memory_gib:
         opts["memory"] = memory_gib * 2**30
+    if resources:
+        opts["resources"] = dict(resources)
     if env:
         opts["runtime_env"] = {"env_vars": env}
     if placement is not None:
@@ -91,13 +101,33 @@ def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, 
 
 
 def wait(refs: Any, role: str, timeout_s: float) -> Any:
-    """ray.get with a timeout; the error names the role that did not answer."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RoleTimeout(
-            f"{role} did not answer within {timeout_s:.0f}s (pipeline.timeout_s); it may be hung or out of resources"
-        ) from None
+    """ray.get with a timeout that fails fast: the first result that is an error (a dead actor, a lost object,
+    a raised exception) is raised as soon as it arrives, not after every other ref; a hang becomes a
+    RoleTimeout naming the role."""
+    single = not isinstance(refs, list)
+    items = [refs] if single else list(refs)
+    _first_failure(items, timeout_s, lambda ref: RoleTimeout(
+        f"{role} did not answer within {timeout_s:.0f}s (pipeline.timeout_s); it may be hung or out of resources"))
+    values = ray.get(items)
+    return values[0] if single else values
+
+
+def _first_failure(refs: list[Any], timeout_s: float, on_timeout, on_error=None) -> None:
+    """Wait until every ref is ready; raise the first error among them as soon as it is ready (through
+    `on_error(ref, error)` when given, which returns the exception to raise)."""
+    deadline = time.monotonic() + timeout_s
+    remaining = [r for r in refs if isinstance(r, ray.ObjectRef)]
+    while remaining:
+        left = deadline - time.monotonic()
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(left, 0), fetch_local=False)
+        if not ready:
+            raise on_timeout(remaining[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as e:
+            if on_error is None:
+                raise
+            raise on_error(ready[0], e) from None
 
 
 def release(groups) -> None:
@@ -109,22 +139,22 @@ def release(groups) -> None:
 
 
 def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float) -> list[Any]:
-    """Results of `refs` (one per named role) within one deadline; the error names the first role that is
-    dead, silent or failing, and `what` it was asked (e.g. "update_weights (weights version 3)")."""
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    done = set(ready)
-    out = []
-    for ref, name in zip(refs, names, strict=True):
-        if ref not in done:
-            raise RoleTimeout(f"{name} did not answer {what} within {timeout_s:.0f}s: it is hung, stopped, or "
-                              "waiting on something that is")
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayActorError as e:
-            raise PeerDied(f"{name} died during {what}: {str(e).splitlines()[0]}") from None
-        except ray.exceptions.RayTaskError as e:
-            raise PeerFailed(f"{name} failed during {what}: {e.cause if e.cause is not None else e}") from None
-    return out
+    """Results of `refs` (one per named role) within one deadline, failing fast; the error names the first
+    role that is dead, silent or failing, and `what` it was asked (e.g. "update_weights (weights version 3)")."""
+    name_of = dict(zip(refs, names, strict=True))
+
+    def silent(ref):
+        return RoleTimeout(f"{name_of[ref]} did not answer {what} within {timeout_s:.0f}s: it is hung, stopped, or "
+                           "waiting on something that is")
+
+    def failed(ref, e: Exception):
+        if isinstance(e, ray.exceptions.RayActorError):
+            return PeerDied(f"{name_of[ref]} died during {what}: {str(e).splitlines()[0]}")
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
+        return PeerFailed(f"{name_of[ref]} failed during {what}: {cause}")
+
+    _first_failure(list(refs), timeout_s, silent, failed)
+    return ray.get(list(refs))
 
 
 class PeerDied(RuntimeError):

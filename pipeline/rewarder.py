@@ -18,9 +18,9 @@ class Rewarder:
         self.world = world
         self.probe_names = world.probe_names
         self.shaping_probe = cfg.shaping.probe or (world.probe_names[0] if world.probe_names else None)
-        self.last_truth: np.ndarray | None = None  # ground-truth class of each row of the last batch
 
-    def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+    def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float], np.ndarray | None]:
+        """(train table, metrics, ground-truth class of each row or None when the task has no ground truth)."""
         check_schema(scored, scored_schema(self.probe_names), "scorer -> rewarder")
         texts = self.world.decode(scored.column("completion_ids").to_pylist())
         answers = scored.column("answer").to_pylist()
@@ -46,7 +46,6 @@ class Rewarder:
             "rollout/completion_len": float(lengths.mean()),
         }
         truth = self.world.ground_truth_fn(texts, answers) if self.world.ground_truth_fn else None
-        self.last_truth = None if truth is None else np.asarray(truth)
         if truth is not None:
             truth = np.asarray(truth)
             for cls in GROUND_TRUTH:
@@ -57,7 +56,7 @@ class Rewarder:
             if truth is not None:  # the score distribution split by what really happened
                 for cls in GROUND_TRUTH:
                     metrics[f"scorer/{name}_mean_{cls}"] = _nanmean(s[truth == cls])
-        return table, metrics
+        return table, metrics, truth
 
     def sample(self, batch: pa.Table, num: int, step: int) -> pa.Table:
         """The first `num` rows of a train batch with step and decoded text, for rollouts.parquet."""

@@ -35,7 +35,10 @@ def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
         assert 0 <= r["rollout/task_reward"] <= 1
         assert 0 <= r["scorer/hack_mean"] <= 1
         assert r["learner/kl"] >= 0 and np.isfinite(r["learner/loss"]) and np.isfinite(r["learner/grad_norm"])
-        assert r["rollout/tokens"] > 0 and r["time/learn_s"] > 0 and r["time/step_s"] > 0
+        # the stages are timed inside the step, so together they take no longer than the step's wall time
+        stages = sum(v for k, v in r.items() if k.startswith("time/stage/") and v is not None)
+        assert 0 < r["time/stage/learn_s"] <= stages <= r["time/step_wall_s"] + 1e-3
+        assert r["rollout/tokens_per_s"] == pytest.approx(r["rollout/tokens"] / r["time/generate_wall_s"])
         # every version went out over the collective transport, the whole model in buckets, from rank 0
         assert r["sync/bytes"] == metrics[0]["sync/bytes"] > 0 and r["sync/buckets"] >= 1
         # penalty shaping: shaped = task - 0.5 * score, on average too
@@ -53,24 +56,6 @@ def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
     assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "step_000003" / "model.safetensors").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3 == summary["steps"]
-
-
-def test_scorers_scale_up_when_scoring_lags(toy_overrides, toy_world, ray_local):
-    from pipeline.driver import make_run_dir, run
-
-    # One sequence per scorer forward pass makes scoring slower than generation: the backlog grows.
-    cfg = load_config(overrides={**toy_overrides, "run": {**toy_overrides["run"], "name": "scale"},
-                                 "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
-                                 "scorer": {"probes": [{"path": "toy"}], "batch_size": 1, "max_workers": 2}})
-    _, world = toy_world
-    run_dir = make_run_dir(cfg)
-    messages = []
-    run(cfg, run_dir, world, log=messages.append)
-    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
-    assert rows[0]["scorer/lag"] > 1
-    assert [r["scorer/workers"] for r in rows][:2] == [2, 2]  # scaled up after step 1, never past the maximum
-    assert any("scorers 1 -> 2" in m for m in messages)
-    assert [r["rollout/rows"] for r in rows] == [32] * 4
 
 
 def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):

@@ -69,12 +69,31 @@ def test_uniform_group_has_zero_advantage():
     np.testing.assert_array_equal(adv, np.zeros(4))
 
 
-def test_scorer_scaling_decision():
-    from pipeline.driver import scale_decision
+def test_scorer_load_measures_queueing_from_wall_clock_stamps():
+    from actors.generator import GenerateStats
+    from actors.scorer import ScoreStats
+    from pipeline.fleet import scorer_load
 
-    assert scale_decision(1.5, 0, n=1, n_min=1, n_max=3) == (1, 0)  # scoring lags: add one
-    assert scale_decision(1.5, 2, n=3, n_min=1, n_max=3) == (0, 0)  # already at the maximum
-    assert scale_decision(0.1, 0, n=2, n_min=1, n_max=3) == (0, 1)  # idle, but not for long yet
-    assert scale_decision(0.1, 2, n=2, n_min=1, n_max=3) == (-1, 0)  # idle for 3 steps: retire one
-    assert scale_decision(0.1, 2, n=1, n_min=1, n_max=3) == (0, 3)  # never below the minimum
-    assert scale_decision(0.5, 2, n=2, n_min=1, n_max=3) == (0, 0)  # busy enough: the streak resets
+    # two chunks: generated over [0, 1] and [1, 2]; scored over [1, 1.5] (no wait) and [2.5, 3] (waited 0.5 s)
+    gen = [GenerateStats(1.0, 10, 0, end_time=101.0), GenerateStats(1.0, 10, 0, end_time=102.0)]
+    score = [ScoreStats(0.5, 4, 40, 0, start_time=101.0), ScoreStats(0.5, 4, 40, 0, start_time=102.5)]
+    load = scorer_load(gen, score)
+    assert load.wait_s == pytest.approx(0.25) and load.busy_s == pytest.approx(1.0)
+    assert load.span_s == pytest.approx(3.0) and load.backlog == pytest.approx(0.25 / 3.0)
+
+
+def test_scorer_scaling_decision():
+    from pipeline.config import ScorerConfig
+    from pipeline.fleet import ScorerLoad, scale_decision
+
+    cfg = ScorerConfig(num_workers=1, max_workers=3, scale_up_wait=0.2, scale_down_busy=0.5, scale_down_steps=3)
+    lagging = ScorerLoad(wait_s=1.0, busy_s=3.0, span_s=3.0, backlog=1 / 3)
+    idle = ScorerLoad(wait_s=0.0, busy_s=0.2, span_s=2.0, backlog=0.0)
+    busy = ScorerLoad(wait_s=0.0, busy_s=1.9, span_s=2.0, backlog=0.0)
+    assert scale_decision(lagging, 1, False, 0, cfg) == (1, 0)  # chunks wait: add one
+    assert scale_decision(lagging, 2, True, 0, cfg) == (0, 0)  # one is joining already: one at a time
+    assert scale_decision(lagging, 3, False, 2, cfg) == (0, 0)  # at the maximum; the idle streak resets
+    assert scale_decision(idle, 2, False, 0, cfg) == (0, 1)  # idle, but not for long yet
+    assert scale_decision(idle, 2, False, 2, cfg) == (-1, 0)  # idle for 3 steps: retire one
+    assert scale_decision(idle, 1, False, 2, cfg) == (0, 0)  # never below the minimum
+    assert scale_decision(busy, 2, False, 2, cfg) == (0, 0)  # one alone would be busy 95% of the step: keep both
