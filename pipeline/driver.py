@@ -282,8 +282,9 @@ class LoopState:
         self.sink = ParquetSink(run_dir / "metrics.parquet")
         self.eval_sink = ParquetSink(run_dir / "eval.parquet")
         self.samples: list[pa.Table] = []
-        self.last_checkpoint_time = time.monotonic()
-        self.learner_restarts = 0
+        self.last_checkpoint_time, self.last_checkpoint_version = time.monotonic(), 0
+        self.learner_restarts = 0  # in this run, all told (a metric)
+        self.restarts_in_a_row = 0  # since the last checkpoint (bounded by pipeline.max_restarts)
         self.last_scored: pa.Table | None = None  # the latest scored batch (the evaluator's live-vs-frozen gap)
 
     def log_step(self, row: dict, sample: pa.Table) -> None:
@@ -295,7 +296,7 @@ class LoopState:
         """Checkpoint `version` now? Every learner.checkpoint_every versions, after learner.checkpoint_minutes,
         and at every evaluation point (its weights are what the evaluator reads)."""
         lc, every = self.cfg.learner, self.cfg.eval.every
-        if version == 0:
+        if version == self.last_checkpoint_version:  # 0, or the checkpoint just restored
             return False
         minutes = (time.monotonic() - self.last_checkpoint_time) / 60
         return bool((lc.checkpoint_every and version % lc.checkpoint_every == 0)
@@ -312,8 +313,8 @@ class LoopState:
             collect(cfg, fleet, flight, log)
         write_inflight(self.run_dir, self.version, [(f.step, *f.ready) for f in flights])
         path = fleet.checkpoint(self.run_dir)
-        self.last_checkpoint_time = time.monotonic()
-        self.learner_restarts = 0
+        self.last_checkpoint_time, self.last_checkpoint_version = time.monotonic(), self.version
+        self.restarts_in_a_row = 0
         if cfg.eval.every and (self.version % cfg.eval.every == 0 or self.version == cfg.pipeline.num_steps):
             probe_eval(cfg, fleet, self.eval_sink, self.version, path, scored)
         prune(self.run_dir, cfg.learner.keep_checkpoints)
@@ -326,10 +327,12 @@ class LoopState:
         from pipeline.checkpoints import read_inflight
 
         self.learner_restarts += 1
-        if self.learner_restarts > self.cfg.pipeline.max_restarts + 1:
-            raise RuntimeError(f"the learner failed {self.learner_restarts - 1} times since checkpoint {checkpoint} "
-                               f"(pipeline.max_restarts={self.cfg.pipeline.max_restarts}); giving up")
+        self.restarts_in_a_row += 1
+        if self.restarts_in_a_row > self.cfg.pipeline.max_restarts:
+            raise RuntimeError(f"the learner failed {self.restarts_in_a_row} times in a row since checkpoint "
+                               f"{checkpoint} (pipeline.max_restarts={self.cfg.pipeline.max_restarts}); giving up")
         self.version = fleet.restart_learners(checkpoint)
+        self.last_checkpoint_version = self.version
         saved = read_inflight(checkpoint) if checkpoint is not None else []
         flights = [InFlight(step, [], (table, gen, score)) for step, table, gen, score in saved]
         self.pending = deque(flights)

@@ -3,14 +3,26 @@ meet as the fleet starts them, one collective weight sync, and transformers' gre
 
 from __future__ import annotations
 
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pipeline.config import LearnerConfig
 from pipeline.weights import BACKEND_GLOO
 
 TIMEOUT = 300
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
@@ -75,3 +87,80 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens=8):
                                  pad_token_id=0)
             out.append(gen[0, len(ids):].tolist())
     return out
+
+
+def ray_worker_pids(actor_class: str) -> list[int]:
+    """PIDs of the live Ray worker processes that run an actor of this class: Ray titles them `ray::<Class>...`,
+    and their parent is a raylet (a child they forked may carry the same title). Zombies of finished runs are
+    left out: a container's first process may never reap them."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status", "ppid"]):
+        cmd = proc.info["cmdline"] or []
+        if not cmd or not cmd[0].startswith(f"ray::{actor_class}") or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if psutil.Process(proc.info["ppid"]).name() == "raylet":
+                out.append(proc.info["pid"])
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def steps_done(metrics: Path) -> int:
+    try:
+        return len(pq.read_table(metrics).column("step"))
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return 0
+
+
+class Killer(threading.Thread):
+    """Sends SIGKILL, from outside, to each target once the run has logged the given number of steps: an actor
+    class's worker process (by name), or a process id."""
+
+    def __init__(self, metrics: Path, plan: list[tuple[int, str | int]], deadline_s: float = 900) -> None:
+        super().__init__(daemon=True)
+        self.metrics, self.plan, self.deadline = metrics, list(plan), time.monotonic() + deadline_s
+        self.killed: list[tuple[str | int, int, int]] = []  # (target, pid, steps logged when killed)
+
+    def run(self) -> None:
+        while self.plan and time.monotonic() < self.deadline:
+            done = steps_done(self.metrics)
+            at, target = self.plan[0]
+            pids = ray_worker_pids(target) if isinstance(target, str) else [target]
+            if done >= at and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                self.killed.append((target, pids[0], done))
+                self.plan.pop(0)
+            time.sleep(0.05)
+
+
+def toy_args(toy_overrides, out_dir: Path, name: str, steps: int) -> list[str]:
+    toy = toy_overrides["toy"]
+    return ["run", "--toy.cache_dir", toy["cache_dir"], "--toy.sft_steps", str(toy["sft_steps"]),
+            "--toy.probe_samples", str(toy["probe_samples"]), "--task.num_prompts", "256", "--task.eval_prompts", "8",
+            "--pipeline.num_steps", str(steps), "--pipeline.prompts_per_step", "8", "--pipeline.group_size", "4",
+            "--learner.micro_batch_size", "16", "--run.output_dir", str(out_dir), "--run.name", name,
+            "--run.progress", "false"]
+
+
+def cli(args: list[str], env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`probe-rl ARGS` in a process of its own (its own local Ray instance)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def same_rows(got: list[dict], want: list[dict], keys_exact=("rollout/", "scorer/hack", "version", "step",
+                                                              "pipeline/staleness"),
+              keys_close=("learner/loss", "learner/policy_loss", "learner/kl", "learner/grad_norm")) -> None:
+    """Metric rows equal to a reference run's: rollout and probe figures exactly (NaN equals NaN), the learner's
+    to float noise. Timings and restart counters are allowed to differ."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key, value in w.items():
+            if key.startswith(keys_exact) and not key.startswith(("rollout/tokens_per_s",)):
+                both_nan = isinstance(value, float) and math.isnan(value) and math.isnan(g[key])
+                assert both_nan or g[key] == value, (g["step"], key, g[key], value)
+            elif key.startswith(keys_close):
+                assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (g["step"], key, g[key], value)

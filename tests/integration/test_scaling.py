@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .test_faults import toy_args
+from ._helpers import toy_args
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
