@@ -271,7 +271,7 @@ class Learner:
         if self.version != 0:
             raise RuntimeError(f"load_checkpoint needs a freshly set-up learner (this one is at version {self.version})")
         ckpt = CheckpointReader(path)
-        if ckpt.has_moments and self.cfg.zero_stage in (1, 2):
+        if ckpt.has_moments and self.cfg.zero_stage > 0:
             self._create_optimizer_state()
         params = dict(self.engine.module.named_parameters())
         missing = sorted(set(params) - ckpt.weight_names)
@@ -310,19 +310,21 @@ class Learner:
         return self.version
 
     def _create_optimizer_state(self) -> None:
-        """ZeRO-1/2 create Adam's state at the first step (ZeRO-3 at start-up); a restored learner needs it now, to
-        write the checkpoint's moments into. Zeros, overwritten by the checkpoint, then linked to each parameter's
-        fragment as DeepSpeed links them at the first step."""
+        """DeepSpeed's ZeRO optimizers create Adam's state at the first step; a restored learner needs it now, to
+        write the checkpoint's moments into. Zeros, overwritten by the checkpoint, then (ZeRO-1/2) linked to each
+        parameter's fragment as DeepSpeed links them at the first step."""
         import torch
 
         zero = self.engine.optimizer
         base = zero.optimizer
-        for group in base.param_groups:
-            for p in group["params"]:
-                if not base.state.get(p):
-                    base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                     "exp_avg_sq": torch.zeros_like(p)}
-        zero._lazy_init_hp_params_optimizer_state()
+        # ZeRO-3 puts each flat fp32 partition into the inner optimizer's groups only while it steps
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+        for p in flats:
+            if not base.state.get(p):
+                base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                 "exp_avg_sq": torch.zeros_like(p)}
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2; ZeRO-3 finds its state by parameter
+            zero._lazy_init_hp_params_optimizer_state()
 
     def ready(self) -> int:
         return self.version

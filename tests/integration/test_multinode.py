@@ -1,0 +1,215 @@
+"""Several nodes on one machine (Ray's own `ray.cluster_utils.Cluster`: a raylet, resources and object store
+per node): learner ranks on different nodes, roles pinned to nodes by custom resources, a scorer that
+cannot be placed yet joining once a node offers room, and whole nodes removed mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import LearnerConfig, load_config
+
+from ._helpers import TIMEOUT, same_rows, steps_done, train_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+SLOW_SWITCH = "probe-rl-multinode-slow"  # scorers sleep 1 s per call while a file of this name exists in tmp
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head (the driver, no work) and six worker nodes: one for generators, two for scorers, three for
+    learner ranks (one more than the ranks, for a lost node's bundle to move to)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    switch = tmp_path_factory.mktemp("switch") / SLOW_SWITCH
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = {"gen": cluster.add_node(num_cpus=1, resources={"gen": 1})}
+    for name in ("score_a", "score_b"):
+        nodes[name] = cluster.add_node(num_cpus=1, resources={"score": 1})
+    for name in ("learn_a", "learn_b", "learn_c"):
+        nodes[name] = cluster.add_node(num_cpus=1, resources={"learn": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": {
+        "PROBE_RL_SLOW": f"scorer:1.0:{switch}", "VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})
+    yield cluster, nodes, switch
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def actors_of(cls: str) -> list:
+    """(state API) the live actors of a class, each with the node it runs on."""
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")], limit=1000)
+
+
+def node_of(cluster, node_id: str):
+    return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+
+
+class Background(threading.Thread):
+    """A run on a thread of its own, so that the test's main thread can change the cluster meanwhile (Ray starts
+    a node only from the main thread)."""
+
+    def __init__(self, cfg, world, log=lambda *_: None) -> None:
+        super().__init__(daemon=True)
+        self.cfg, self.world, self.log, self.error = cfg, world, log, None
+
+    def run(self) -> None:
+        from pipeline.driver import make_run_dir, run
+
+        try:
+            run(self.cfg, make_run_dir(self.cfg), self.world, log=self.log)
+        except BaseException as e:  # handed to the test, which raises it
+            self.error = e
+
+    def finish(self, timeout: float = 900) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the run did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_for(condition, timeout: float = 600, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def rows_of(metrics) -> list[dict]:
+    try:
+        return pq.read_table(metrics).to_pylist()
+    except (OSError, ValueError):
+        return []
+
+
+def cluster_overrides(toy_overrides, tmp_path, name, steps, **extra) -> dict:
+    o = {**toy_overrides, "run": {**toy_overrides["run"], "output_dir": str(tmp_path), "name": name},
+         "pipeline": {**toy_overrides["pipeline"], "num_steps": steps},
+         "generator": {"num_cpus": 1, "resources": {"gen": 1}},
+         "scorer": {"num_cpus": 0.5, "resources": {"score": 1}, "placement": "SPREAD"},
+         "learner": {**toy_overrides["learner"], "num_ranks": 2, "num_cpus": 0.5, "resources": {"learn": 1},
+                     "placement": "STRICT_SPREAD", "zero_stage": 3, "checkpoint_every": 2}}
+    for section, values in extra.items():
+        o[section] = {**o.get(section, {}), **values}
+    return o
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_on_two_nodes_match_one_rank(toy_world, cluster, zero_stage):
+    """Learner ranks on two nodes (STRICT_SPREAD) rendezvous at rank 0's node and reach the weights one rank
+    reaches on the same data."""
+    import ray
+
+    from learner.learner import Learner
+    from pipeline.fleet import setup_learners
+    from pipeline.remote import Resources, make_actor, release, reserve, wait
+    from pipeline.weights import from_wire
+
+    _, world = toy_world
+    batches = [train_batch(world.model_path, 16, seed) for seed in (0, 1)]
+    results = {}
+    for ranks in (1, 2):
+        cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=ranks, lr=1e-3, kl_coef=0.05, micro_batch_size=8,
+                            warmup_steps=0)
+        group = reserve("learner", ranks, Resources(0.5, custom={"learn": 1}), TIMEOUT, "STRICT_SPREAD")
+        actors = [make_actor(Learner, "learner", 0.5, resources={"learn": 1}, placement=(group, r),
+                             model_path=world.model_path, cfg=cfg, rows_per_step=16, rank=r, world_size=ranks)
+                  for r in range(ranks)]
+        setup_learners(actors, TIMEOUT)
+        if ranks == 2:
+            nodes = {a.node_id for a in actors_of("Learner")}
+            assert len(nodes) == 2  # one rank per node
+        stats = [wait([a.train_step.remote(b) for a in actors], "learner", TIMEOUT) for b in batches]
+        results[ranks] = from_wire(wait([a.get_weights.remote() for a in actors], "learner", TIMEOUT)[0]), stats
+        for a in actors:
+            ray.kill(a)
+        release([group])
+    (one, stats1), (two, stats2) = results[1], results[2]
+    moved = max((one[k] - p).abs().max().item() for k, p in _initial(world.model_path).items())
+    assert moved > 1e-4  # training changed the weights, so agreement below means something
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert sum(s.num_tokens for s in stats2[0]) == stats1[0][0].num_tokens  # each valid token seen once
+
+
+def _initial(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
+
+
+def test_a_scorer_that_cannot_be_placed_yet_joins_when_a_node_offers_room(toy_world, toy_overrides, cluster,
+                                                                          tmp_path):
+    """Scoring is slow, so scorers grow towards scorer.max_workers = 3; the cluster has room for two. The run
+    goes on while the third waits to be placed; once a node with room joins the cluster, so does the scorer."""
+    c, nodes, switch = cluster
+    _, world = toy_world
+    cfg = load_config(overrides=cluster_overrides(
+        toy_overrides, tmp_path, "unplaced", 28, scorer={"max_workers": 3, "scale_up_wait": 0.1},
+        learner={"num_ranks": 1, "zero_stage": 0, "placement": "PACK"}))
+    metrics = tmp_path / "unplaced" / "metrics.parquet"
+    switch.touch()
+    try:
+        run = Background(cfg, world)
+        run.start()
+
+        def third_waited_three_steps():
+            return len([r for r in rows_of(metrics) if r["scorer/workers"] == 2 and r["scorer/joining"] == 1]) >= 3
+
+        wait_for(lambda: third_waited_three_steps() or not run.is_alive(), what="the third scorer to wait for room")
+        assert run.is_alive(), "the run ended before the third scorer waited for room"
+        added_at = len(rows_of(metrics))
+        nodes["score_c"] = c.add_node(num_cpus=1, resources={"score": 1})
+        run.finish()
+    finally:
+        switch.unlink()
+    rows = rows_of(metrics)
+    workers = [int(r["scorer/workers"]) for r in rows]
+    assert workers[-1] == 3 and workers.index(3) >= added_at  # it joined once there was room, not before
+    assert [r["rollout/rows"] for r in rows] == [32] * 28  # and no step waited for it
+
+
+def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):
+    """The default max_staleness 1, ZeRO-3, two learner ranks on two nodes: the node holding the scorer is
+    removed at step 2 (its rollouts in flight are lost with its object store and redone by a replacement on
+    another node), a node holding a learner rank at step 4 (every rank restarts from the last checkpoint, the
+    lost rank's bundle moves to the spare node). Every step has all its rollouts, none twice, and the run equals
+    an uninterrupted one on the same cluster."""
+    from ray.util.state import list_actors
+
+    c, nodes, _ = cluster
+    _, world = toy_world
+    ref = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "reference", 6)), world)
+    ref.start()
+    wait_for(lambda: steps_done(tmp_path / "reference" / "metrics.parquet") >= 1, what="the first step")
+    layout = {cls: [a.node_id for a in actors_of(cls)] for cls in ("Generator", "Scorer", "Learner")}
+    ref.finish()
+    want = rows_of(tmp_path / "reference" / "metrics.parquet")
+    # generators, scorers and the two learner ranks each on nodes of their own
+    assert len(layout["Learner"]) == 2 and len(set(layout["Learner"])) == 2
+    used = layout["Generator"] + layout["Scorer"] + layout["Learner"]
+    assert len(set(used)) == len(used) == 4
+
+    log: list[str] = []
+    metrics = tmp_path / "faults" / "metrics.parquet"
+    run = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "faults", 6)), world, log.append)
+    run.start()
+    removed = []
+    for at, cls in ((2, "Scorer"), (4, "Learner")):
+        wait_for(lambda at=at: steps_done(metrics) >= at or not run.is_alive(), what=f"step {at}")
+        [target, *_] = list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")])
+        c.remove_node(node_of(c, target.node_id))
+        removed.append((cls, steps_done(metrics)))
+    run.finish()
+    got = rows_of(metrics)
+    assert [cls for cls, _ in removed] == ["Scorer", "Learner"] and all(at < 6 for _, at in removed)
+    assert [r["rollout/rows"] for r in got] == [32] * 6
+    same_rows(got, want)
+    assert any("scorer 0 is down" in m for m in log) and any("learner restarted from" in m for m in log)
