@@ -26,18 +26,27 @@ config:
 
     probe-rl run --pipeline.num_steps 10 --learner.lr 1e-5 --shaping.kind penalty
 
-  Sections: {", ".join(Config.model_fields)}. `probe-rl run --dry-run` prints every key with its
-  resolved value; the comments in pipeline/config.py explain each one.
+  Sections: {", ".join(Config.model_fields)}.
+  `probe-rl run --dry-run` prints every key with its resolved value; the comments in
+  pipeline/config.py explain each one.
 
 outputs (in run.output_dir/run.name):
   config.toml       the resolved config
   metrics.parquet   one row per step: rewards, probe scores, KL, loss, staleness, tokens/s, seconds per stage
   rollouts.parquet  a sample of rollouts with their scores and decoded text
   eval.parquet      with eval.every: probe AUROC on the live policy, the frozen copy and a refit probe
-  checkpoints/      the policy in transformers format plus Adam moments (safetensors): --resume
+  checkpoints/      step_N/: weights, config and tokenizer (a transformers/vLLM model folder), Adam
+                    moments in optimizer/; step_N.inflight.parquet: rollouts launched before it.
+                    Every 10 steps or 30 minutes by default; a lost learner restarts from the newest
+                    by itself, and --resume continues a stopped run from it
   summary.json      first/last task reward, eval accuracy before/after, seconds per step
 
-other commands: probe-rl {{probe,experiment,profile,cost,submit,status,logs,stop}} --help
+other commands (each with --help):
+  probe-rl probe train|eval|toy-data   fit and measure linear probes
+  probe-rl experiment                  arms x seeds and a report;  probe-rl report DIR  rewrites one
+  probe-rl profile                     overhead of probes against plain RLHF
+  probe-rl cost                        FLOPs and memory per step, toy to 405B
+  probe-rl submit|status|logs|stop     Ray jobs on a cluster
 """
 
 

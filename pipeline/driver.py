@@ -121,9 +121,10 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A local instance with exactly the CPUs the roles reserve (they share real cores) and no dashboard.
-    # Ray 2.60 rewrites a loopback node address to the machine's own and listens on all interfaces; its
-    # token authentication (on by default, token in ~/.ray/auth_token) is what keeps other hosts out.
+    # A local instance with the CPUs the roles reserve (they share real cores; scorers up to scorer.max_workers)
+    # and no dashboard. Ray 2.60 resolves a loopback node address to the machine's own and binds its servers to
+    # every interface; its token authentication (on by default, token in ~/.ray/auth_token) keeps other hosts
+    # out (tests/integration/test_exposure.py).
     ray.init(num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 

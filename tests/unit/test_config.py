@@ -96,3 +96,13 @@ def test_cli_refuses_an_impossible_transport_before_anything_starts():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--weights.backend", "nccl"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "weights.backend" in out.stderr and "run directory" not in out.stdout
+
+
+def test_run_help_lists_every_command():
+    from pipeline.cli import build_parser
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--help"], capture_output=True, text=True,
+                         timeout=60).stdout
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in commands:
+        assert f"probe-rl {name}" in out or f"|{name}" in out or f"{name}|" in out, name
