@@ -193,7 +193,7 @@ class Scorer:
                                       rollouts.column("completion_ids").to_pylist(), [probe.layer],
                                       self.cfg.batch_size, self.pad_id)[probe.layer]
         groups = rollouts.column("group_id").to_pylist()
-        held = {g for g in set(groups) if hash(g) % 5 == 0}  # a fifth of the prompt groups, for the metrics
+        held = held_out_groups(groups, labels)
         train = [i for i, g in enumerate(groups) if g not in held]
         test = [i for i, g in enumerate(groups) if g in held]
         new = fit_probe([acts[i] for i in train], [labels[i] for i in train], name, probe.layer, probe.aggregation)
@@ -213,3 +213,11 @@ class Scorer:
         import os
 
         return os.getpid()
+
+
+def held_out_groups(groups: list[int], labels: list[int]) -> set[int]:
+    """Every fifth prompt group with a positive and every fifth without, held out for a refit's metrics; a
+    positive group is always left for fitting (positives are rare under a penalty)."""
+    positive = sorted({g for g, y in zip(groups, labels, strict=True) if y})
+    negative = sorted(set(groups) - set(positive))
+    return set(positive[::5][: max(0, len(positive) - 1)]) | set(negative[::5])

@@ -27,6 +27,29 @@ def toy_world(toy_overrides):
     return cfg, build_world(cfg)
 
 
+REFERENCE_STEPS = 8
+
+
+def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
+    """The run several tests share: two generators and two scorers, the default max_staleness 1 (generation a
+    version ahead), penalty shaping with the toy probe, a checkpoint every 2 steps."""
+    from ._helpers import toy_args
+
+    return toy_args(toy_overrides, out_dir, name, REFERENCE_STEPS) + [
+        "--generator.num_workers", "2", "--scorer.num_workers", "2", "--learner.checkpoint_every", "2"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(toy_world, toy_overrides, tmp_path_factory):
+    """One uninterrupted run in a process of its own: its directory, and what the command printed."""
+    from ._helpers import cli
+
+    out_dir = tmp_path_factory.mktemp("reference")
+    out = cli(reference_args(toy_overrides, out_dir, "run"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out_dir / "run", out.stdout
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

@@ -13,28 +13,24 @@ from pipeline.config import load_config
 pytestmark = pytest.mark.integration
 
 
-def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
-    from pipeline.driver import make_run_dir, run
+def test_pipeline_runs_end_to_end(reference_run):
+    """The shared reference run (two generators, two scorers, max_staleness 1, penalty shaping, checkpoints every
+    2 steps), read back from its files."""
+    from pipeline.tasks import arithmetic_reward
 
-    # Two generators and two scorers share each step; with max_staleness 1 the driver's staleness check
-    # would fail the run if either generator missed a weight version.
-    cfg = load_config(overrides={**toy_overrides, "run": {**toy_overrides["run"], "name": "e2e"},
-                                 "learner": {**toy_overrides["learner"], "checkpoint_every": 2},
-                                 "generator": {"num_workers": 2}, "scorer": {"num_workers": 2, "probes": [{"path": "toy"}]}})
-    _, world = toy_world
-    run_dir = make_run_dir(cfg)
-    summary = run(cfg, run_dir, world, log=lambda *_: None)
+    from .conftest import REFERENCE_STEPS as steps
 
+    run_dir, _ = reference_run
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in metrics] == [1, 2, 3]
-    assert [r["version"] for r in metrics] == [1, 2, 3]
-    assert [r["rollout/rows"] for r in metrics] == [32] * 3
-    staleness = [r["pipeline/staleness"] for r in metrics]
-    assert staleness[0] == 0 and max(staleness) == 1  # generation ran one version ahead of learning
+    assert [r["step"] for r in metrics] == list(range(1, steps + 1))
+    assert [r["version"] for r in metrics] == list(range(1, steps + 1))
+    assert [r["rollout/rows"] for r in metrics] == [32] * steps
+    # generation ran one version ahead of learning: step 1 from version 0, step s from version s - 2 after that
+    assert [r["pipeline/staleness"] for r in metrics] == [0] + [1] * (steps - 1)
+    rollouts = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
     for r in metrics:
-        assert 0 <= r["rollout/task_reward"] <= 1
-        assert 0 <= r["scorer/hack_mean"] <= 1
-        assert r["learner/kl"] >= 0 and np.isfinite(r["learner/loss"]) and np.isfinite(r["learner/grad_norm"])
+        sample = [x for x in rollouts if x["step"] == r["step"]]
+        assert {x["policy_version"] for x in sample} == {max(0, r["step"] - 2)}  # the staleness logged is real
         # the stages are timed inside the step, so together they take no longer than the step's wall time
         stages = sum(v for k, v in r.items() if k.startswith("time/stage/") and v is not None)
         assert 0 < r["time/stage/learn_s"] <= stages <= r["time/step_wall_s"] + 1e-3
@@ -44,18 +40,24 @@ def test_pipeline_runs_end_to_end(toy_overrides, toy_world, ray_local):
         # penalty shaping: shaped = task - 0.5 * score, on average too
         assert r["rollout/shaped_reward"] == pytest.approx(r["rollout/task_reward"] - 0.5 * r["scorer/hack_mean"], abs=1e-4)
     assert metrics[0]["learner/kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts from the reference
+    assert all(r["learner/kl"] > 0 for r in metrics[1:])  # and the policy moves away from it
 
-    rollouts = pq.read_table(run_dir / "rollouts.parquet")
-    assert rollouts.num_rows == 3 * cfg.run.rollout_sample_per_step
-    for name in ("probe/hack/tokens", "probe/hack/score", "ref_logprobs", "advantage", "completion_text"):
-        assert name in rollouts.column_names
-    lengths = [len(c) for c in rollouts.column("completion_ids").to_pylist()]
-    assert [len(t) for t in rollouts.column("probe/hack/tokens").to_pylist()] == lengths
-    assert [len(t) for t in rollouts.column("ref_logprobs").to_pylist()] == lengths
+    assert len(rollouts) == steps * 16
+    for x in rollouts:  # each sampled row's columns agree with one another
+        assert x["task_reward"] == arithmetic_reward([x["completion_text"]], [x["answer"]])[0]
+        assert x["shaped_reward"] == pytest.approx(x["task_reward"] - 0.5 * x["probe/hack/score"], abs=1e-6)
+        assert len(x["probe/hack/tokens"]) == len(x["ref_logprobs"]) == len(x["completion_ids"])
+        assert x["probe/hack/score"] == pytest.approx(np.mean(x["probe/hack/tokens"]), abs=1e-6)  # mean-pooled
 
-    assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").is_file()
-    assert (run_dir / "checkpoints" / "step_000003" / "model.safetensors").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3 == summary["steps"]
+    # checkpoints every 2 steps, the newest 3 kept, each beside the rollouts launched before it
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_000004", "step_000006", "step_000008"]
+    for name in kept:
+        assert (run_dir / "checkpoints" / name / "model.safetensors").is_file()
+        assert (run_dir / "checkpoints" / f"{name}.inflight.parquet").is_file()
+    inflight = pq.read_table(run_dir / "checkpoints" / "step_000006.inflight.parquet")
+    assert sorted(set(inflight.column("inflight_step").to_pylist())) == [7, 8]  # launched before it, versions <= 6
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
 
 
 def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
@@ -69,7 +71,7 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
         "task": {**toy_overrides["task"], "reward_fn": "pipeline.tasks:arithmetic_reward_loophole",
                  "ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"},
         "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
-                   "retrain_window": 2},
+                   "retrain_window": 4},
         "eval": {"every": 2},
         "generator": {"engine_process": "separate"},
         "weights": {"transport": "object_store"},
@@ -82,10 +84,10 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     for r in rows:
         assert abs(r["rollout/correct_rate"] + r["rollout/hack_rate"] + r["rollout/wrong_rate"] - 1) < 1e-6
-    # a refit ran (or was skipped for want of both classes) at steps 2 and 4, and nowhere else
-    refit = [("scorer/retrain_auroc" in r and r["scorer/retrain_auroc"] is not None)
-             or ("scorer/retrain_skipped" in r and r["scorer/retrain_skipped"] is not None) for r in rows]
-    assert refit == [False, True, False, True]
+    # refits only every 2 steps; the one at step 4 saw both classes in its 4-step window and ran
+    ran = {r["step"] for r in rows if r.get("scorer/retrain_positives") is not None}
+    skipped = {r["step"] for r in rows if r.get("scorer/retrain_skipped") is not None}
+    assert ran | skipped <= {2, 4} and 4 in ran
     evals = pq.read_table(run_dir / "eval.parquet").to_pylist()
     assert [e["step"] for e in evals] == [0, 2, 4]
     assert evals[0]["eval/hack_auroc_live"] == evals[0]["eval/hack_auroc_frozen"]  # before any update

@@ -48,15 +48,17 @@ def test_killed_generator_scorer_and_learner_rank_are_recovered_exactly(toy_worl
     assert max(r["pipeline/learner_restarts"] for r in got) >= 1
 
 
-def test_learner_kill_then_driver_kill_and_resume_equal_an_uninterrupted_run(toy_world, toy_overrides, tmp_path):
-    """The default max_staleness 1 (generation runs a version ahead), ZeRO-0: the learner rank is SIGKILLed at
-    step 3 and recovers by itself; at step 6 the driver process itself is SIGKILLed, and `probe-rl run
-    --resume` finishes the run. Metric rows after each checkpoint are recomputed, never duplicated, and the
-    whole run equals an uninterrupted one."""
-    extra = ["--learner.checkpoint_every", "2"]
-    ref, _, want = _run(toy_overrides, tmp_path, "reference", extra)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    args = toy_args(toy_overrides, tmp_path, "crashed", STEPS) + extra
+def test_learner_kill_then_driver_kill_and_resume_equal_an_uninterrupted_run(toy_world, toy_overrides, reference_run,
+                                                                            tmp_path):
+    """The shared reference run's settings (the default max_staleness 1, generation a version ahead; ZeRO-0): the
+    learner rank is SIGKILLed at step 3 and recovers by itself; at step 6 the driver process itself is
+    SIGKILLed, and `probe-rl run --resume` finishes the run. Metric rows after each checkpoint are recomputed,
+    never duplicated, and the whole run equals the uninterrupted one."""
+    from .conftest import REFERENCE_STEPS, reference_args
+
+    run_dir, _ = reference_run
+    want = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    args = reference_args(toy_overrides, tmp_path, "crashed")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     killer = Killer(tmp_path / "crashed" / "metrics.parquet", [(3, "Learner"), (6, driver.pid)])
@@ -67,13 +69,13 @@ def test_learner_kill_then_driver_kill_and_resume_equal_an_uninterrupted_run(toy
     assert [k[0] for k in killer.killed] == ["Learner", driver.pid]
     assert "learner restarted from" in log
     before = pq.read_table(tmp_path / "crashed" / "metrics.parquet").to_pylist()
-    assert 6 <= len(before) < STEPS
+    assert 6 <= len(before) < REFERENCE_STEPS
     resumed = cli(["run", "--resume", str(tmp_path / "crashed")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = pq.read_table(tmp_path / "crashed" / "metrics.parquet").to_pylist()
     same_rows(got, want)
     steps = pq.read_table(tmp_path / "crashed" / "rollouts.parquet").column("step").to_pylist()
-    assert sorted(set(steps)) == list(range(1, STEPS + 1)) and len(steps) == STEPS * 16  # no step sampled twice
+    assert sorted(set(steps)) == list(range(1, REFERENCE_STEPS + 1)) and len(steps) == REFERENCE_STEPS * 16
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -64,6 +64,18 @@ def test_refit_probe_learns_on_policy_labels(tiny_model_dir, probe_path):
     scorer = Scorer(model_path=str(tiny_model_dir), probe_paths=[(probe_path, None)], cfg=ScorerConfig(), compute_ref=False)
     tensors, metrics = scorer.refit_probe("hack", table, labels)
     assert metrics["auroc"] > 0.85 and metrics["num"] > 10
+    # the same fit and held-out split, made independently, gives the same AUROC
+    from actors.scorer import held_out_groups
+    from probes.toolkit import completion_activations, fit_probe, probe_metrics, score_sequences
+
+    acts = completion_activations(scorer.probe_model, prompts, completions, [1])[1]
+    held = held_out_groups(list(range(120)), labels)
+    train = [i for i in range(120) if i not in held]
+    test = [i for i in range(120) if i in held]
+    reference = fit_probe([acts[i] for i in train], [labels[i] for i in train], "hack", 1)
+    want = probe_metrics(score_sequences(reference, [acts[i] for i in test]), torch.tensor([float(labels[i]) for i in test]))
+    assert metrics["auroc"] == pytest.approx(want["auroc"]) and metrics["num"] == want["num"] == len(test)
+    assert torch.allclose(tensors["weight"], reference.weight, atol=1e-5)
     scorer.set_probe("hack", tensors)
     scores = np.array(scorer.score(table)[0].column("probe/hack/score"))
     assert scores[np.array(labels) == 1].mean() > scores[np.array(labels) == 0].mean() + 0.3
