@@ -54,7 +54,9 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool) -> None:
 
 class Generator:
     def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
-                 seed: int = 0) -> None:
+                 seed: int = 0, ablation: tuple[int, list[float]] | None = None) -> None:
+        """`ablation` (layer, unit direction): shaping.kind = "ablate" projects that direction out of the residual
+        stream at that layer while sampling rollouts (greedy evaluation runs without it)."""
         import torch
 
         self.cfg = cfg
@@ -67,6 +69,7 @@ class Generator:
         from vllm.inputs import TokensPrompt
 
         from pipeline.vllm_weights import register
+        from pipeline.vllm_worker import EXTENSION
 
         register()  # in this process; vLLM's engine process loads it through the vllm.general_plugins entry point
         try:
@@ -76,6 +79,7 @@ class Generator:
                 distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
                 max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
                 enable_prefix_caching=False, weight_transfer_config=WeightTransferConfig(backend=weight_backend),
+                worker_extension_cls=EXTENSION,
             )
         except ValueError as e:
             if "weight transfer backend" in str(e):
@@ -84,6 +88,9 @@ class Generator:
             raise
         self.weight_backend = weight_backend
         self.version = 0
+        self.ablation = ablation
+        if ablation is not None:
+            self._ablate(True)
         # The first sampling call with log-probs pays a one-off warm-up (~20 s on CPU); pay it at start-up.
         self.greedy([[0]], 2)
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
@@ -160,14 +167,26 @@ class Generator:
             self.update_weights(_inline_info(chunk, dtype_name))
         return self.finish_weight_update(str(version))
 
-    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions (token ids), for evaluation and the weight-sync check."""
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int, ablated: bool = False) -> list[list[int]]:
+        """Greedy completions (token ids), for evaluation and the weight-sync check: of the policy itself, without
+        the training-time ablation unless `ablated`."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        lift = self.ablation is not None and not ablated  # evaluate the policy itself, not its ablated twin
+        if lift:
+            self._ablate(False)
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        finally:
+            if lift:
+                self._ablate(True)
         return [list(o.outputs[0].token_ids) for o in outs]
+
+    def _ablate(self, on: bool) -> None:
+        layer, direction = self.ablation if on else (None, None)
+        self.llm.collective_rpc("probe_rl_set_ablation", args=(layer, direction))
 
     def ready(self) -> int:
         return self.version

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.config import LearnerConfig
+from pipeline.config import LearnerConfig, ShapingConfig
 from pipeline.faults import maybe_fail_step
 
 
@@ -34,11 +34,14 @@ class TrainStats:
     grad_norm: float
     num_tokens: int  # valid (gradient-carrying) completion tokens on this rank
     seconds: float
+    probe_score: float = float("nan")  # shaping.kind = "loss": mean probe score on this rank's own forward pass
+    num_rows: int = 0  # rows that carried a gradient on this rank
 
 
 class Learner:
     def __init__(self, *, model_path: str, cfg: LearnerConfig, rows_per_step: int, rank: int = 0,
-                 world_size: int = 1, dtype: str = "float32", pad_id: int = 0) -> None:
+                 world_size: int = 1, dtype: str = "float32", pad_id: int = 0, shaping: ShapingConfig | None = None,
+                 probe: tuple[str, str | None] | None = None) -> None:
         if rows_per_step % world_size:
             raise ValueError(f"rows per step ({rows_per_step}) must divide evenly over learner.num_ranks={world_size}")
         self.model_path, self.cfg, self.dtype, self.pad_id = model_path, cfg, dtype, pad_id
@@ -48,6 +51,17 @@ class Learner:
         self.engine = None
         self.transfer = None  # the trainer-side weight-transfer engine, once a group is built
         self.version = 0
+        # shaping.kind "loss" and "ablate" act on this learner's own activations at the shaping probe's layer
+        self.shaping = shaping if shaping is not None and shaping.kind in ("loss", "ablate") else None
+        self.probe = None
+        if self.shaping is not None:
+            from probes.probe import load_probe, unit_direction
+
+            path, aggregation = probe
+            self.probe = load_probe(path)
+            if aggregation is not None:
+                self.probe.aggregation = aggregation
+            self.direction = unit_direction(self.probe.weight)
 
     @property
     def on_gpu(self) -> bool:
@@ -125,21 +139,23 @@ class Learner:
         start = time.perf_counter()
         maybe_fail_step(self.version + 1)
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
-        global_tokens = _valid_tokens(table)
+        global_tokens, global_rows = _valid_tokens(table), _valid_rows(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
         use_ref = self.cfg.kl_coef > 0
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo both so
-        # the sum over all micro-batches and ranks is the token mean over the global batch.
+        # the sum over all micro-batches and ranks is the token mean (probe term: row mean) over the global batch.
         denom = max(global_tokens, 1) / (self.grad_accum * self.world_size)
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        local_tokens, grad_norm = 0, None
+        row_denom = max(global_rows, 1) / (self.grad_accum * self.world_size)
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "probe": 0.0}
+        local_tokens, local_rows, grad_norm = 0, 0, None
         self.engine.train()
         for m in range(self.grad_accum):
             mb = shard.slice(m * self.cfg.micro_batch_size, self.cfg.micro_batch_size)
             batch = pack(mb.column("prompt_ids").to_pylist(), mb.column("completion_ids").to_pylist(), self.pad_id)
             device = self.engine.device
             ids = batch.input_ids.to(device)
-            logits = self.engine(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits
+            with self._on_activations() as cap:
+                logits = self.engine(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits
             logp = token_logprobs(logits, ids)  # (B, T-1)
             behavior = batch.completion_targets(mb.column("behavior_logprobs").to_pylist()).to(device)
             ref = batch.completion_targets(mb.column("ref_logprobs").to_pylist()).to(device) if use_ref else None
@@ -147,12 +163,21 @@ class Learner:
             token_mask = batch.completion_mask[:, 1:].to(device) & loss_mask[:, None]
             adv = torch.tensor(mb.column("advantage").to_numpy(), dtype=torch.float32, device=device)
             parts = ppo_loss(logp, behavior, adv, token_mask, self.cfg.clip_eps, ref, self.cfg.kl_coef, num_tokens=denom)
-            self.engine.backward(parts.loss)
+            loss = parts.loss
+            if cap is not None:  # shaping.kind = "loss": coef x the probe's score on this very pass
+                from probes.probe import probe_loss
+
+                probe_sum = probe_loss(self.probe, cap.residuals[self.probe.layer], batch.completion_mask.to(device),
+                                       loss_mask)
+                loss = loss + self.shaping.coef * probe_sum / row_denom
+                sums["probe"] += float(probe_sum.detach())
+            self.engine.backward(loss)
             if m == self.grad_accum - 1 and self.cfg.zero_stage == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 keeps whole grads; DeepSpeed reports none
             self.engine.step()
             # parts are normalised by `denom`; rescale to this rank's token mean for reporting
             local_tokens += int(parts.num_tokens)
+            local_rows += int(loss_mask.sum())
             sums["loss"] += float(parts.loss.detach()) * denom
             sums["policy_loss"] += float(parts.policy_loss) * denom
             sums["kl"] += float(parts.kl) * denom
@@ -160,11 +185,33 @@ class Learner:
         self.version += 1
         if self.cfg.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
-        mean = {k: v / max(local_tokens, 1) for k, v in sums.items()}
+        mean = {k: v / max(local_tokens, 1) for k, v in sums.items() if k != "probe"}
         return TrainStats(
             self.version, mean["loss"], mean["policy_loss"], mean["kl"], mean["clip_frac"],
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
+            sums["probe"] / local_rows if self.probe is not None and local_rows else math.nan, local_rows,
         )
+
+    def _on_activations(self):
+        """The learner's forward pass as the shaping kind wants it: the probe's layer captured in the autograd graph
+        (loss; yields the capture), or the probe's direction projected out there (ablate; yields None)."""
+        import contextlib
+
+        from probes.hooks import capture_residuals, edit_residual
+        from probes.probe import project_out
+
+        if self.shaping is None:
+            return contextlib.nullcontext()
+        module, layer = self.engine.module, self.probe.layer
+        if self.shaping.kind == "loss":
+            return capture_residuals(module, [layer], detach=False)
+
+        @contextlib.contextmanager
+        def ablated():
+            with edit_residual(module, layer, lambda h: project_out(h, self.direction)):
+                yield None
+
+        return ablated()
 
     # --- weights out -------------------------------------------------------------------------------------
 
@@ -338,6 +385,12 @@ def _grad_norm(module) -> float:
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _valid_rows(table: pa.Table) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(table.column("loss_mask").cast(pa.int64())).as_py() or 0)
 
 
 def _valid_tokens(table: pa.Table) -> int:

@@ -81,7 +81,13 @@ class TaskConfig(_Strict):
     num_prompts: PositiveInt = 4096
     """Size of the generated toy prompt set (ignored when `dataset` is given)."""
     eval_prompts: NonNegInt = 256
-    """Held-out prompts for greedy evaluation at the start and end of a run (toy set only)."""
+    """Held-out prompts for greedy evaluation at the start and end of a run (toy set: drawn from a part of the
+    number space that neither its SFT data nor the RL prompts touch)."""
+    eval_dataset: str | None = None
+    """Held-out prompts of a user dataset (`prompt`, `answer`), for greedy evaluation; none may be in `dataset`."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """Without eval_dataset: this share of a user dataset's prompts, chosen by a hash of the prompt text, is held
+    out of training for greedy evaluation (0: no held-out evaluation)."""
 
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -176,15 +182,23 @@ class ScorerConfig(RoleResources):
 
 
 class ShapingConfig(_Strict):
-    kind: Literal["none", "penalty", "threshold", "screen"] = "none"
-    """none: task reward only. penalty: reward - coef * score. threshold: reward - coef where
-    score > threshold. screen: samples with score > threshold get no gradient."""
+    """How a probe acts on training. In the reward, with no gradient through the probe: penalty, threshold,
+    screen. On the policy's own activations: loss (differentiated through), ablate (its direction removed)."""
+
+    kind: Literal["none", "penalty", "threshold", "screen", "loss", "ablate"] = "none"
+    """none: task reward only. penalty: reward - coef * score. threshold: reward - coef where score > threshold.
+    screen: samples with score > threshold get no gradient. loss: task reward only, and coef * the probe's score
+    on the learner's own forward pass (aggregated over completion tokens as the probe says) is added to the loss,
+    its gradient flowing through the activations into the policy (probe weights fixed). ablate: task reward
+    only, and the probe's direction u is projected out of the residual stream at its layer (h - (h.u)u) in the
+    learner's passes and in generation; greedy and probe evaluations run without it."""
     probe: str | None = None
-    """Name of the probe that shapes the reward; None with a single probe picks that one."""
+    """Name of the probe that shapes; None with a single probe picks that one."""
     coef: NonNegFloat = 1.0
-    """Penalty coefficient (penalty, threshold)."""
+    """Penalty coefficient (penalty, threshold) or weight of the probe term in the loss (loss)."""
     threshold: float = Field(0.5, ge=0, le=1)
-    """Score above which a sample is flagged (threshold, screen)."""
+    """Score above which a sample is flagged (threshold, screen), and below which a hack evades the probe
+    (the `rollout/evasion_rate` metric)."""
 
 
 class LearnerConfig(RoleResources):
@@ -305,6 +319,9 @@ class Config(_Strict):
             )
         if self.shaping.kind != "none" and self.shaping.probe is None and len(self.scorer.probes) > 1:
             raise ValueError("shaping.probe must name one of scorer.probes when more than one probe is listed")
+        if self.shaping.kind == "ablate" and not self.generator.enforce_eager:
+            raise ValueError("shaping.kind = \"ablate\" edits the residual stream with a forward hook in vLLM's model, "
+                             "which CUDA graphs and compilation skip: set generator.enforce_eager = true")
         if self.scorer.retrain_every and (self.task.ground_truth_fn is None or not self.scorer.probes):
             raise ValueError("scorer.retrain_every needs task.ground_truth_fn (the labels) and a probe to refit")
         if self.scorer.max_workers is not None and self.scorer.max_workers < self.scorer.num_workers:

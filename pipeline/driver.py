@@ -458,12 +458,19 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
            "learner/loss": tok_mean("loss"), "learner/policy_loss": tok_mean("policy_loss"),
            "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
            "learner/grad_norm": train_stats[0].grad_norm,
+           "learner/probe_score": _row_mean(train_stats, "probe_score"),
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
            "time/generate_wall_s": gen_wall, "time/score_busy_s": sum(s.seconds for s in score_stats),
            "time/learn_compute_s": max(s.seconds for s in train_stats)}
     row.update({f"time/stage/{k}_s": v for k, v in timer.seconds.items()})
     return row
+
+
+def _row_mean(stats, attr: str) -> float:
+    """Mean over ranks weighted by their gradient-carrying rows (NaN when no rank measured it)."""
+    pairs = [(getattr(s, attr), s.num_rows) for s in stats if math.isfinite(getattr(s, attr)) and s.num_rows]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else math.nan
 
 
 def log_step(row: dict, log, quiet: bool) -> None:

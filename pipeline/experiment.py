@@ -7,6 +7,7 @@ tables. All runs share one Ray instance and land in one directory, with `report.
 
 from __future__ import annotations
 
+import shutil
 import time
 import tomllib
 from datetime import datetime
@@ -24,7 +25,10 @@ class ExperimentConfig(BaseModel):
     base: str
     """Base run config, relative to the experiment file."""
     seeds: list[int] = [0]
-    """Every arm runs once per seed (pipeline.seed and learner.seed)."""
+    """Every arm runs once per seed: the RL seed (pipeline.seed, learner.seed) and, with vary_world, the toy world
+    (toy.seed: another SFT model and other probes), so each seed is a world of its own."""
+    vary_world: bool = True
+    """Seeds also pick the toy world (toy.seed). False: one world, only the RL seed varies."""
     arms: dict[str, dict[str, Any]]
     """Arm name -> config overrides (nested tables)."""
     default_arms: list[str] = []
@@ -57,7 +61,8 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     runs: dict[tuple[str, int], Config] = {}
     for seed in seeds:
         for arm in chosen:
-            over = _merge(_merge(exp.arms[arm], {"pipeline": {"seed": seed}, "learner": {"seed": seed}}), cli)
+            seeded = {"pipeline": {"seed": seed}, "learner": {"seed": seed}} | ({"toy": {"seed": seed}} if exp.vary_world else {})
+            over = _merge(_merge(exp.arms[arm], seeded), cli)
             try:
                 runs[(arm, seed)] = load_config(path.parent / exp.base, over)
             except ConfigError as e:
@@ -83,7 +88,11 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
         for i, ((arm, seed), cfg) in enumerate(runs.items(), 1):
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
                 "output_dir": str(root), "name": f"{arm}-seed{seed}", "progress": False})})
-            key = cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval"})
+            if (root / f"{arm}-seed{seed}" / "summary.json").exists():
+                log(f"[{i}/{len(runs)}] {arm} seed {seed}: finished before, kept")  # rerun the same --out to resume
+                continue
+            shutil.rmtree(root / f"{arm}-seed{seed}", ignore_errors=True)  # a run cut off before: start it again
+            key = cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval", "pipeline"})
             world = worlds.get(key) or build_world(cfg, log)
             worlds[key] = world
             run_dir = make_run_dir(cfg)

@@ -115,7 +115,23 @@ class Fleet:
         cfg = self.cfg
         return self._make(Generator, "generator", cfg.generator, i, dict(
             model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.model.dtype,
-            seed=cfg.pipeline.seed + i))
+            seed=cfg.pipeline.seed + i, ablation=self.ablation()))
+
+    def shaping_probe(self) -> tuple[str, str | None] | None:
+        """(stem, aggregation) of the probe that shapes training, if any."""
+        w = self.world
+        if not w.probe_paths:
+            return None
+        return w.probe_paths[w.probe_names.index(self.cfg.shaping.probe) if self.cfg.shaping.probe else 0]
+
+    def ablation(self) -> tuple[int, list[float]] | None:
+        """shaping.kind = "ablate": (layer, unit direction) of the shaping probe, for generators to project out."""
+        if self.cfg.shaping.kind != "ablate":
+            return None
+        from probes.probe import load_probe, unit_direction
+
+        probe = load_probe(self.shaping_probe()[0])
+        return probe.layer, unit_direction(probe.weight).tolist()
 
     def new_scorer(self, i: int):
         """Scorer i; those beyond scorer.num_workers (a scale-up) are placed outside the role's group."""
@@ -135,7 +151,8 @@ class Fleet:
         rows = cfg.pipeline.prompts_per_step * cfg.pipeline.group_size
         self.learners = [self._make(Learner, "learner", lc, r, dict(
             model_path=self.world.model_path, cfg=lc, rows_per_step=rows, rank=r, world_size=lc.num_ranks,
-            dtype=cfg.model.dtype, pad_id=self.world.pad_id)) for r in range(lc.num_ranks)]
+            dtype=cfg.model.dtype, pad_id=self.world.pad_id, shaping=cfg.shaping, probe=self.shaping_probe()))
+            for r in range(lc.num_ranks)]
         setup_learners(self.learners, self.timeout)
         self.transfer_members = ()  # new ranks hold no transfer group yet
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
-from pipeline.shaping import group_advantages, shape_rewards
+from pipeline.shaping import evasion_rate, group_advantages, shape_rewards
 from pipeline.tasks import GROUND_TRUTH
 from pipeline.world import World
 
@@ -29,7 +29,7 @@ class Rewarder:
             raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
                              f"for {scored.num_rows} completions; it must return one float per completion")
         score = None
-        if self.shaping.kind != "none":
+        if self.shaping_probe is not None:
             score = scored.column(f"probe/{self.shaping_probe}/score").to_numpy(zero_copy_only=False)
         shaped, mask = shape_rewards(task, score, self.shaping.kind, self.shaping.coef, self.shaping.threshold)
         mask &= ~scored.column("nonfinite_score").to_numpy(zero_copy_only=False)  # never train on a NaN score
@@ -50,6 +50,8 @@ class Rewarder:
             truth = np.asarray(truth)
             for cls in GROUND_TRUTH:
                 metrics[f"rollout/{cls}_rate"] = float((truth == cls).mean())
+            if score is not None:  # hacks the shaping probe (or the only probe) misses, whatever the shaping kind
+                metrics["rollout/evasion_rate"] = evasion_rate(score, truth, self.shaping.threshold)
         for name in self.probe_names:
             s = scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False)
             metrics[f"scorer/{name}_mean"] = _nanmean(s)

@@ -10,7 +10,8 @@ from typing import Literal
 
 import numpy as np
 
-ShapingKind = Literal["none", "penalty", "threshold", "screen"]
+ShapingKind = Literal["none", "penalty", "threshold", "screen", "loss", "ablate"]
+IN_REWARD = ("penalty", "threshold", "screen")  # kinds that act through the reward; loss and ablate act on activations
 
 
 def shape_rewards(
@@ -22,13 +23,16 @@ def shape_rewards(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shaped reward (B,) float32 and loss mask (B,) bool (False: the sample gets no gradient).
 
-    none: task reward. penalty: reward - coef * score. threshold: reward - coef where score > threshold.
+    none, loss, ablate: task reward (loss and ablate act on the learner's activations, not on the reward).
+    penalty: reward - coef * score. threshold: reward - coef where score > threshold.
     screen: reward unchanged, flagged samples (score > threshold) masked out of the gradient.
     Rows whose score is not finite are always masked out and keep their task reward.
     """
     task_reward = np.asarray(task_reward, dtype=np.float32)
     mask = np.ones(task_reward.shape, dtype=bool)
-    if kind == "none":
+    if kind not in IN_REWARD:
+        if kind not in ("none", "loss", "ablate"):
+            raise ValueError(f"unknown shaping kind {kind!r}; allowed: none, penalty, threshold, screen, loss, ablate")
         return task_reward.copy(), mask
     if score is None:
         raise ValueError(f"shaping kind {kind!r} needs a probe score")
@@ -65,3 +69,10 @@ def group_advantages(
         r = reward[rows]
         adv[rows] = (r - r.mean()) / (r.std() + eps)
     return adv.astype(np.float32)
+
+
+def evasion_rate(score: np.ndarray, truth: np.ndarray, threshold: float) -> float:
+    """Share of the hacks (by ground truth) that the probe scores below `threshold`: the hacks it misses. NaN when
+    there is no hack (or no finite score for one) to miss."""
+    hacks = (np.asarray(truth) == "hack") & np.isfinite(score)
+    return float((score[hacks] < threshold).mean()) if hacks.any() else float("nan")

@@ -10,6 +10,7 @@ and is named in the config as `package.module:function`. The built-in one verifi
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import random
@@ -30,10 +31,38 @@ class PromptSet:
         return len(self.prompts)
 
 
-def arithmetic_prompts(num: int, max_operand: int, seed: int) -> PromptSet:
-    """`a+b=` prompts with answers, a deterministic function of the seed."""
+# The toy's number space is cut once, by a fixed hash of each sum, into parts that share no sum: SFT data, RL
+# prompts, held-out eval prompts, and the probe's training and held-out labelled sets. The cut does not depend
+# on any seed, so every toy world (toy.seed) and every run keeps its parts apart.
+PARTS = (("sft", 0.60), ("rl", 0.25), ("eval", 0.05), ("probe_train", 0.05), ("probe_eval", 0.05))
+
+
+def pair_part(a: int, b: int) -> str:
+    """The part of the number space the sum `a+b` belongs to."""
+    digest = hashlib.blake2b(f"{a}+{b}".encode(), digest_size=8, person=b"probe-rl-parts").digest()
+    u, edge = int.from_bytes(digest, "big") / 2**64, 0.0
+    for name, share in PARTS:
+        edge += share
+        if u < edge:
+            return name
+    return PARTS[-1][0]
+
+
+def part_pairs(max_operand: int, part: str) -> list[tuple[int, int]]:
+    if part not in dict(PARTS):
+        raise ValueError(f"unknown part {part!r}; parts: {[n for n, _ in PARTS]}")
+    return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1) if pair_part(a, b) == part]
+
+
+def arithmetic_prompts(num: int, max_operand: int, seed: int, part: str | None = None) -> PromptSet:
+    """`a+b=` prompts with answers, a deterministic function of the seed; with `part`, only sums of that part of
+    the number space (distinct sums while there are enough, then repeats)."""
     rng = random.Random(seed)
-    pairs = [(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(num)]
+    if part is None:
+        pairs = [(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(num)]
+    else:
+        pool = part_pairs(max_operand, part)
+        pairs = rng.sample(pool, num) if num <= len(pool) else rng.choices(pool, k=num)
     return PromptSet([f"{a}+{b}=" for a, b in pairs], [str(a + b) for a, b in pairs])
 
 
@@ -103,12 +132,12 @@ def read_rows(path: str | Path, what: str) -> list:
     raise ValueError(f"{what} {path}: unsupported extension {path.suffix!r}; use .parquet or .jsonl")
 
 
-def load_prompt_file(path: str | Path) -> PromptSet:
+def load_prompt_file(path: str | Path, key: str = "task.dataset") -> PromptSet:
     """Read a Parquet or JSONL prompt dataset with `prompt` and `answer` columns."""
-    rows = read_rows(path, "task.dataset")
+    rows = read_rows(path, key)
     if not rows:
-        raise ValueError(f"task.dataset {path} has no rows")
+        raise ValueError(f"{key} {path} has no rows")
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
-            raise ValueError(f"task.dataset {path}, row {n}: needs a text `prompt` and an `answer`")
+            raise ValueError(f"{key} {path}, row {n}: needs a text `prompt` and an `answer`")
     return PromptSet([r["prompt"] for r in rows], [str(r["answer"]) for r in rows])

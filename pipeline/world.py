@@ -77,41 +77,24 @@ def resolve_model_path(path: str) -> str:
 def build_world(cfg: Config, log=print) -> World:
     from transformers import AutoConfig, AutoTokenizer
 
-    from probes.probe import load_probe
-
     toy = None
-    if cfg.model.path == "toy" or any(p.path == "toy" for p in cfg.scorer.probes):
+    if cfg.model.path == "toy" or any(p.path.split(":")[0] == "toy" for p in cfg.scorer.probes):
         from pipeline.toy import ensure_toy_world
 
         toy = ensure_toy_world(cfg.toy, log)
     model_path = str(toy.model_dir) if cfg.model.path == "toy" else resolve_model_path(cfg.model.path)
     model_cfg = AutoConfig.from_pretrained(model_path)
-
-    probe_paths, names = [], []
-    for spec in cfg.scorer.probes:
-        stem = str(toy.probe_stem) if spec.path == "toy" else spec.path
-        probe = load_probe(stem)  # raises ValueError naming the file and what is wrong
-        probe.check_fits(model_cfg.num_hidden_layers, model_cfg.hidden_size, model_name=f"model {cfg.model.path!r}")
-        probe_paths.append((stem, spec.aggregation))
-        names.append(probe.name)
-    if cfg.shaping.probe is not None and cfg.shaping.probe not in names:
-        raise ValueError(f"shaping.probe={cfg.shaping.probe!r} is not among the loaded probes {names}")
-
+    probe_paths, names = load_probes(cfg, toy, model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if cfg.task.dataset is not None:
-        prompts, eval_prompts = load_prompt_file(cfg.task.dataset), None
-    else:
-        max_operand = cfg.toy.max_operand
-        prompts = arithmetic_prompts(cfg.task.num_prompts, max_operand, seed=cfg.pipeline.seed + 100)
-        eval_prompts = arithmetic_prompts(cfg.task.eval_prompts, max_operand, seed=cfg.pipeline.seed + 200)
-        if not cfg.task.eval_prompts:
-            eval_prompts = None
+    prompts, eval_prompts = prompt_sets(cfg)
     reward_fn = load_reward_fn(cfg.task.reward_fn)
     truth_fn = load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn") if cfg.task.ground_truth_fn else None
     encode = lambda texts: [tokenizer(t)["input_ids"] for t in texts]  # noqa: E731
     prompt_ids = encode(prompts.prompts)
-    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + cfg.generator.max_new_tokens > cfg.generator.max_model_len]
+    eval_ids = encode(eval_prompts.prompts) if eval_prompts else []
+    too_long = [i for i, ids in enumerate(prompt_ids + eval_ids)
+                if len(ids) + cfg.generator.max_new_tokens > cfg.generator.max_model_len]
     if too_long:
         raise ValueError(
             f"{len(too_long)} prompts (first: row {too_long[0]}) do not fit generator.max_model_len="
@@ -123,9 +106,96 @@ def build_world(cfg: Config, log=print) -> World:
 
         if cfg.eval.probe_data is not None:
             eval_labelled = load_labelled(cfg.eval.probe_data)
-        else:
+        else:  # the toy's probe-eval part: no prompt of it is in the probes' training data or among the RL prompts
             from pipeline.toy import toy_labelled
 
-            eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999)
-    return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts,
-                 encode(eval_prompts.prompts) if eval_prompts else [], reward_fn, truth_fn, eval_labelled)
+            eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval")
+    return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
+                 reward_fn, truth_fn, eval_labelled)
+
+
+def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """(stem, aggregation) and name of every probe in scorer.probes, each checked against the model; the shaping
+    probe also against what its shaping kind does with it. "toy" is the toy's hack probe, "toy:<name>" another."""
+    from probes.probe import load_probe
+
+    probe_paths, probes = [], []
+    for spec in cfg.scorer.probes:
+        source, _, name = spec.path.partition(":")
+        if source == "toy":
+            if (name or "hack") not in toy.probe_stems:
+                raise ValueError(f"scorer.probes: {spec.path!r} names no toy probe; the toy has {sorted(toy.probe_stems)}")
+            stem = str(toy.probe_stems[name or "hack"])
+        else:
+            stem = spec.path
+        probe = load_probe(stem)  # raises ValueError naming the file and what is wrong
+        probe.check_fits(model_cfg.num_hidden_layers, model_cfg.hidden_size, model_name=f"model {cfg.model.path!r}")
+        probe_paths.append((stem, spec.aggregation))
+        probes.append(probe)
+    names = [p.name for p in probes]
+    if cfg.shaping.probe is not None and cfg.shaping.probe not in names:
+        raise ValueError(f"shaping.probe={cfg.shaping.probe!r} is not among the loaded probes {names}")
+    if cfg.shaping.kind in ("loss", "ablate"):
+        shaping = probes[names.index(cfg.shaping.probe)] if cfg.shaping.probe else probes[0]
+        check_shaping_probe(cfg.shaping.kind, shaping, model_cfg)
+    return probe_paths, names
+
+
+def check_shaping_probe(kind: str, probe, model_cfg) -> None:
+    """A probe that acts on the policy's own activations must be one the learner can hook (and, to ablate, a
+    direction: a zero weight has none)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probes.hooks import decoder_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_cfg)
+    try:
+        layers = decoder_layers(model)
+    except ValueError as e:
+        raise ValueError(f"shaping.kind = {kind!r} needs probe {probe.name!r} on a layer the learner can hook: {e}") from None
+    if not 0 <= probe.layer < len(layers):
+        raise ValueError(f"shaping.kind = {kind!r}: probe {probe.name!r} reads layer {probe.layer}, but the learner's "
+                         f"model has decoder layers 0..{len(layers) - 1}")
+    if kind == "ablate" and not float(probe.weight.norm()) > 0:
+        raise ValueError(f"shaping.kind = \"ablate\": probe {probe.name!r} has a zero weight, so there is no direction "
+                         "to project out; choose another probe with shaping.probe")
+
+
+def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
+    """RL prompts and held-out eval prompts, sharing nothing: the toy's parts of the number space (neither is in its
+    SFT data), or a user dataset with task.eval_dataset, or its task.eval_fraction split off by prompt."""
+    t = cfg.task
+    if t.dataset is None:
+        prompts = arithmetic_prompts(t.num_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 100, part="rl")
+        if not t.eval_prompts:
+            return prompts, None
+        return prompts, arithmetic_prompts(t.eval_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 200, part="eval")
+    prompts = load_prompt_file(t.dataset)
+    if t.eval_dataset is not None:
+        held = load_prompt_file(t.eval_dataset, "task.eval_dataset")
+        shared = set(held.prompts) & set(prompts.prompts)
+        if shared:
+            raise ValueError(f"task.eval_dataset shares {len(shared)} prompts with task.dataset (first: "
+                             f"{next(iter(shared))!r}); held-out prompts must not be trained on")
+        return prompts, held
+    if not t.eval_fraction:
+        return prompts, None
+    return split_held_out(prompts, t.eval_fraction, t.dataset)
+
+
+def split_held_out(prompts: PromptSet, fraction: float, where: str) -> tuple[PromptSet, PromptSet]:
+    """Every prompt goes to the held-out part by a hash of its text, so repeats of a prompt stay on one side."""
+    import hashlib
+
+    def held(text: str) -> bool:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64 < fraction
+
+    rows = list(zip(prompts.prompts, prompts.answers, strict=True))
+    train = [r for r in rows if not held(r[0])]
+    test = [r for r in rows if held(r[0])]
+    if not train or not test:
+        raise ValueError(f"task.eval_fraction={fraction} leaves {len(train)} prompts to train on and {len(test)} held "
+                         f"out in {where}; change it, or give task.eval_dataset")
+    return PromptSet(*map(list, zip(*train, strict=True))), PromptSet(*map(list, zip(*test, strict=True)))

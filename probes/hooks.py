@@ -1,9 +1,10 @@
 """Scoped forward hooks on named decoder layers.
 
-Torch hooks are global state on a module, so they live only inside `capture_residuals`, which
-removes them in `finally`. Activations are detached inside the hook. With `stop_after`, the hook on
-that layer ends the forward pass early (raising a private exception the context manager swallows),
-which is how a scorer with no KL term skips the layers above its deepest probe.
+Torch hooks are global state on a module, so they live only inside `capture_residuals` and
+`edit_residual`, which remove them in `finally`. Activations are detached inside the hook unless the
+caller differentiates through them (a probe term in the learner's loss). With `stop_after`, the hook
+on that layer ends the forward pass early (raising a private exception the context manager
+swallows), which is how a scorer with no KL term skips the layers above its deepest probe.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class Capture:
 
 
 @contextmanager
-def capture_residuals(model: nn.Module, layers: list[int], stop_after: int | None = None) -> Iterator[Capture]:
-    """Record the output of decoder blocks `layers` (0-based) for forward passes run inside the block."""
+def capture_residuals(model: nn.Module, layers: list[int], stop_after: int | None = None,
+                      detach: bool = True) -> Iterator[Capture]:
+    """Record the output of decoder blocks `layers` (0-based) for forward passes run inside the block; with
+    `detach=False` the recorded tensors stay in the autograd graph."""
     blocks = decoder_layers(model)
     for i in layers:
         if not 0 <= i < len(blocks):
@@ -51,7 +54,7 @@ def capture_residuals(model: nn.Module, layers: list[int], stop_after: int | Non
     def make_hook(i: int):
         def hook(_mod: nn.Module, _inp: object, out: object) -> None:
             hidden = out[0] if isinstance(out, tuple) else out
-            cap.residuals[i] = hidden.detach()
+            cap.residuals[i] = hidden.detach() if detach else hidden
             if stop_after == i:
                 cap.stopped_early = True
                 raise _StopForward
@@ -69,3 +72,23 @@ def capture_residuals(model: nn.Module, layers: list[int], stop_after: int | Non
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def edit_residual(model: nn.Module, layer: int, edit) -> Iterator[None]:
+    """Replace the output (residual stream, (B, T, H)) of decoder block `layer` by `edit(output)` for forward passes
+    run inside the block; gradients flow through the edit."""
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} does not exist: the model has {len(blocks)} decoder layers (0..{len(blocks) - 1})")
+
+    def hook(_mod: nn.Module, _inp: object, out: object):
+        if isinstance(out, tuple):
+            return (edit(out[0]), *out[1:])
+        return edit(out)
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -122,6 +122,29 @@ def load_probe(path: str | Path) -> LinearProbe:
     )
 
 
+def unit_direction(weight: torch.Tensor) -> torch.Tensor:
+    """The probe's direction u = w / |w| (H,); a zero weight has none."""
+    norm = weight.float().norm()
+    if not norm > 0:
+        raise ValueError("a probe with a zero weight has no direction")
+    return weight.float() / norm
+
+
+def project_out(hidden: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h - (h.u)u for each position: (..., H), (H,) unit -> (..., H). What is left has no component along u and
+    every component orthogonal to u unchanged."""
+    u = u.to(device=hidden.device, dtype=hidden.dtype)
+    return hidden - (hidden @ u)[..., None] * u
+
+
+def probe_loss(probe: LinearProbe, hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sum over `rows` (B,) bool of the probe's aggregated score (its own aggregation over the masked completion
+    tokens) on `hidden` (B, T, H), differentiable in `hidden`. Rows with no masked token add nothing."""
+    scores = aggregate(probe.token_scores(hidden), mask, probe.aggregation)  # (B,)
+    keep = rows & torch.isfinite(scores)
+    return torch.where(keep, scores, torch.zeros_like(scores)).sum()
+
+
 def aggregate(scores: torch.Tensor, mask: torch.Tensor, how: Aggregation) -> torch.Tensor:
     """Aggregate per-token scores over the masked (completion) tokens: (B, T), (B, T) -> (B,).
 
