@@ -186,15 +186,17 @@ def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
 
 
 def split_held_out(prompts: PromptSet, fraction: float, where: str) -> tuple[PromptSet, PromptSet]:
-    """Every prompt goes to the held-out part by a hash of its text, so repeats of a prompt stay on one side."""
+    """Every prompt goes to the held-out part by a hash of its text, so repeats of a prompt stay on one side; a
+    small dataset keeps at least its lowest-hash prompt held out."""
     import hashlib
 
-    def held(text: str) -> bool:
-        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64 < fraction
+    def rank(text: str) -> float:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
     rows = list(zip(prompts.prompts, prompts.answers, strict=True))
-    train = [r for r in rows if not held(r[0])]
-    test = [r for r in rows if held(r[0])]
+    cut = max(fraction, min(rank(p) for p, _ in rows))
+    train = [r for r in rows if rank(r[0]) > cut]
+    test = [r for r in rows if rank(r[0]) <= cut]
     if not train or not test:
         raise ValueError(f"task.eval_fraction={fraction} leaves {len(train)} prompts to train on and {len(test)} held "
                          f"out in {where}; change it, or give task.eval_dataset")

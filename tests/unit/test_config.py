@@ -30,7 +30,7 @@ def test_unknown_key_names_the_key():
 def test_bad_value_names_key_and_constraint():
     with pytest.raises(ConfigError, match=r"pipeline\.group_size: Input should be greater than or equal to 2"):
         load_config(overrides=["--pipeline.group_size", "1"])
-    with pytest.raises(ConfigError, match=r"shaping\.kind: Input should be 'none', 'penalty', 'threshold' or 'screen'"):
+    with pytest.raises(ConfigError, match=r"shaping\.kind: Input should be 'none', 'penalty', 'threshold', 'screen', 'loss' or 'ablate'"):
         load_config(overrides=["--shaping.kind", "clip"])
 
 

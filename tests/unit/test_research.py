@@ -63,8 +63,9 @@ def test_ablation_removes_the_direction_and_nothing_else_in_the_learner(tiny_mod
     with torch.no_grad(), edit_residual(model, 0, lambda h: project_out(h, u)), capture_residuals(model, [0]) as cut:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     before, after = plain.residuals[0], cut.residuals[0]
-    assert (before @ u).abs().max() > 0.05  # there was something to remove
-    assert (after @ u).abs().max() < 1e-5  # orthogonal to u
+    along = (before @ u).abs().max()
+    assert along > 0.1 * before.abs().max()  # there was something to remove
+    assert (after @ u).abs().max() < 1e-4 * along  # orthogonal to u
     basis = torch.linalg.qr(torch.cat([u[:, None], torch.randn(64, 63)], 1))[0][:, 1:]  # u's orthogonal complement
     torch.testing.assert_close(after @ basis, before @ basis, rtol=1e-5, atol=1e-5)
     with torch.no_grad():

@@ -31,9 +31,10 @@ def test_probe_with_wrong_hidden_size_fails_early(tiny_model_dir, tmp_path):
 def test_world_from_a_local_model_and_dataset(tiny_model_dir, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "3+4=", "answer": "7"}\n')
     cfg = load_config(overrides={"model": {"path": str(tiny_model_dir)}, "scorer": {"probes": []},
-                                 "shaping": {"kind": "none"}, "task": {"dataset": str(tmp_path / "d.jsonl")},
+                                 "shaping": {"kind": "none"}, "task": {"dataset": str(tmp_path / "d.jsonl"), "eval_fraction": 0},
                                  "pipeline": {"prompts_per_step": 2}})
     world = build_world(cfg)
+    assert world.eval_prompts is None  # no held-out split asked for
     assert world.prompt_ids[0] == [1, 5, 14, 6, 17]  # <bos> 1 + 2 =
     table = world.prompts_for_step(step=3, num=2, seed=0)
     assert sorted(table.column("prompt_id").to_pylist()) == [0, 1]
