@@ -189,7 +189,8 @@ class Learner:
         return TrainStats(
             self.version, mean["loss"], mean["policy_loss"], mean["kl"], mean["clip_frac"],
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
-            sums["probe"] / local_rows if self.probe is not None and local_rows else math.nan, local_rows,
+            sums["probe"] / local_rows if self.shaping is not None and self.shaping.kind == "loss" and local_rows
+            else math.nan, local_rows,
         )
 
     def _on_activations(self):

@@ -230,7 +230,7 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.experiment import load_experiment
 
     try:
-        _, runs = load_experiment(args.file, args.arms, args.seeds, rest)
+        exp, runs = load_experiment(args.file, args.arms, args.seeds, rest)
     except ConfigError as e:
         print(f"probe-rl experiment: {e}", file=sys.stderr)
         return 2
@@ -241,7 +241,7 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.experiment import run_experiment
 
     try:
-        run_experiment(args.file, runs, args.out)
+        run_experiment(args.file, runs, args.out, vary_world=exp.vary_world)
     except ValueError as e:
         print(f"probe-rl experiment: {e}", file=sys.stderr)
         return 2

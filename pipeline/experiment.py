@@ -71,7 +71,8 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     return exp, runs
 
 
-def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log=print) -> Path:
+def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log=print,
+                   vary_world: bool = True) -> Path:
     import ray
 
     from pipeline.driver import init_ray, make_run_dir, run
@@ -105,6 +106,6 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
                 f"task reward {summary['task_reward_first_steps']:.3f} -> {summary['task_reward_last_steps']:.3f}")
     finally:
         ray.shutdown()
-    write_report(root, exp_path, [(arm, seed) for arm, seed in runs])
+    write_report(root, exp_path, [(arm, seed) for arm, seed in runs], vary_world=vary_world)
     log(f"report: {root / 'report.md'}")
     return root

@@ -170,7 +170,8 @@ def export_data(root: Path, data: dict[str, list[dict]]) -> None:
     pq.write_table(pa.Table.from_pylist(summary), out / "runs.parquet")
 
 
-def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str = "hack") -> Path:
+def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str = "hack",
+                 vary_world: bool = True) -> Path:
     data = load_runs(root, runs)
     if not data:
         raise ValueError(f"no finished runs under {root}")
@@ -186,8 +187,9 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     steps = max(len(r["metrics"]) for rs in data.values() for r in rs)
     lines = [
         "# probe-rl experiment report", "",
-        f"Experiment file `{Path(exp_path).name}`; {len(data)} arms x seeds {seeds} (each seed its own toy world and "
-        f"RL seed), {steps} steps each. Values are mean ± std over seeds; *start* is the mean of the first 5 steps, "
+        f"Experiment file `{Path(exp_path).name}`; {len(data)} arms x seeds {seeds} "
+        f"({'each seed its own toy world and RL seed' if vary_world else 'one toy world; seeds vary the RL seed'}), "
+        f"{steps} steps each. Values are mean ± std over seeds; *start* is the mean of the first 5 steps, "
         "*end* the mean of the last 10. Rates come from the task's ground truth (correct / hack / wrong), independent "
         "of any probe; the evasion rate is the share of hacks the shaping probe scores below its threshold. Held-out "
         "accuracy is greedy, on sums that neither SFT nor RL saw, before and after training. Every run's metrics are "

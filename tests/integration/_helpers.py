@@ -76,10 +76,10 @@ def collective_sync(learners, receivers, bucket_bytes=2**20, timeout_s=60.0, nam
     return wait([lr.send_weights.remote() for lr in learners], "learner", TIMEOUT)
 
 
-def hf_greedy(model_dir, prompt_ids, max_new_tokens=8):
+def hf_greedy(model_dir, prompt_ids, max_new_tokens=8, model=None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for ids in prompt_ids:

@@ -186,3 +186,32 @@ def test_checkpoint_loads_in_transformers_and_vllm(trained, toy_world, ray_local
     prompts = world.eval_prompt_ids[:6]
     assert wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT) == hf_greedy(checkpoint, prompts)
     ray_local.kill(gen)
+
+
+def test_ablation_in_vllm_generation_equals_transformers_under_the_same_edit(trained, toy_world, ray_local):
+    """shaping.kind = "ablate" in generation: vLLM's greedy completions with the probe direction projected out of
+    its residual stream equal transformers `generate` with the learner's hook doing the same; and greedy
+    evaluation of the policy itself (the ablation lifted) equals plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.generator import Generator
+    from pipeline.remote import make_actor, wait
+    from probes.hooks import edit_residual
+    from probes.probe import load_probe, project_out, unit_direction
+
+    _, checkpoint = trained
+    _, world = toy_world
+    probe = load_probe(world.probe_paths[0][0])
+    u = unit_direction(probe.weight)
+    prompts = world.eval_prompt_ids[:6]
+    gen = make_actor(Generator, "generator", 1, model_path=checkpoint, cfg=GeneratorConfig(max_new_tokens=8),
+                     weight_backend=BACKEND_GLOO, ablation=(probe.layer, u.tolist()))
+    ablated = wait(gen.greedy.remote(prompts, 8, True), "generator", TIMEOUT)
+    lifted = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with edit_residual(model, probe.layer, lambda h: project_out(h, u)):
+        want = hf_greedy(checkpoint, prompts, model=model)
+    assert ablated == want
+    assert lifted == hf_greedy(checkpoint, prompts)
+    assert ablated != lifted, "the ablation changed nothing: the test would not notice it missing"
+    ray_local.kill(gen)
