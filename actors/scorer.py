@@ -113,8 +113,8 @@ class Scorer:
     def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):
         import torch
 
-        from learner.losses import token_logprobs
         from pipeline.batching import pack
+        from pipeline.logprobs import model_logprobs
         from probes.hooks import capture_residuals
         from probes.probe import aggregate
 
@@ -123,12 +123,13 @@ class Scorer:
         layers = sorted({p.layer for p in self.probes})
         fused = self.probe_model is self.model
         ref = [[] for _ in prompts]
-        logits, cap = None, None
+        cap = None
         if self.compute_ref:
             # One pass for the reference log-probs and, with a frozen probe model, every probe's layers too.
+            # The output head runs a chunk of positions at a time: no (B, T, vocab) logits are ever formed.
             with torch.no_grad(), capture_residuals(self.model, layers if fused else []) as ref_cap:
-                logits = self.model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-            ref = [v.tolist() for v in batch.completion_values(token_logprobs(logits, ids).cpu(), shift=1)]
+                logp = model_logprobs(self.model, ids, attn)  # (B, T-1)
+            ref = [v.tolist() for v in batch.completion_values(logp.cpu(), shift=1)]
             cap = ref_cap if fused else None
         if layers and cap is None:
             # Nothing above the deepest probe is needed: stop the pass there.

@@ -43,7 +43,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.scorer import Scorer
-    from learner.losses import token_logprobs
+    from pipeline.logprobs import token_logprobs
     from pipeline.batching import pack, padding_waste, token_budget_batches
     from pipeline.config import ScorerConfig
     from probes.hooks import capture_residuals

@@ -36,6 +36,7 @@ class TrainStats:
     seconds: float
     probe_score: float = float("nan")  # shaping.kind = "loss": mean probe score on this rank's own forward pass
     num_rows: int = 0  # rows that carried a gradient on this rank
+    nonfinite_rows: int = 0  # rows of the whole step dropped for a non-finite behaviour or reference log-prob
 
 
 class Learner:
@@ -133,15 +134,23 @@ class Learner:
         """One optimizer step on this rank's shard of the train table; returns the new version."""
         import torch
 
-        from learner.losses import ppo_loss, token_logprobs
-        from pipeline.batching import pack
+        from learner.losses import ppo_loss
+        from pipeline.batching import finite_rows, pack
+        from pipeline.logprobs import model_logprobs
 
         start = time.perf_counter()
         maybe_fail_step(self.version + 1)
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
+        use_ref = self.cfg.kl_coef > 0
+        # A row with a non-finite behaviour or reference log-prob gets no gradient; every rank sees the whole
+        # table, so all agree on the denominators below.
+        finite = finite_rows(table, ["behavior_logprobs"] + (["ref_logprobs"] if use_ref else []))
+        nonfinite = int((~finite & table.column("loss_mask").to_numpy(zero_copy_only=False)).sum())
+        if nonfinite:
+            mask = pa.array(table.column("loss_mask").to_numpy(zero_copy_only=False) & finite, pa.bool_())
+            table = table.set_column(table.schema.get_field_index("loss_mask"), table.schema.field("loss_mask"), mask)
         global_tokens, global_rows = _valid_tokens(table), _valid_rows(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
-        use_ref = self.cfg.kl_coef > 0
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo both so
         # the sum over all micro-batches and ranks is the token mean (probe term: row mean) over the global batch.
         denom = max(global_tokens, 1) / (self.grad_accum * self.world_size)
@@ -154,9 +163,9 @@ class Learner:
             batch = pack(mb.column("prompt_ids").to_pylist(), mb.column("completion_ids").to_pylist(), self.pad_id)
             device = self.engine.device
             ids = batch.input_ids.to(device)
-            with self._on_activations() as cap:
-                logits = self.engine(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits
-            logp = token_logprobs(logits, ids)  # (B, T-1)
+            with self._on_activations() as cap:  # the output head runs a chunk of positions at a time
+                logp = model_logprobs(self.engine.module, ids, batch.attention_mask.to(device),
+                                      forward=self.engine)  # (B, T-1)
             behavior = batch.completion_targets(mb.column("behavior_logprobs").to_pylist()).to(device)
             ref = batch.completion_targets(mb.column("ref_logprobs").to_pylist()).to(device) if use_ref else None
             loss_mask = torch.as_tensor(mb.column("loss_mask").to_numpy(zero_copy_only=False), device=device)
@@ -190,7 +199,7 @@ class Learner:
             self.version, mean["loss"], mean["policy_loss"], mean["kl"], mean["clip_frac"],
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
             sums["probe"] / local_rows if self.shaping is not None and self.shaping.kind == "loss" and local_rows
-            else math.nan, local_rows,
+            else math.nan, local_rows, nonfinite,
         )
 
     def _on_activations(self):

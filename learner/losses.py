@@ -1,4 +1,8 @@
-"""Policy-gradient losses: pure torch functions on padded (B, T) completion tensors."""
+"""Policy-gradient losses: pure torch functions on padded (B, T) completion tensors.
+
+Tokens outside the mask are excluded with `torch.where`, never by multiplying by the mask: NaN x 0 is NaN, so
+one row with a non-finite log-prob would otherwise poison the whole step. Log-probs of sampled tokens come
+from `pipeline.logprobs`, shared with the scorer."""
 
 from __future__ import annotations
 
@@ -14,12 +18,6 @@ class LossParts:
     kl: torch.Tensor  # scalar, mean k3 estimate over valid tokens
     clip_frac: torch.Tensor  # scalar, fraction of valid tokens whose ratio was clipped
     num_tokens: torch.Tensor  # scalar, valid tokens
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | prefix) for each position: (B, T, V), (B, T) -> (B, T-1)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None].long()).squeeze(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -39,16 +37,18 @@ def ppo_loss(
     num_tokens: float | None = None,  # normaliser; default: valid tokens in this batch
 ) -> LossParts:
     """PPO-clipped surrogate, token-level mean, plus kl_coef * k3 KL to the reference."""
-    mask = token_mask.float()
-    denom = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1.0))
-    ratio = torch.exp(logp - behavior_logp)
-    adv = advantages[:, None]
+    mask = token_mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    denom = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1).float())
+    # Masked positions get neutral inputs before any arithmetic, so their NaNs reach neither value nor gradient.
+    behavior = torch.where(mask, behavior_logp, logp.detach())
+    adv = torch.where(mask, advantages[:, None], zero)
+    ratio = torch.exp(torch.where(mask, logp - behavior, zero))
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    policy_loss = -(surrogate * mask).sum() / denom
-    clipped = ((ratio - 1).abs() > clip_eps).float()
-    clip_frac = (clipped * mask).sum() / denom
+    policy_loss = -torch.where(mask, surrogate, zero).sum() / denom
+    clip_frac = (((ratio - 1).abs() > clip_eps) & mask).sum() / denom
     if ref_logp is not None and kl_coef > 0:
-        kl = (k3_kl(logp, ref_logp) * mask).sum() / denom
+        kl = torch.where(mask, k3_kl(logp, torch.where(mask, ref_logp, logp.detach())), zero).sum() / denom
     else:
-        kl = torch.zeros((), dtype=logp.dtype)
+        kl = zero
     return LossParts(policy_loss + kl_coef * kl, policy_loss.detach(), kl.detach(), clip_frac.detach(), mask.sum())

@@ -72,3 +72,24 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     """Fraction of the padded tokens of these batches that are padding."""
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return 1 - sum(lengths) / padded if padded else 0.0
+
+
+def finite_rows(table, columns: list[str]):
+    """(N,) bool numpy: rows whose every value in each list<float> column is finite (an empty list counts as finite).
+
+    A NaN or inf reference or behaviour log-prob in one row must cost that row its gradient, not the batch its step."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ok = np.ones(table.num_rows, dtype=bool)
+    for name in columns:
+        col = table.column(name)
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        if flat.size == 0:
+            continue
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+            row_of = np.repeat(np.arange(table.num_rows), np.nan_to_num(lengths, nan=0).astype(np.int64))
+            ok[np.unique(row_of[bad])] = False
+    return ok

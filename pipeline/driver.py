@@ -459,6 +459,7 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
            "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
            "learner/grad_norm": train_stats[0].grad_norm,
            "learner/probe_score": _row_mean(train_stats, "probe_score"),
+           "learner/nonfinite_rows": train_stats[0].nonfinite_rows,
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
            "time/generate_wall_s": gen_wall, "time/score_busy_s": sum(s.seconds for s in score_stats),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from pipeline.batching import finite_rows
 from pipeline.config import Config
 from pipeline.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
 from pipeline.shaping import evasion_rate, group_advantages, shape_rewards
@@ -33,6 +34,8 @@ class Rewarder:
             score = scored.column(f"probe/{self.shaping_probe}/score").to_numpy(zero_copy_only=False)
         shaped, mask = shape_rewards(task, score, self.shaping.kind, self.shaping.coef, self.shaping.threshold)
         mask &= ~scored.column("nonfinite_score").to_numpy(zero_copy_only=False)  # never train on a NaN score
+        finite_logprobs = finite_rows(scored, ["behavior_logprobs", "ref_logprobs"])  # nor on a NaN log-prob
+        mask &= finite_logprobs
         adv = group_advantages(shaped, scored.column("group_id").to_numpy(), mask)
         table = scored
         for f, values in zip(REWARD_FIELDS, (task, shaped, mask, adv), strict=True):
@@ -43,6 +46,7 @@ class Rewarder:
             "rollout/task_reward": float(task.mean()),
             "rollout/shaped_reward": float(shaped.mean()),
             "rollout/masked_frac": float(1 - mask.mean()),
+            "rollout/nonfinite_logprob_rows": int((~finite_logprobs).sum()),
             "rollout/completion_len": float(lengths.mean()),
         }
         truth = self.world.ground_truth_fn(texts, answers) if self.world.ground_truth_fn else None

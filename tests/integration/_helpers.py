@@ -29,7 +29,6 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
     """A train table with real behaviour log-probs (so PPO ratios start at 1) and fixed advantages."""
     from transformers import AutoModelForCausalLM
 
-    from learner.losses import token_logprobs
     from pipeline.batching import pack
     from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, ROLLOUT_SCHEMA
 
@@ -39,7 +38,8 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     b = pack(prompts, comps)
     with torch.no_grad():
-        lp = token_logprobs(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.input_ids)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
     behavior = [v.tolist() for v in b.completion_values(lp, shift=1)]
     table = pa.Table.from_pydict({"prompt_id": list(range(rows)), "group_id": [i // 4 for i in range(rows)],
                                   "prompt_ids": prompts, "completion_ids": comps, "behavior_logprobs": behavior,

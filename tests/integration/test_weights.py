@@ -188,30 +188,81 @@ def test_checkpoint_loads_in_transformers_and_vllm(trained, toy_world, ray_local
     ray_local.kill(gen)
 
 
-def test_ablation_in_vllm_generation_equals_transformers_under_the_same_edit(trained, toy_world, ray_local):
-    """shaping.kind = "ablate" in generation: vLLM's greedy completions with the probe direction projected out of
-    its residual stream equal transformers `generate` with the learner's hook doing the same; and greedy
+def test_ablation_in_vllm_generation_equals_transformers_under_the_same_edit(toy_world, ray_local):
+    """shaping.kind = "ablate" in generation: vLLM's greedy completions with a direction projected out of its
+    residual stream at the probe's layer equal transformers `generate` with the learner's hook doing the same; greedy
     evaluation of the policy itself (the ablation lifted) equals plain transformers."""
     from transformers import AutoModelForCausalLM
 
     from actors.generator import Generator
     from pipeline.remote import make_actor, wait
-    from probes.hooks import edit_residual
+    from probes.hooks import capture_residuals, edit_residual
     from probes.probe import load_probe, project_out, unit_direction
 
-    _, checkpoint = trained
     _, world = toy_world
+    checkpoint = world.model_path
     probe = load_probe(world.probe_paths[0][0])
-    u = unit_direction(probe.weight)
-    prompts = world.eval_prompt_ids[:6]
+    prompts = world.eval_prompt_ids[:16]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # The SFT model's greedy answers do not depend on the hack direction, so an edit that must show is used to
+    # check the two implementations agree: the mean residual direction at the probe's layer.
+    with torch.no_grad(), capture_residuals(model, [probe.layer]) as cap:
+        model(input_ids=torch.tensor([prompts[0]]))
+    u = unit_direction(cap.residuals[probe.layer][0].mean(0))
     gen = make_actor(Generator, "generator", 1, model_path=checkpoint, cfg=GeneratorConfig(max_new_tokens=8),
                      weight_backend=BACKEND_GLOO, ablation=(probe.layer, u.tolist()))
     ablated = wait(gen.greedy.remote(prompts, 8, True), "generator", TIMEOUT)
     lifted = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with edit_residual(model, probe.layer, lambda h: project_out(h, u)):
         want = hf_greedy(checkpoint, prompts, model=model)
     assert ablated == want
     assert lifted == hf_greedy(checkpoint, prompts)
     assert ablated != lifted, "the ablation changed nothing: the test would not notice it missing"
     ray_local.kill(gen)
+
+
+def test_a_nan_reference_logprob_costs_its_row_the_gradient_not_the_step(toy_world, ray_local):
+    """A batch with a NaN reference log-prob in one row gives the same update as the batch without that row."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.remote import wait
+    from pipeline.weights import from_wire
+
+    _, world = toy_world
+    cfg = LearnerConfig(lr=1e-2, kl_coef=0.1, micro_batch_size=8, warmup_steps=0)
+    clean = train_batch(world.model_path, 16, 11)
+    ref = clean.column("ref_logprobs").to_pylist()
+    ref[5] = [float("nan")] + ref[5][1:]
+    poisoned = clean.set_column(clean.schema.get_field_index("ref_logprobs"), clean.schema.field("ref_logprobs"),
+                                pa.array(ref, clean.schema.field("ref_logprobs").type))
+    mask = clean.column("loss_mask").to_numpy(zero_copy_only=False).copy()
+    mask[5] = False
+    without = clean.set_column(clean.schema.get_field_index("loss_mask"), clean.schema.field("loss_mask"),
+                               pa.array(mask, pa.bool_()))
+    weights, stats = [], []
+    for table in (poisoned, without):
+        [learner] = start_learners(world.model_path, cfg, 16)
+        stats.append(wait(learner.train_step.remote(table), "learner", TIMEOUT))
+        weights.append(from_wire(wait(learner.get_weights.remote(), "learner", TIMEOUT)))
+        ray_local.kill(learner)
+    assert stats[0].nonfinite_rows == 1 and stats[1].nonfinite_rows == 0
+    assert np.isfinite(stats[0].loss) and stats[0].num_rows == stats[1].num_rows == 14
+    assert stats[0].loss == pytest.approx(stats[1].loss, rel=1e-6) and stats[0].kl == pytest.approx(stats[1].kl)
+    moved = 0
+    for name, w in weights[0].items():
+        assert torch.isfinite(w).all(), name
+        torch.testing.assert_close(w, weights[1][name], rtol=0, atol=1e-7, msg=name)
+        before = world_weight(world.model_path, name)
+        moved += int(before is not None and not torch.equal(w, before))
+    assert moved > 0  # the step did train
+
+
+def world_weight(model_path: str, name: str, _cache={}) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if model_path not in _cache:
+        import glob
+
+        _cache[model_path] = {k: v for f in glob.glob(f"{model_path}/*.safetensors") for k, v in load_file(f).items()}
+    return _cache[model_path].get(name)

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from learner.losses import k3_kl, ppo_loss, token_logprobs
+from learner.losses import k3_kl, ppo_loss
+from pipeline.logprobs import token_logprobs
 
 
 def test_token_logprobs_match_manual_softmax():
@@ -54,3 +55,24 @@ def test_kl_term_adds_to_loss_and_normaliser_is_respected():
     assert math.isclose(with_kl.loss.item() - base.loss.item(), 0.1 * kl.item(), rel_tol=1e-5)
     halved = ppo_loss(logp, logp, torch.zeros(1), mask, 0.2, ref_logp=ref, kl_coef=0.1, num_tokens=4.0)
     assert math.isclose(halved.kl.item(), kl.item() / 2, rel_tol=1e-6)
+
+
+def test_a_nan_in_a_masked_row_reaches_neither_loss_nor_gradient():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4, requires_grad=True)
+    behavior = logp.detach() + 0.05 * torch.randn(3, 4)
+    ref = logp.detach() + 0.1 * torch.randn(3, 4)
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False  # the row with the NaNs carries no gradient
+    poisoned_ref, poisoned_behavior, poisoned_adv = ref.clone(), behavior.clone(), adv.clone()
+    poisoned_ref[1, 2], poisoned_behavior[1, 0], poisoned_adv[1] = math.nan, math.inf, math.nan
+    a = ppo_loss(logp, poisoned_behavior, poisoned_adv, mask, 0.2, poisoned_ref, kl_coef=0.1)
+    (ga,) = torch.autograd.grad(a.loss, logp)
+    keep = torch.tensor([0, 2])
+    logp2 = logp.detach()[keep].requires_grad_()
+    b = ppo_loss(logp2, behavior[keep], adv[keep], mask[keep], 0.2, ref[keep], kl_coef=0.1)
+    (gb,) = torch.autograd.grad(b.loss, logp2)
+    assert torch.isfinite(a.loss) and torch.isclose(a.loss, b.loss, rtol=1e-6)
+    assert torch.allclose(ga[keep], gb) and (ga[1] == 0).all()
+    assert torch.isclose(a.kl, b.kl) and a.num_tokens == b.num_tokens == 8
