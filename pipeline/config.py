@@ -295,6 +295,22 @@ class RunConfig(_Strict):
     """Rollouts per step kept in rollouts.parquet."""
     progress: bool = True
     """Show a progress bar."""
+    loggers: list[Literal["tensorboard", "wandb"]] = []
+    """Metric sinks beside metrics.parquet: "tensorboard" (<run>/tensorboard/), "wandb" (<run>/wandb/)."""
+    wandb_project: str = "probe-rl"
+    """W&B project of the run (with "wandb" in run.loggers)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: no network needed, upload later with `wandb sync <run>/wandb/offline-run-*`."""
+
+    @model_validator(mode="after")
+    def _loggers_installed(self) -> RunConfig:
+        from pipeline.loggers import missing_packages
+
+        if missing := missing_packages(self.loggers):
+            raise ValueError(f"run.loggers = {self.loggers} needs {', '.join(missing)}, which is not installed: "
+                             f"pip install {' '.join(missing)} (or install probe-rl[logging]), or drop it from "
+                             "run.loggers")
+        return self
 
 
 class Config(_Strict):

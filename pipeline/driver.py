@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, dump_toml
+from pipeline.loggers import Loggers
 from pipeline.metrics import ParquetSink, StageTimer
 from pipeline.rewarder import Rewarder
 from pipeline.world import World, build_world
@@ -203,11 +204,18 @@ def _ok(ref: Any, timeout_s: float) -> bool:
 
 
 def train_loop(cfg: Config, world: World, fleet, run_dir: Path, log=print, resume_from: Path | None = None) -> dict:
+    loop = LoopState(cfg, run_dir)
+    try:
+        return _train(cfg, world, fleet, run_dir, log, resume_from, loop)
+    finally:
+        loop.loggers.close()  # TensorBoard and W&B sinks flush what they hold, also when the run fails
+
+
+def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Path | None, loop: LoopState) -> dict:
     from pipeline.fleet import LearnerLost, ScorerScaler
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
-    loop = LoopState(cfg, run_dir)
     rewarder, retrainer, scaler = Rewarder(cfg, world), ProbeRetrainer(cfg, fleet), ScorerScaler(fleet, log)
     eval_start = greedy_accuracy(cfg, world, fleet)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
@@ -280,8 +288,9 @@ class LoopState:
         self.cfg, self.run_dir = cfg, run_dir
         self.version, self.next_launch = 0, 1
         self.pending: deque[InFlight] = deque()
-        self.sink = ParquetSink(run_dir / "metrics.parquet")
-        self.eval_sink = ParquetSink(run_dir / "eval.parquet")
+        self.loggers = Loggers(run_dir, cfg.run)  # run.loggers: TensorBoard, W&B beside the Parquet record
+        self.sink = ParquetSink(run_dir / "metrics.parquet", mirror=self.loggers.log)
+        self.eval_sink = ParquetSink(run_dir / "eval.parquet", mirror=self.loggers.log)
         self.samples: list[pa.Table] = []
         self.last_checkpoint_time, self.last_checkpoint_version = time.monotonic(), 0
         self.learner_restarts = 0  # in this run, all told (a metric)

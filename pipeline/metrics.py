@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,9 +33,9 @@ class ParquetSink:
     appears late is back-filled with nulls in earlier rows.
     """
 
-    def __init__(self, path: Path) -> None:
-        """An existing file's rows (a resumed run's) are kept and appended to."""
-        self.path = path
+    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None) -> None:
+        """An existing file's rows (a resumed run's) are kept and appended to; `mirror` also gets each new row."""
+        self.path, self.mirror = path, mirror
         self.rows: list[dict[str, float | int | None]] = pq.read_table(path).to_pylist() if path.exists() else []
 
     def truncate(self, up_to_step: int) -> None:
@@ -46,6 +46,8 @@ class ParquetSink:
     def log(self, row: dict[str, float | int | None]) -> None:
         self.rows.append(dict(row))
         self._write()
+        if self.mirror is not None:
+            self.mirror(row)
 
     def _write(self) -> None:
         keys: list[str] = []

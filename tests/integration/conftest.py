@@ -32,7 +32,8 @@ REFERENCE_STEPS = 8
 
 def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
     """The run several tests share: two generators and two scorers, the default max_staleness 1 (generation a
-    version ahead), penalty shaping with the toy probe, a checkpoint every 2 steps."""
+    version ahead), penalty shaping with the toy probe, a checkpoint every 2 steps (the reference run itself also
+    writes TensorBoard and offline W&B logs)."""
     from ._helpers import toy_args
 
     return toy_args(toy_overrides, out_dir, name, REFERENCE_STEPS) + [
@@ -45,7 +46,7 @@ def reference_run(toy_world, toy_overrides, tmp_path_factory):
     from ._helpers import cli
 
     out_dir = tmp_path_factory.mktemp("reference")
-    out = cli(reference_args(toy_overrides, out_dir, "run"))
+    out = cli(reference_args(toy_overrides, out_dir, "run") + ["--run.loggers", '["tensorboard", "wandb"]'])
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir / "run", out.stdout
 

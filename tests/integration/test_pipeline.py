@@ -59,6 +59,15 @@ def test_pipeline_runs_end_to_end(reference_run):
     assert sorted(set(inflight.column("inflight_step").to_pylist())) == [7, 8]  # launched before it, versions <= 6
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
 
+    # run.loggers: TensorBoard and W&B (offline) hold the same numbers as metrics.parquet, step by step
+    from pipeline.loggers import read_tensorboard, read_wandb_offline
+
+    tb, wb = read_tensorboard(run_dir), read_wandb_offline(run_dir)
+    wb_steps = {r["step"]: r for r in wb if "rollout/task_reward" in r}
+    for key in ("rollout/task_reward", "learner/kl", "time/step_wall_s"):
+        assert tb[key] == [(r["step"], pytest.approx(r[key])) for r in metrics]
+        assert [(s, wb_steps[s][key]) for s in sorted(wb_steps)] == [(r["step"], pytest.approx(r[key])) for r in metrics]
+
 
 def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
     """scorer.model = live, scorer.retrain_every and eval.every wired through a real run; generation in vLLM's

@@ -1,0 +1,140 @@
+"""Optional metric sinks beside `metrics.parquet` (which stays the record every report reads):
+TensorBoard event files and Weights & Biases (offline by default: it needs no network; `wandb sync` uploads
+later). Chosen with `run.loggers = ["tensorboard", "wandb"]`; both are off by default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def missing_packages(loggers: list[str]) -> list[str]:
+    """The packages `loggers` need that are not installed (checked at start-up, before anything runs)."""
+    return [PACKAGES[name] for name in loggers if importlib.util.find_spec(PACKAGES[name]) is None]
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TensorBoardSink:
+    """Scalars to `<run>/tensorboard/` (open with `tensorboard --logdir runs/`)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, row: dict, prefix: str = "") -> None:
+        for key, value in _numbers(row).items():
+            self.writer.add_scalar(prefix + key, value, global_step=int(row["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A W&B run in `<run>/wandb/` (mode `run.wandb_mode`, offline by default), named after the run folder."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        import wandb
+
+        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), mode=cfg.wandb_mode,
+                              config={"run_dir": run_dir.name},
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, row: dict, prefix: str = "") -> None:
+        self.run.log({"step": int(row["step"]), **{prefix + k: v for k, v in _numbers(row).items()}})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
+
+
+class Loggers:
+    """Every configured sink; `log` sends a metrics row (one step) to each. Closed at the end of the run."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.sinks = [SINKS[name](run_dir, cfg) for name in cfg.loggers]
+
+    def log(self, row: dict, prefix: str = "") -> None:
+        for sink in self.sinks:
+            sink.log(row, prefix)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def read_tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in `<run>/tensorboard/`: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a `.wandb` file: LevelDB's log format (32 KiB blocks of checksummed fragments) behind a
+    7-byte ':W&B' header. wandb's own Python reader was removed in 0.19; this follows the format it documented."""
+    import struct
+    import zlib
+
+    block, header = 32768, 7
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:header])
+    if (ident, magic, version) != (b":W&B", 0xBEE1, 0):
+        raise ValueError(f"{path.name} is not a W&B run log (header {data[:header]!r})")
+    pos, parts = header, []
+    while pos + header <= len(data):
+        if block - pos % block < header:  # too little room left in this block for a fragment header: padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if length == 0 and kind == 0:  # zero padding to the block's end
+            pos += block - pos % block
+            continue
+        payload = data[pos + header:pos + header + length]
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path.name}: checksum mismatch at byte {pos}")
+        pos += header + length
+        parts.append(payload)
+        if kind in (1, 4):  # FULL, LAST
+            yield b"".join(parts)
+            parts = []
+
+
+def read_wandb_offline(run_dir: Path) -> list[dict]:
+    """The history rows of the offline W&B run in `<run>/wandb/`, read from its `.wandb` log."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    paths = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    if not paths:
+        raise FileNotFoundError(f"no offline W&B run under {run_dir / 'wandb'}")
+    rows = []
+    for data in _wandb_records(paths[-1]):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
