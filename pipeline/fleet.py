@@ -83,7 +83,7 @@ class Fleet:
 
             fleet.evaluator = fleet._make(ProbeEvaluator, "evaluator", cfg.eval, 0, dict(
                 model_path=world.model_path, probe_paths=world.probe_paths, labelled=world.eval_labelled,
-                dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed))
+                dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
         wait([a.ready.remote() for a in fleet.scorers], "scorer (start-up)", fleet.timeout)
         wait([a.ready.remote() for a in fleet.generators], "generator (start-up)", fleet.timeout)

@@ -58,9 +58,10 @@ def _fake_run(root, arm, seed, hack):
              "rollout/shaped_reward": 0.5} for s, h in enumerate(hack)]
     pq.write_table(pa.Table.from_pylist(rows), d / "metrics.parquet")
     ev = [{"step": 0, "eval/hack_auroc_live": 1.0, "eval/hack_auroc_frozen": 1.0, "eval/hack_auroc_retrained": 1.0,
-           "eval/hack_score_gap": None},
+           "eval/hack_score_gap": None, "eval/hack_detect_live": 0.9, "eval/hack_detect_frozen": 0.9},
           {"step": len(hack), "eval/hack_auroc_live": 0.6, "eval/hack_auroc_frozen": 1.0,
-           "eval/hack_auroc_retrained": 0.95, "eval/hack_score_gap": -0.2}]
+           "eval/hack_auroc_retrained": 0.95, "eval/hack_score_gap": -0.2, "eval/hack_detect_live": 0.25,
+           "eval/hack_detect_frozen": 0.9}]
     pq.write_table(pa.Table.from_pylist(ev), d / "eval.parquet")
 
 
@@ -78,7 +79,23 @@ def test_report_numbers_and_files(tmp_path):
     assert table["plain"]["auroc_live"] == [0.6, 0.6] and table["plain"]["auroc_live_start"] == [1.0, 1.0]
     report = write_report(tmp_path, "exp.toml", runs).read_text()
     assert "| plain | 2 | 0.110 ± 0.010 → 0.735 ± 0.010 |" in report
-    assert "| probe | 1.000 → 0.600 | 1.000 | 0.950 | -0.200 |" in report
+    assert "| probe | 1.000 → 0.600 | 1.000 | 0.950 | 0.900 → 0.250 | 0.900 | -0.200 |" in report
     for png in ("hack_rate.png", "task_reward.png", "correct_rate.png", "probe_auroc.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not math.isnan(table["probe"]["score_gap"][0])
+
+
+def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_information_still_there():
+    from pipeline.report import obfuscation
+
+    def row(detect_end, refit=0.95, hack_end=0.5):
+        return {"detect_live_start": [0.9], "detect_live": [detect_end], "detect_frozen": [0.9],
+                "auroc_retrained": [refit], "auroc_live_start": [0.97], "auroc_live": [0.9], "score_gap": [-0.5],
+                "hack_start": [0.1], "hack_end": [hack_end]}
+
+    assert obfuscation(row(0.2), row(0.85))[0]
+    assert "0.900 → 0.200 (plain RL: 0.850)" in obfuscation(row(0.2), row(0.85))[1]
+    assert not obfuscation(row(0.2), row(0.3))[0]  # plain RL's probe went as blind: training alone did it
+    assert not obfuscation(row(0.7), row(0.85))[0]  # not blind enough
+    assert not obfuscation(row(0.2, refit=0.7), row(0.85))[0]  # the information itself is gone
+    assert not obfuscation(row(0.2, hack_end=0.05), row(0.85))[0]  # the behaviour changed instead
