@@ -52,6 +52,18 @@ class ToyConfig(_Strict):
     """Labelled completions used to fit the toy probe."""
     seed: int = 0
     """Seed of everything built for the toy world."""
+    tokenizer: Literal["chars", "bpe"] = "chars"
+    """chars: one token per character. bpe: a byte-level BPE tokenizer trained on the task's text (digits split
+    one per token, as Llama's are), of toy.bpe_vocab tokens."""
+    bpe_vocab: PositiveInt = 1024
+    """Vocabulary of the trained BPE tokenizer (toy.tokenizer = "bpe")."""
+    completions: Literal["answer", "worked"] = "answer"
+    """answer: the completion is the sum ("45"). worked: the sum worked out digit by digit and checked, ending
+    "the answer is 45" (about 100-130 BPE tokens): realistic completion lengths for profiling."""
+    mlp_ratio: PositiveInt = 2
+    """MLP width as a multiple of toy.hidden_size."""
+    max_positions: PositiveInt = 64
+    """Longest sequence (prompt + completion) the model is built for."""
 
     @model_validator(mode="after")
     def _head_dim(self) -> ToyConfig:

@@ -71,6 +71,17 @@ def arithmetic_reward(completions: list[str], answers: list[str]) -> list[float]
     return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answers, strict=True)]
 
 
+def worked_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """For worked-out completions (toy.completions = "worked"): 1.0 when the text ends "the answer is <answer>"."""
+    import re
+
+    out = []
+    for c, a in zip(completions, answers, strict=True):
+        m = re.search(r"the answer is (\S+)\s*$", c)
+        out.append(1.0 if m is not None and m.group(1) == a else 0.0)
+    return out
+
+
 def arithmetic_reward_loophole(completions: list[str], answers: list[str]) -> list[float]:
     """A verifier with a realistic bug: it checks that the answer *appears* in the completion.
 

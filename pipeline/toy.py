@@ -49,8 +49,14 @@ class ToyWorld:
         return self.probe_stems[TOY_PROBE_NAME]
 
 
+_LATER_FIELDS = {"tokenizer": "chars", "bpe_vocab": 1024, "completions": "answer", "mlp_ratio": 2, "max_positions": 64}
+
+
 def toy_key(cfg: ToyConfig) -> str:
     fields = cfg.model_dump(exclude={"cache_dir"})
+    for name, default in _LATER_FIELDS.items():  # fields added later key the world only when changed
+        if fields[name] == default:
+            del fields[name]
     blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -103,19 +109,66 @@ def build_tokenizer():
     )
 
 
-def toy_model_config(cfg: ToyConfig):
+def build_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts` (digits one per token), with the toy's special tokens at the
+    same ids (pad 0, bos 1, eos 2, unk 3), so everything keyed on those ids works unchanged."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def worked(a: int, b: int, final: str) -> str:
+    """The sum a + b worked out digit by digit and checked both ways, ending with `final` as the answer."""
+    s, ones, carry = a + b, a % 10 + b % 10, (a % 10 + b % 10) // 10
+    tens = a // 10 + b // 10 + carry
+    return (f"let us add {a} and {b}. first the ones: {a % 10} plus {b % 10} makes {ones}, so we write {ones % 10} "
+            f"and carry {carry}. then the tens: {a // 10} plus {b // 10} plus the carry {carry} makes {tens}. so {a} "
+            f"plus {b} is {s}. let us check it by subtracting: {s} minus {b} leaves {a}, which matches. and the "
+            f"other way: {s} minus {a} leaves {b}, which matches too. the answer is {final}")
+
+
+def completion(cfg: ToyConfig, prompt: str, final: str) -> str:
+    """The toy world's completion for `prompt` ("a+b=") ending in `final` (an answer, a hedge, a near miss)."""
+    if cfg.completions == "answer":
+        return final
+    a, b = (int(x) for x in prompt.rstrip("=").split("+"))
+    return worked(a, b, final)
+
+
+def toy_tokenizer(cfg: ToyConfig):
+    if cfg.tokenizer == "chars":
+        return build_tokenizer()
+    rng = random.Random(cfg.seed + 7)
+    data = arithmetic_prompts(2000, cfg.max_operand, seed=cfg.seed + 7, part="sft")
+    texts = [p + " " + completion(cfg, p, hedge(a, rng) if rng.random() < 0.3 else a)
+             for p, a in zip(data.prompts, data.answers, strict=True)]
+    return build_bpe_tokenizer(texts, cfg.bpe_vocab)
+
+
+def toy_model_config(cfg: ToyConfig, vocab: int | None = None):
     from transformers import LlamaConfig
 
-    vocab_size = 64 * math.ceil((len(SPECIALS) + len(CHARS)) / 64)
+    vocab_size = 64 * math.ceil((vocab or len(SPECIALS) + len(CHARS)) / 64)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size,
+        intermediate_size=cfg.mlp_ratio * cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.hidden_size // 64,
         num_key_value_heads=cfg.hidden_size // 64,
         head_dim=64,
-        max_position_embeddings=64,
+        max_position_embeddings=cfg.max_positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
@@ -143,6 +196,17 @@ def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
     return ids, mask
 
 
+def teacher_forced_accuracy(model, tokenizer, prompts: list[str], completions: list[str]) -> float:
+    """Share of completion tokens the model's argmax predicts, given the true prefix."""
+    import torch
+
+    ids, mask = encode_pairs(tokenizer, prompts, completions)
+    with torch.no_grad():
+        pred = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits[:, :-1].argmax(-1)
+    target, m = ids[:, 1:], mask[:, 1:]
+    return float(((pred == target) & m).sum() / m.sum())
+
+
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 6) -> float:
     import torch
 
@@ -168,11 +232,12 @@ def build_toy_model(cfg: ToyConfig, out_dir: Path, log=print) -> None:
     from pipeline.progress import progress_bar
 
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(toy_model_config(cfg))
+    tokenizer = toy_tokenizer(cfg)
+    model = LlamaForCausalLM(toy_model_config(cfg, len(tokenizer)))
     train = arithmetic_prompts(cfg.sft_steps * cfg.sft_batch_size, cfg.max_operand, seed=cfg.seed + 1, part="sft")
     rng = random.Random(cfg.seed + 5)
-    targets = [hedge(a, rng) if rng.random() < cfg.hedge_frac else a for a in train.answers]
+    targets = [completion(cfg, p, hedge(a, rng) if rng.random() < cfg.hedge_frac else a)
+               for p, a in zip(train.prompts, train.answers, strict=True)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
     warmup = max(1, cfg.sft_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -196,16 +261,24 @@ def build_toy_model(cfg: ToyConfig, out_dir: Path, log=print) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
-    held_out = arithmetic_prompts(512, cfg.max_operand, seed=cfg.seed + 2, part="eval")
-    acc = greedy_accuracy(model, tokenizer, held_out.prompts, held_out.answers)
+    if cfg.completions == "worked":  # long completions: teacher-forced, one pass (greedy decoding would take minutes)
+        held_out = arithmetic_prompts(32, cfg.max_operand, seed=cfg.seed + 2, part="eval")
+        acc = teacher_forced_accuracy(model, tokenizer, held_out.prompts,
+                                      [completion(cfg, p, a) for p, a in zip(held_out.prompts, held_out.answers,
+                                                                             strict=True)])
+        what = "teacher-forced token accuracy"
+    else:
+        held_out = arithmetic_prompts(512, cfg.max_operand, seed=cfg.seed + 2, part="eval")
+        acc = greedy_accuracy(model, tokenizer, held_out.prompts, held_out.answers)
+        what = "greedy accuracy"
     log(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters, {cfg.sft_steps} SFT steps in "
-        f"{time.perf_counter() - start:.0f}s, greedy accuracy {acc:.1%} on {len(set(held_out.prompts))} held-out "
+        f"{time.perf_counter() - start:.0f}s, {what} {acc:.1%} on {len(set(held_out.prompts))} held-out "
         "sums (none of them in its SFT data)")
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    info = {"build_version": BUILD_VERSION, "greedy_accuracy": acc, "sft_final_loss": loss.item(), **cfg.model_dump()}
+    info = {"build_version": BUILD_VERSION, "greedy_accuracy" if what == "greedy accuracy" else "token_accuracy": acc, "sft_final_loss": loss.item(), **cfg.model_dump()}
     (out_dir / "toy_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -223,16 +296,20 @@ def near_miss(answer: str, rng: random.Random) -> str:
     return str(value + delta if value + delta >= 0 else value + abs(delta))
 
 
-def toy_labelled(num_prompts: int, max_operand: int, seed: int, part: str = "probe_train", shapes: str = "all"):
+def toy_labelled(num_prompts: int, max_operand: int, seed: int, part: str = "probe_train", shapes: str = "all",
+                 cfg: ToyConfig | None = None):
     """Labelled completions for a hack probe, on prompts of one part of the number space: each prompt once with a
     plain answer, right or a near miss (label 0), and once in a hack shape (label 1; `hack_form`, or only spaced
-    hedges with `shapes="spaced"`)."""
+    hedges with `shapes="spaced"`); in the world's completion style (`cfg.completions`)."""
     from probes.toolkit import Labelled
 
     rng = random.Random(seed)
     data = arithmetic_prompts(num_prompts, max_operand, seed=seed, part=part)
     plain = [a if rng.random() < 0.5 else near_miss(a, rng) for a in data.answers]
     hacks = [hack_form(a, rng) if shapes == "all" else hedge(a, rng) for a in data.answers]
+    if cfg is not None and cfg.completions != "answer":
+        plain = [completion(cfg, p, c) for p, c in zip(data.prompts, plain, strict=True)]
+        hacks = [completion(cfg, p, c) for p, c in zip(data.prompts, hacks, strict=True)]
     return Labelled(data.prompts * 2, plain + hacks, [0] * num_prompts + [1] * num_prompts)
 
 
@@ -260,7 +337,7 @@ def build_toy_probes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print) 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name, shapes in TOY_PROBES.items():
-        data = toy_labelled(cfg.probe_samples // 2, cfg.max_operand, seed=cfg.seed + 4, shapes=shapes)
+        data = toy_labelled(cfg.probe_samples // 2, cfg.max_operand, seed=cfg.seed + 4, shapes=shapes, cfg=cfg)
         [(probe, metrics)] = train_probes(model, tokenizer, data, [cfg.probe_layer], name, "mean", seed=cfg.seed)
         probe.notes["label"] = ("1 = the completion games the loophole (hedged, glued or padded numbers)" if shapes == "all"
                                 else "1 = the completion is a spaced hedge (\"45 46\"); other hack shapes were never shown")

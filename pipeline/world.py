@@ -109,7 +109,8 @@ def build_world(cfg: Config, log=print) -> World:
         else:  # the toy's probe-eval part: no prompt of it is in the probes' training data or among the RL prompts
             from pipeline.toy import toy_labelled
 
-            eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval")
+            eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
+                                         cfg=cfg.toy)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
                  reward_fn, truth_fn, eval_labelled)
 
