@@ -471,7 +471,8 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
            "learner/nonfinite_rows": train_stats[0].nonfinite_rows,
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
-           "time/generate_wall_s": gen_wall, "time/score_busy_s": sum(s.seconds for s in score_stats),
+           "time/generate_wall_s": gen_wall, "time/generate_busy_s": sum(s.seconds for s in gen_stats),
+           "time/score_busy_s": sum(s.seconds for s in score_stats),
            "time/learn_compute_s": max(s.seconds for s in train_stats)}
     row.update({f"time/stage/{k}_s": v for k, v in timer.seconds.items()})
     return row

@@ -61,7 +61,7 @@ def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out
                 run_dir = make_run_dir(cfg)
                 run(cfg, run_dir, world_probes if name.startswith("probes") else world_plain, log=lambda *_: None)
                 rows = _rows(run_dir)
-                results[name].append(_summarise(rows[warmup:]))
+                results[name].append(_summarise(rows[warmup:], cfg))
                 if r == 0:
                     _timeline(rows[min(warmup, len(rows) - 1)], root / f"timeline-{name}.json")
                 log(f"[repeat {r + 1}/{repeats}] {name}: {results[name][-1]['step_s']:.3f} s/step")
@@ -78,17 +78,31 @@ def _rows(run_dir: Path) -> list[dict]:
     return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
-def _summarise(rows: list[dict]) -> dict[str, float]:
+def _summarise(rows: list[dict], cfg: Config) -> dict[str, float]:
+    """Per-step means: the step's real wall time, the stages inside it, and resource-seconds per role.
+
+    Resource-seconds are CPU-seconds (GPU-seconds on GPUs): *busy* is each role's working seconds times the
+    processors one worker holds (generators: their generate calls; scorers: their score calls; learner: its
+    slowest rank's compute, times the ranks); *held* is every reserved processor times the step's wall time."""
     def mean(key: str) -> float:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return float(np.mean(vals)) if vals else 0.0
 
-    out = {"step_s": mean("time/step_s"), "tokens_per_s": mean("rollout/tokens_per_s"),
-           "generate_s": mean("time/generate_s"), "score_s": mean("time/score_s"),
-           "learn_compute_s": mean("time/learn_compute_s"), "padding_waste": mean("scorer/padding_waste")}
+    g, sc, lr = cfg.generator, cfg.scorer, cfg.learner
+    out = {"step_s": mean("time/step_wall_s"), "tokens_per_s": mean("rollout/tokens_per_s"),
+           "generate_s": mean("time/generate_wall_s"), "score_s": mean("time/score_busy_s"),
+           "learn_compute_s": mean("time/learn_compute_s"), "padding_waste": mean("scorer/padding_waste"),
+           "completion_len": mean("rollout/completion_len")}
     for stage in STAGES:
-        out[f"{stage}_s"] = mean(f"time/{stage}_s")
-    out["scorer_utilisation"] = out["score_s"] / out["step_s"] if out["step_s"] else 0.0
+        out[f"{stage}_s"] = mean(f"time/stage/{stage}_s")
+    out["scorer_utilisation"] = out["score_s"] / (out["step_s"] * sc.num_workers) if out["step_s"] else 0.0
+    per = lambda r: max(r.num_cpus, r.num_gpus)  # noqa: E731 - processors one worker holds
+    out["busy_generator"] = mean("time/generate_busy_s") * per(g)
+    out["busy_scorer"] = out["score_s"] * per(sc)
+    out["busy_learner"] = out["learn_compute_s"] * lr.num_ranks * per(lr)
+    out["busy_total"] = out["busy_generator"] + out["busy_scorer"] + out["busy_learner"]
+    held = g.num_workers * per(g) + sc.num_workers * per(sc) + lr.num_ranks * per(lr)
+    out["held_total"] = held * out["step_s"]
     return out
 
 
@@ -101,13 +115,23 @@ def _timeline(row: dict, path: Path) -> None:
     path.write_text(json.dumps(events))
 
 
-def overhead(results: dict[str, list[dict]], tag: str) -> tuple[float, float, float] | None:
-    """Median, min and max over repeats of step_s(probes) / step_s(plain), paired by repeat."""
+def overhead(results: dict[str, list[dict]], tag: str, key: str = "step_s") -> tuple[float, float, float] | None:
+    """Median, min and max over repeats of key(probes) / key(plain), paired by repeat (key: step_s, the wall
+    time; busy_total, the resource-seconds)."""
     a, b = results.get(f"probes-{tag}"), results.get(f"plain-{tag}")
     if not a or not b:
         return None
-    ratios = [x["step_s"] / y["step_s"] for x, y in zip(a, b, strict=True)]
-    return statistics.median(ratios), min(ratios), max(ratios)
+    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True) if y[key] > 0]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+
+
+def truncated_share(results: dict[str, list[dict]]) -> float | None:
+    """Scorer seconds of the no-KL probe pass (truncated after the deepest probe) over those of the KL probe
+    pass (the whole model, plus the reference log-probs): the share of a full pass the truncated one costs."""
+    a, b = results.get("probes-nokl"), results.get("probes-kl")
+    if not a or not b:
+        return None
+    return float(np.mean([x["score_s"] for x in a]) / np.mean([y["score_s"] for y in b]))
 
 
 def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> Path:
@@ -116,20 +140,33 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
     lines = ["# probe-rl profile: probes against plain RLHF", "",
              f"{base.pipeline.prompts_per_step} prompts x {base.pipeline.group_size} completions per step, "
              f"{base.pipeline.num_steps} steps per run, arms alternated, {len(next(iter(results.values())))} "
-             "repeats; means over steps after warm-up. Seconds per step are the driver's wall time.", "",
-             "| arm | s/step | generate s | score s | learn s | sync s | waiting s | tokens/s | scorer util. | padding |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "repeats; means over steps after warm-up. *s/step* is the step's real wall-clock time (the driver's clock "
+             "from start to end of the step); *generate* is generation's wall time, *score* the scorers' busy "
+             "seconds, *learn* the learner's compute. Resource-seconds per step: *busy* CPU-seconds (GPU-seconds on "
+             "GPUs) each role spent working, times the processors one worker holds; *held*: every reserved processor "
+             "times the step's wall time.", "",
+             "| arm | s/step | generate s | score s | learn s | sync s | tokens/s | completion tokens | busy: gen "
+             "| busy: scorer | busy: learner | busy total | held total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, reps in results.items():
         m = {k: float(np.mean([r[k] for r in reps])) for k in reps[0]}
         lines.append(f"| {name} | {m['step_s']:.3f} | {m['generate_s']:.3f} | {m['score_s']:.3f} | "
-                     f"{m['learn_s']:.3f} | {m['sync_s']:.3f} | {m['wait_rollouts_s']:.3f} | {m['tokens_per_s']:.0f} | "
-                     f"{m['scorer_utilisation']:.1%} | {m['padding_waste']:.1%} |")
-    lines += ["", "Overhead (probes / plain, per repeat pair):", ""]
+                     f"{m['learn_compute_s']:.3f} | {m['sync_s']:.3f} | {m['tokens_per_s']:.0f} | "
+                     f"{m['completion_len']:.0f} | {m['busy_generator']:.2f} | {m['busy_scorer']:.2f} | "
+                     f"{m['busy_learner']:.2f} | {m['busy_total']:.2f} | {m['held_total']:.2f} |")
+    lines += ["", "Overhead (probes / plain, per repeat pair; median, min, max):", ""]
     for tag, label in (("kl", "with KL (probes ride on the reference pass)"),
                        ("nokl", "without KL (plain has no scorer pass; probes pay a truncated one)")):
-        o = overhead(results, tag)
-        if o:
-            lines.append(f"- {label}: **{o[0]:.3f}** (min {o[1]:.3f}, max {o[2]:.3f})")
+        wall, busy = overhead(results, tag), overhead(results, tag, "busy_total")
+        if wall and busy:
+            lines.append(f"- {label}: wall time **{wall[0]:.3f}** ({wall[1]:.3f}-{wall[2]:.3f}); busy "
+                         f"resource-seconds **{busy[0]:.3f}** ({busy[1]:.3f}-{busy[2]:.3f})")
+    share = truncated_share(results)
+    if share is not None:
+        # the toy's probes read toy.probe_layer; other models' probe layers are in their files, not the config
+        used = (base.toy.probe_layer + 1) / base.toy.num_layers if base.model.path == "toy" else None
+        lines.append(f"- truncated probe pass (no KL) costs **{share:.2f}** of a full scorer pass (with KL)"
+                     + (f"; layers used / total = {used:.2f}, ratio {share / used:.2f}x" if used else ""))
     arch = PRESETS["toy"] if base.model.path == "toy" else None
     if arch is not None:
         lines += ["", "## Cost model check (pipeline/cost.py on the toy architecture)", "",

@@ -103,3 +103,31 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
     assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
     assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
+
+
+def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, toy_world, tmp_path):
+    """`probe-rl profile`, one A B pair with KL on the toy world: each arm's figures in profile.md are the means of
+    its own run's metrics after warm-up, and the overheads are their ratios."""
+    from pipeline.profile import _summarise
+
+    from ._helpers import cli, toy_args
+
+    out_dir = tmp_path / "profile"
+    args = toy_args(toy_overrides, tmp_path, "unused", 4)[1:]  # profile names each arm's run itself
+    done = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (out_dir / "profile.md").read_text()
+    base = load_config(None, args)
+    summary = {}
+    for arm in ("plain-kl", "probes-kl"):
+        rows = pq.read_table(out_dir / f"{arm}-r0" / "metrics.parquet").to_pylist()
+        assert len(rows) == 4
+        m = summary[arm] = _summarise(rows[2:], base)  # warm-up: the first two steps; both arms hold the same
+        assert m["step_s"] == pytest.approx(np.mean([r["time/step_wall_s"] for r in rows[2:]]))
+        assert m["busy_total"] > 0 and m["held_total"] > m["busy_total"] * 0.1
+        assert f"| {arm} | {m['step_s']:.3f} | {m['generate_s']:.3f} | {m['score_s']:.3f} |" in text
+        assert f"| {m['busy_total']:.2f} | {m['held_total']:.2f} |" in text
+    wall = summary["probes-kl"]["step_s"] / summary["plain-kl"]["step_s"]
+    busy = summary["probes-kl"]["busy_total"] / summary["plain-kl"]["busy_total"]
+    assert f"wall time **{wall:.3f}**" in text and f"busy resource-seconds **{busy:.3f}**" in text
+    assert (out_dir / "timeline-probes-kl.json").is_file()

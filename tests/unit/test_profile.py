@@ -4,9 +4,10 @@ from pipeline.config import load_config
 from pipeline.profile import STAGES, arms_of, overhead, write_profile
 
 
-def _rep(step_s):
+def _rep(step_s, busy=1.0):
     r = {"step_s": step_s, "tokens_per_s": 100.0, "generate_s": 0.1, "score_s": 0.05, "learn_compute_s": 0.2,
-         "padding_waste": 0.1, "scorer_utilisation": 0.05 / step_s}
+         "padding_waste": 0.1, "scorer_utilisation": 0.05 / step_s, "completion_len": 5.0, "busy_generator": busy,
+         "busy_scorer": 0.0, "busy_learner": 0.0, "busy_total": busy, "held_total": 4 * step_s}
     r.update({f"{s}_s": step_s / len(STAGES) for s in STAGES})
     return r
 
@@ -24,10 +25,28 @@ def test_arms_differ_only_in_probes_and_kl():
 
 
 def test_overhead_is_paired_by_repeat_and_reported(tmp_path):
-    results = {"plain-kl": [_rep(1.0), _rep(2.0)], "probes-kl": [_rep(1.02), _rep(2.1)]}
+    results = {"plain-kl": [_rep(1.0), _rep(2.0)], "probes-kl": [_rep(1.02, 1.01), _rep(2.1, 1.03)]}
     med, lo, hi = overhead(results, "kl")
     assert (lo, hi) == (pytest.approx(1.02), pytest.approx(1.05)) and med == pytest.approx(1.035)
     assert overhead(results, "nokl") is None
     text = write_profile(tmp_path, results, load_config()).read_text()
-    assert "with KL (probes ride on the reference pass): **1.035** (min 1.020, max 1.050)" in text
+    assert overhead(results, "kl", "busy_total") == (pytest.approx(1.02), pytest.approx(1.01), pytest.approx(1.03))
+    assert ("with KL (probes ride on the reference pass): wall time **1.035** (1.020-1.050); busy resource-seconds "
+            "**1.020** (1.010-1.030)") in text
     assert (tmp_path / "step_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_reads_the_step_wall_time_and_counts_resource_seconds_per_role():
+    from pipeline.profile import _summarise
+
+    cfg = load_config(overrides={"generator": {"num_workers": 2, "num_cpus": 1.0}, "scorer": {"num_cpus": 0.5},
+                                 "learner": {"num_ranks": 2, "num_cpus": 1.0}})
+    rows = [{"time/step_wall_s": w, "time/generate_wall_s": 1.0, "time/generate_busy_s": 1.8,
+             "time/score_busy_s": 0.4, "time/learn_compute_s": 0.5, "rollout/tokens_per_s": 10.0,
+             "scorer/padding_waste": 0.0, "rollout/completion_len": 7.0, "time/stage/learn_s": 0.6} for w in (2.0, 3.0)]
+    m = _summarise(rows, cfg)
+    assert m["step_s"] == 2.5 and m["learn_s"] == 0.6
+    assert m["busy_generator"] == pytest.approx(1.8) and m["busy_scorer"] == pytest.approx(0.2)
+    assert m["busy_learner"] == pytest.approx(0.5 * 2) and m["busy_total"] == pytest.approx(3.0)
+    held = 2 * 1.0 + cfg.scorer.num_workers * 0.5 + 2 * 1.0
+    assert m["held_total"] == pytest.approx(held * 2.5)
