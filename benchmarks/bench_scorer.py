@@ -43,9 +43,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.scorer import Scorer
-    from pipeline.logprobs import token_logprobs
     from pipeline.batching import pack, padding_waste, token_budget_batches
     from pipeline.config import ScorerConfig
+    from pipeline.logprobs import token_logprobs
     from probes.hooks import capture_residuals
     from probes.probe import LinearProbe
 

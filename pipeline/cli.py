@@ -372,7 +372,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from probes import cli
+    from pipeline import probe_cli as cli
 
     handler = {"train": cli.train, "eval": cli.evaluate, "toy-data": cli.toy_data}[args.probe_command]
     try:

@@ -9,7 +9,6 @@ import importlib.util
 import math
 from collections.abc import Iterator
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

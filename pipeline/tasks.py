@@ -17,9 +17,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 GroundTruthFn = Callable[[list[str], list[str]], list[str]]
+
+if TYPE_CHECKING:
+    from probes.toolkit import Labelled
 
 
 @dataclass(frozen=True)
@@ -152,3 +156,19 @@ def load_prompt_file(path: str | Path, key: str = "task.dataset") -> PromptSet:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
             raise ValueError(f"{key} {path}, row {n}: needs a text `prompt` and an `answer`")
     return PromptSet([r["prompt"] for r in rows], [str(r["answer"]) for r in rows])
+
+
+def load_labelled(path: str | Path) -> Labelled:
+    """Read a labelled dataset; every malformed row gets a message with its number."""
+    from probes.toolkit import Labelled
+
+    rows = read_rows(path, "labelled dataset")
+    for n, r in enumerate(rows, 1):
+        ok = isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
+        if not ok or r.get("label") not in (0, 1, True, False):
+            raise ValueError(f"labelled dataset {path}, row {n}: needs text `prompt`, text `completion` and `label` 0 or 1")
+    data = Labelled([r["prompt"] for r in rows], [r["completion"] for r in rows], [int(r["label"]) for r in rows])
+    if len(set(data.labels)) < 2:
+        raise ValueError(f"labelled dataset {path} has only label {data.labels[0] if data.labels else '-'}; "
+                         "a probe needs both classes")
+    return data

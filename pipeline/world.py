@@ -102,7 +102,7 @@ def build_world(cfg: Config, log=print) -> World:
         )
     eval_labelled = None
     if cfg.eval.every:
-        from probes.toolkit import load_labelled
+        from pipeline.tasks import load_labelled
 
         if cfg.eval.probe_data is not None:
             eval_labelled = load_labelled(cfg.eval.probe_data)

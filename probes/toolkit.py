@@ -34,22 +34,6 @@ class Labelled:
                         [self.labels[i] for i in rows])
 
 
-def load_labelled(path: str | Path) -> Labelled:
-    """Read a labelled dataset; every malformed row gets a message with its number."""
-    from pipeline.tasks import read_rows
-
-    rows = read_rows(path, "labelled dataset")
-    for n, r in enumerate(rows, 1):
-        ok = isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
-        if not ok or r.get("label") not in (0, 1, True, False):
-            raise ValueError(f"labelled dataset {path}, row {n}: needs text `prompt`, text `completion` and `label` 0 or 1")
-    data = Labelled([r["prompt"] for r in rows], [r["completion"] for r in rows], [int(r["label"]) for r in rows])
-    if len(set(data.labels)) < 2:
-        raise ValueError(f"labelled dataset {path} has only label {data.labels[0] if data.labels else '-'}; "
-                         "a probe needs both classes")
-    return data
-
-
 def save_labelled(data: Labelled, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,17 +52,23 @@ def encode(tokenizer, prompts: list[str], completions: list[str], append_eos: bo
 def completion_activations(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], layers: list[int],
                            batch_size: int = 64, pad_id: int = 0) -> dict[int, list[torch.Tensor]]:
     """Per layer, per row: the residual stream at the completion tokens (T_c, H). One pass per batch."""
-    from pipeline.batching import pack
     from probes.hooks import capture_residuals
 
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     device = next(model.parameters()).device
     for lo in range(0, len(prompt_ids), batch_size):
-        batch = pack(prompt_ids[lo : lo + batch_size], completion_ids[lo : lo + batch_size], pad_id)
+        prompts, comps = prompt_ids[lo : lo + batch_size], completion_ids[lo : lo + batch_size]
+        rows = [list(p) + list(c) for p, c in zip(prompts, comps, strict=True)]
+        ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # right-padded, as the scorer packs them
+            ids[i, : len(r)], attn[i, : len(r)] = torch.tensor(r), 1
         with torch.no_grad(), capture_residuals(model, layers, stop_after=max(layers)) as cap:
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+            model(input_ids=ids.to(device), attention_mask=attn.to(device))
         for layer in layers:
-            out[layer] += [v.float().cpu() for v in batch.completion_values(cap.residuals[layer])]
+            res = cap.residuals[layer]
+            out[layer] += [res[i, len(p) : len(p) + len(c)].float().cpu()
+                           for i, (p, c) in enumerate(zip(prompts, comps, strict=True))]
     return out
 
 

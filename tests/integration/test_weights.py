@@ -258,11 +258,15 @@ def test_a_nan_reference_logprob_costs_its_row_the_gradient_not_the_step(toy_wor
     assert moved > 0  # the step did train
 
 
-def world_weight(model_path: str, name: str, _cache={}) -> torch.Tensor:
+_WEIGHTS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def world_weight(model_path: str, name: str) -> torch.Tensor | None:
+    """A tensor of the saved model at `model_path` (None for one it does not store, e.g. a tied head)."""
+    import glob
+
     from safetensors.torch import load_file
 
-    if model_path not in _cache:
-        import glob
-
-        _cache[model_path] = {k: v for f in glob.glob(f"{model_path}/*.safetensors") for k, v in load_file(f).items()}
-    return _cache[model_path].get(name)
+    if model_path not in _WEIGHTS:
+        _WEIGHTS[model_path] = {k: v for f in glob.glob(f"{model_path}/*.safetensors") for k, v in load_file(f).items()}
+    return _WEIGHTS[model_path].get(name)

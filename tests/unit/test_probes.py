@@ -151,3 +151,16 @@ def test_train_probes_reads_a_planted_concept(tiny_model_dir):
         assert metrics["auroc"] > 0.95 and probe.notes["held_out"] == metrics and probe.aggregation == "max"
     again = evaluate_probes(model, tok, data, [p for p, _ in results])
     assert all(m["num"] == 120 and m["num_positive"] == 60 for m in again)
+
+
+def test_probes_is_a_library_that_imports_nothing_above_it():
+    """probes/ is the bottom floor: no module of it imports pipeline, actors or learner (not even lazily)."""
+    import ast
+    from pathlib import Path
+
+    above = {"pipeline", "actors", "learner"}
+    for path in Path(__file__).resolve().parents[2].joinpath("probes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in above for n in names), f"{path.name} imports {names}"

@@ -30,7 +30,8 @@ def _print_metrics(name: str, layer: int, m: dict) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from probes.toolkit import load_labelled, train_probes
+    from pipeline.tasks import load_labelled
+    from probes.toolkit import train_probes
 
     data = load_labelled(args.data)
     path, model, tokenizer = _load_model(args.model, args.config)
@@ -52,8 +53,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from pipeline.tasks import load_labelled
     from probes.probe import load_probe
-    from probes.toolkit import evaluate_probes, load_labelled
+    from probes.toolkit import evaluate_probes
 
     data = load_labelled(args.data)
     probes = [load_probe(p) for p in args.probes]
