@@ -36,17 +36,21 @@ def probes(tiny_model_dir, tmp_path_factory):
     return [(str(d / "a"), None), (str(d / "b"), None)]
 
 
-def reference(model_dir, layer, weight, bias):
-    """Per row, unpadded: reference log-probs of completion tokens and per-token probe scores."""
+def reference(model_dir, layer):
+    """Per row, unpadded: reference log-probs of completion tokens and the residual stream at the completion
+    tokens after decoder block `layer` (read by a plain forward hook on that block, the last one included)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seen = []
+    handle = model.model.layers[layer].register_forward_hook(
+        lambda _m, _i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
     out = []
     for p, c in zip(PROMPTS, COMPLETIONS, strict=True):
         ids = torch.tensor([p + c])
         with torch.no_grad():
-            res = model(input_ids=ids, output_hidden_states=True)
+            res = model(input_ids=ids)
         logp = torch.log_softmax(res.logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        h = res.hidden_states[layer + 1][0] if layer + 1 < len(res.hidden_states) - 1 else None
-        out.append((logp[len(p) - 1 :].tolist(), h[len(p) :] if h is not None else None))
+        out.append((logp[len(p) - 1 :].tolist(), seen[-1][0, len(p) :]))
+    handle.remove()
     return out
 
 
@@ -55,20 +59,22 @@ def test_scores_and_ref_logprobs_match_reference(tiny_model_dir, probes):
     table, stats = scorer.score(rollouts())
     assert table.schema.equals(scored_schema(["a", "b"]))
     assert stats.num_sequences == 3 and stats.num_nonfinite == 1
-    ref = reference(tiny_model_dir, 0, None, None)
+    ref = reference(tiny_model_dir, 0)
     for got, (want, _) in zip(table.column("ref_logprobs").to_pylist(), ref, strict=True):
         assert len(got) == len(want)
         assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(got, want, strict=True))
-    probe_a = scorer.probes[0]
-    for i, (_, h) in enumerate(reference(tiny_model_dir, 0, None, None)):
-        want = torch.sigmoid(h @ probe_a.weight + probe_a.bias)
-        got = torch.tensor(table.column("probe/a/tokens")[i].as_py())
-        assert torch.allclose(got, want, atol=1e-5)
-        agg = table.column("probe/a/score")[i].as_py()
-        if len(want):
-            assert math.isclose(agg, want.mean().item(), abs_tol=1e-5)
-        else:
-            assert math.isnan(agg)
+    assert [(p.name, p.layer) for p in scorer.probes] == [("a", 0), ("b", 1)]  # b reads the last block
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.num_hidden_layers == 2
+    for probe, pool in zip(scorer.probes, (torch.mean, torch.max), strict=True):  # every probe, its own pooling
+        for i, (_, h) in enumerate(reference(tiny_model_dir, probe.layer)):
+            want = torch.sigmoid(h @ probe.weight + probe.bias)
+            got = torch.tensor(table.column(f"probe/{probe.name}/tokens")[i].as_py())
+            assert torch.allclose(got, want, atol=1e-5)
+            agg = table.column(f"probe/{probe.name}/score")[i].as_py()
+            if len(want):
+                assert math.isclose(agg, pool(want).item(), abs_tol=1e-5)
+            else:
+                assert math.isnan(agg)
     assert table.column("nonfinite_score").to_pylist() == [False, False, True]
 
 
