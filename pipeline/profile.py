@@ -101,7 +101,7 @@ def _summarise(rows: list[dict], cfg: Config) -> dict[str, float]:
     out["busy_scorer"] = out["score_s"] * per(sc)
     out["busy_learner"] = out["learn_compute_s"] * lr.num_ranks * per(lr)
     out["busy_total"] = out["busy_generator"] + out["busy_scorer"] + out["busy_learner"]
-    held = g.num_workers * per(g) + sc.num_workers * per(sc) + lr.num_ranks * per(lr)
+    held = sum(n * per(r) for _, n, r in cfg.roles())
     out["held_total"] = held * out["step_s"]
     return out
 
