@@ -131,3 +131,41 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     busy = summary["probes-kl"]["busy_total"] / summary["plain-kl"]["busy_total"]
     assert f"wall time **{wall:.3f}**" in text and f"busy resource-seconds **{busy:.3f}**" in text
     assert (out_dir / "timeline-probes-kl.json").is_file()
+
+
+def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_its_runs(toy_overrides, toy_world,
+                                                                                       tmp_path):
+    """`probe-rl experiment` with the probe_loss and ablate arms, one world, 3 steps each: the knobs act (the
+    learner's own probe score is logged for probe_loss only; under ablation the first step's ratios are unclipped
+    and the learner's pass is edited), and the report's numbers are those of the runs' data/."""
+    from ._helpers import cli, toy_args
+
+    out_dir = tmp_path / "exp"
+    args = [a for a in toy_args(toy_overrides, tmp_path, "unused", 3)[1:]]
+    args = [a for i, a in enumerate(args) if a not in ("--run.name", "--run.output_dir")
+            and args[i - 1] not in ("--run.name", "--run.output_dir")]
+    done = cli(["experiment", "--arms", "probe_loss", "ablate", "--seeds", "0", "--out", str(out_dir), *args,
+                "--eval.every", "3"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (out_dir / "report.md").read_text()
+    for arm in ("probe_loss", "ablate"):
+        metrics = pq.read_table(out_dir / "data" / f"{arm}-seed0.metrics.parquet").to_pylist()
+        evals = pq.read_table(out_dir / "data" / f"{arm}-seed0.eval.parquet").to_pylist()
+        assert [r["step"] for r in metrics] == [1, 2, 3] and [e["step"] for e in evals] == [0, 3]
+        hack = [r["rollout/hack_rate"] for r in metrics]  # 3 steps: the start and end windows are all of them
+        correct = [r["rollout/correct_rate"] for r in metrics]
+        assert (f"| {arm} | 1 | {np.mean(hack):.3f} → {np.mean(hack):.3f} | {np.mean(correct):.3f} → "
+                f"{np.mean(correct):.3f} |") in report
+        e0, e1 = evals
+        assert (f"| {arm} | {e0['eval/hack_auroc_live']:.3f} → {e1['eval/hack_auroc_live']:.3f} | "
+                f"{e1['eval/hack_auroc_frozen']:.3f} | {e1['eval/hack_auroc_retrained']:.3f} |") in report
+        assert e0["eval/hack_auroc_live"] == e0["eval/hack_auroc_frozen"]  # before any update: the same model
+        probe_scores = [r["learner/probe_score"] for r in metrics]
+        if arm == "probe_loss":
+            assert all(0 < s < 1 for s in probe_scores)  # the mean probe score on the learner's own pass
+        else:
+            assert all(np.isnan(s) for s in probe_scores)
+            # step 1: the learner's edited pass departs from the unedited frozen reference (KL > 0, where a plain
+            # run's first KL is 0), while its ratio to vLLM's equally edited sampling stays unclipped
+            assert metrics[0]["learner/kl"] > 1e-7 and metrics[0]["learner/clip_frac"] == 0.0
+    assert "| 2. probe score in the loss, differentiated through | probe_loss |" in report
