@@ -386,6 +386,11 @@ class Learner:
     def ready(self) -> int:
         return self.version
 
+    def memory_knobs(self) -> dict:
+        """What the learner's memory settings did to the model it trains (for checks and logs)."""
+        return {"gradient_checkpointing": bool(getattr(self.engine.module, "is_gradient_checkpointing", False)),
+                "zero_stage": self.cfg.zero_stage}
+
     def pid(self) -> int:
         return os.getpid()
 

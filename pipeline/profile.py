@@ -135,7 +135,7 @@ def truncated_share(results: dict[str, list[dict]]) -> float | None:
 
 
 def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> Path:
-    from pipeline.cost import PRESETS, Workload, step_cost
+    from pipeline.cost import Arch, Workload, step_cost
 
     lines = ["# probe-rl profile: probes against plain RLHF", "",
              f"{base.pipeline.prompts_per_step} prompts x {base.pipeline.group_size} completions per step, "
@@ -167,16 +167,20 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
         used = (base.toy.probe_layer + 1) / base.toy.num_layers if base.model.path == "toy" else None
         lines.append(f"- truncated probe pass (no KL) costs **{share:.2f}** of a full scorer pass (with KL)"
                      + (f"; layers used / total = {used:.2f}, ratio {share / used:.2f}x" if used else ""))
-    arch = PRESETS["toy"] if base.model.path == "toy" else None
+    t = base.toy  # the toy world's architecture, as built (the toy or the mid world)
+    arch = Arch(f"toy world ({t.num_layers} layers x {t.hidden_size})", t.num_layers, t.hidden_size,
+                t.mlp_ratio * t.hidden_size, 64 if t.tokenizer == "chars" else t.bpe_vocab, t.hidden_size // 64,
+                t.hidden_size // 64, 64) if base.model.path == "toy" else None
     if arch is not None:
-        lines += ["", "## Cost model check (pipeline/cost.py on the toy architecture)", "",
+        completion = int(np.mean([r["completion_len"] for reps in results.values() for r in reps])) or 1
+        lines += ["", f"## Cost model check (pipeline/cost.py on the {arch.name} architecture)", "",
                   "| case | predicted probe overhead (FLOPs) | measured step-time ratio − 1 |", "|---|---|---|"]
         for tag, kl in (("kl", True), ("nokl", False)):
             o = overhead(results, tag)
             if o is None:
                 continue
-            work = Workload(base.pipeline.prompts_per_step, base.pipeline.group_size, 6, 4, (base.toy.probe_layer,),
-                            len(base.scorer.probes), kl, 4)
+            work = Workload(base.pipeline.prompts_per_step, base.pipeline.group_size, 6, completion,
+                            (base.toy.probe_layer,), len(base.scorer.probes), kl, 4)
             lines.append(f"| {tag} | {step_cost(arch, work).overhead():.2%} | {o[0] - 1:+.2%} |")
         lines += ["", "The prediction is the probes' share of the step's compute. The measured ratio is of wall "
                   "time, where scoring overlaps learning (the pipeline is asynchronous) and the toy step on 2 CPU "

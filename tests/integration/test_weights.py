@@ -258,6 +258,28 @@ def test_a_nan_reference_logprob_costs_its_row_the_gradient_not_the_step(toy_wor
     assert moved > 0  # the step did train
 
 
+def test_gradient_checkpointing_is_on_when_asked_and_changes_no_update(toy_world, ray_local):
+    """learner.gradient_checkpointing recomputes activations in backward: same step, same weights."""
+    from pipeline.remote import wait
+    from pipeline.weights import from_wire
+
+    _, world = toy_world
+    batch = train_batch(world.model_path, 16, 13)
+    out = []
+    for checkpointing in (False, True):
+        cfg = LearnerConfig(lr=1e-2, kl_coef=0.1, micro_batch_size=8, warmup_steps=0,
+                            gradient_checkpointing=checkpointing)
+        [learner] = start_learners(world.model_path, cfg, 16)
+        assert wait(learner.memory_knobs.remote(), "learner", TIMEOUT)["gradient_checkpointing"] is checkpointing
+        stats = wait(learner.train_step.remote(batch), "learner", TIMEOUT)
+        out.append((stats, from_wire(wait(learner.get_weights.remote(), "learner", TIMEOUT))))
+        ray_local.kill(learner)
+    (a, wa), (b, wb) = out
+    assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
 _WEIGHTS: dict[str, dict[str, torch.Tensor]] = {}
 
 
