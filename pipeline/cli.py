@@ -120,9 +120,12 @@ def _add_probe_parser(sub) -> None:
 
 def _add_analysis_parsers(sub) -> None:
     ex = sub.add_parser("experiment", help="run arms x seeds and write a report",
-                        description="Run every arm of an experiment file with every seed (plain RL against probe-shaped "
-                        "RL by default), sharing one Ray instance, then write report.md with PNG plots: hack rate and "
-                        "task reward per arm over steps, and probe AUROC over training (live, frozen, retrained).",
+                        description="Run every arm of an experiment file with every seed (by default configs/"
+                        "experiment.toml: plain RL and the probe in the reward, in the loss, and ablated, in three toy "
+                        "worlds), sharing one Ray instance; an arm already finished in --out is not run again. Then "
+                        "write report.md: hack, correct and evasion rates, held-out accuracy, the probe's live, frozen "
+                        "and refit AUROC and the share of hacks it flags, the four methods side by side with what each "
+                        "is predicted to do, PNG plots, and every run's metrics as Parquet in data/.",
                         epilog="Extra --section.key VALUE overrides apply to every run, e.g. --pipeline.num_steps 20.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ex.add_argument("--file", default=str(DEFAULT_CONFIG.parent / "experiment.toml"), help="experiment file")
