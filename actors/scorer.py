@@ -3,7 +3,9 @@
 One forward pass over prompt + completion yields both the reference log-probs the KL term needs
 and every probe's per-token scores (read by scoped hooks on the probed layers). Plain RLHF with a
 KL penalty pays for that pass anyway, so probes cost almost nothing on top. With no KL term the
-pass stops after the deepest probed layer. A plain class; `pipeline/remote.py` makes it an actor.
+pass stops after the deepest probed layer. The reference log-probs come from `pipeline/logprobs.py`,
+which applies the output head a chunk of positions at a time, so a batch never holds (tokens x vocab)
+logits. A plain class; `pipeline/remote.py` makes it an actor.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ for `address()` first, so ranks may sit on different nodes) and builds the model
 Every rank receives the whole train table (zero-copy from Ray's object store) and takes its own
 contiguous shard. One call of `train_step` is one optimizer step and one new weight version. The loss is
 normalised by the number of valid tokens in the *global* batch, so 1 rank and N ranks compute the same
-update. New weights leave through `send_weights` (the collective transport, see pipeline/weights.py) or
+update. Policy log-probs come from `pipeline/logprobs.py` (the output head a chunk at a time, checkpointed);
+a row with a non-finite behaviour or reference log-prob gets no gradient and is counted. shaping.kind
+"loss" adds the probe's score on this very pass to the loss; "ablate" projects the probe direction out of
+the residual stream at its layer during the pass. New weights leave through `send_weights` (the collective transport, see pipeline/weights.py) or
 `get_weights` (the object store); checkpoints through `save_checkpoint` (learner/checkpoint.py).
 """
 
