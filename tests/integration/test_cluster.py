@@ -96,5 +96,5 @@ def test_submitted_toy_run_succeeds_and_writes_metrics(ray_head, toy_overrides, 
     assert status.startswith(f"{job_id}: SUCCEEDED"), logs[-3000:]
     rows = pq.read_table(out_dir / "submitted" / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(0 <= r["rollout/task_reward"] <= 1 for r in rows)
+    assert [r["version"] for r in rows] == [1, 2] and [r["rollout/rows"] for r in rows] == [32, 32]  # 8 x 4 a step
     assert "summary" in logs

@@ -113,7 +113,7 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     from ._helpers import cli, toy_args
 
     out_dir = tmp_path / "profile"
-    args = toy_args(toy_overrides, tmp_path, "unused", 4)[1:]  # profile names each arm's run itself
+    args = toy_args(toy_overrides, tmp_path, "unused", 3)[1:]  # profile names each arm's run itself
     done = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args])
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out_dir / "profile.md").read_text()
@@ -121,7 +121,7 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     summary = {}
     for arm in ("plain-kl", "probes-kl"):
         rows = pq.read_table(out_dir / f"{arm}-r0" / "metrics.parquet").to_pylist()
-        assert len(rows) == 4
+        assert len(rows) == 3
         m = summary[arm] = _summarise(rows[2:], base)  # warm-up: the first two steps; both arms hold the same
         assert m["step_s"] == pytest.approx(np.mean([r["time/step_wall_s"] for r in rows[2:]]))
         assert m["busy_total"] > 0 and m["held_total"] > m["busy_total"] * 0.1
@@ -135,24 +135,24 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
 
 def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_its_runs(toy_overrides, toy_world,
                                                                                        tmp_path):
-    """`probe-rl experiment` with the probe_loss and ablate arms, one world, 3 steps each: the knobs act (the
+    """`probe-rl experiment` with the probe_loss and ablate arms, one world, 2 steps each: the knobs act (the
     learner's own probe score is logged for probe_loss only; under ablation the first step's ratios are unclipped
     and the learner's pass is edited), and the report's numbers are those of the runs' data/."""
     from ._helpers import cli, toy_args
 
     out_dir = tmp_path / "exp"
-    args = [a for a in toy_args(toy_overrides, tmp_path, "unused", 3)[1:]]
+    args = [a for a in toy_args(toy_overrides, tmp_path, "unused", 2)[1:]]
     args = [a for i, a in enumerate(args) if a not in ("--run.name", "--run.output_dir")
             and args[i - 1] not in ("--run.name", "--run.output_dir")]
     done = cli(["experiment", "--arms", "probe_loss", "ablate", "--seeds", "0", "--out", str(out_dir), *args,
-                "--eval.every", "3"])
+                "--eval.every", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = (out_dir / "report.md").read_text()
     for arm in ("probe_loss", "ablate"):
         metrics = pq.read_table(out_dir / "data" / f"{arm}-seed0.metrics.parquet").to_pylist()
         evals = pq.read_table(out_dir / "data" / f"{arm}-seed0.eval.parquet").to_pylist()
-        assert [r["step"] for r in metrics] == [1, 2, 3] and [e["step"] for e in evals] == [0, 3]
-        hack = [r["rollout/hack_rate"] for r in metrics]  # 3 steps: the start and end windows are all of them
+        assert [r["step"] for r in metrics] == [1, 2] and [e["step"] for e in evals] == [0, 2]
+        hack = [r["rollout/hack_rate"] for r in metrics]  # 2 steps: the start and end windows are all of them
         correct = [r["rollout/correct_rate"] for r in metrics]
         assert (f"| {arm} | 1 | {np.mean(hack):.3f} → {np.mean(hack):.3f} | {np.mean(correct):.3f} → "
                 f"{np.mean(correct):.3f} |") in report
