@@ -148,10 +148,11 @@ class Learner:
         # A row with a non-finite behaviour or reference log-prob gets no gradient; every rank sees the whole
         # table, so all agree on the denominators below.
         finite = finite_rows(table, ["behavior_logprobs"] + (["ref_logprobs"] if use_ref else []))
-        nonfinite = int((~finite & table.column("loss_mask").to_numpy(zero_copy_only=False)).sum())
+        rows = table.column("loss_mask").to_numpy(zero_copy_only=False)
+        nonfinite = int((rows & ~finite).sum())
         if nonfinite:
-            mask = pa.array(table.column("loss_mask").to_numpy(zero_copy_only=False) & finite, pa.bool_())
-            table = table.set_column(table.schema.get_field_index("loss_mask"), table.schema.field("loss_mask"), mask)
+            field = table.schema.get_field_index("loss_mask")
+            table = table.set_column(field, table.schema.field(field), pa.array(rows & finite, pa.bool_()))
         global_tokens, global_rows = _valid_tokens(table), _valid_rows(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo both so

@@ -49,13 +49,13 @@ class ToyWorld:
         return self.probe_stems[TOY_PROBE_NAME]
 
 
-_LATER_FIELDS = {"tokenizer": "chars", "bpe_vocab": 1024, "completions": "answer", "mlp_ratio": 2, "max_positions": 64}
+_LATER_FIELDS = ("tokenizer", "bpe_vocab", "completions", "mlp_ratio", "max_positions")  # added after v4 keys
 
 
 def toy_key(cfg: ToyConfig) -> str:
     fields = cfg.model_dump(exclude={"cache_dir"})
-    for name, default in _LATER_FIELDS.items():  # fields added later key the world only when changed
-        if fields[name] == default:
+    for name in _LATER_FIELDS:  # fields added later key the world only when changed from their defaults
+        if fields[name] == ToyConfig.model_fields[name].default:
             del fields[name]
     blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
