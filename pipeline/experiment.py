@@ -29,6 +29,8 @@ class ExperimentConfig(BaseModel):
     (toy.seed: another SFT model and other probes), so each seed is a world of its own."""
     vary_world: bool = True
     """Seeds also pick the toy world (toy.seed). False: one world, only the RL seed varies."""
+    overrides: dict[str, Any] = {}
+    """Config overrides (nested tables) shared by every arm, applied on the base before the arm's own."""
     arms: dict[str, dict[str, Any]]
     """Arm name -> config overrides (nested tables)."""
     default_arms: list[str] = []
@@ -62,7 +64,7 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     for seed in seeds:
         for arm in chosen:
             seeded = {"pipeline": {"seed": seed}, "learner": {"seed": seed}} | ({"toy": {"seed": seed}} if exp.vary_world else {})
-            over = _merge(_merge(exp.arms[arm], seeded), cli)
+            over = _merge(_merge(_merge(exp.overrides, exp.arms[arm]), seeded), cli)
             try:
                 runs[(arm, seed)] = load_config(path.parent / exp.base, over)
             except ConfigError as e:

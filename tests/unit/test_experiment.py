@@ -12,10 +12,14 @@ EXP = """
 base = "base.toml"
 seeds = [3, 4]
 default_arms = ["plain", "probe"]
+[overrides]
+pipeline = { num_steps = 5, prompts_per_step = 6 }
+learner = { lr = 0.5 }
 [arms.plain]
 shaping = { kind = "none" }
 [arms.probe]
 shaping = { kind = "penalty", coef = 2.0 }
+learner = { lr = 0.25 }
 [arms.broken]
 shaping = { kind = "sideways" }
 """
@@ -39,7 +43,9 @@ def test_arms_times_seeds_with_overrides(exp_file):
     assert list(runs) == [("plain", 3), ("probe", 3), ("plain", 4), ("probe", 4)]  # arms alternate within a seed
     assert runs[("plain", 3)].shaping.kind == "none"
     assert runs[("probe", 4)].shaping.coef == 2.0 and runs[("probe", 4)].learner.seed == 4
-    assert all(c.pipeline.num_steps == 7 for c in runs.values())
+    # shared overrides sit between the base and the arm; the command line wins over both
+    assert all(c.pipeline.num_steps == 7 and c.pipeline.prompts_per_step == 6 for c in runs.values())
+    assert runs[("plain", 3)].learner.lr == 0.5 and runs[("probe", 3)].learner.lr == 0.25
     _, one = load_experiment(exp_file, ["probe"], [9], [])
     assert list(one) == [("probe", 9)] and one[("probe", 9)].pipeline.seed == 9
 
