@@ -115,6 +115,11 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+# Every role starts with a runtime environment of its own (QUIET_ENV), so it never takes one of the default
+# workers Ray would start in advance for a new local instance (one per CPU): those only cost start-up CPU and memory.
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
 def init_ray(cfg: Config) -> None:
     import ray
 
@@ -126,7 +131,8 @@ def init_ray(cfg: Config) -> None:
     # and no dashboard. Ray 2.60 resolves a loopback node address to the machine's own and binds its servers to
     # every interface; its token authentication (on by default, token in ~/.ray/auth_token) keeps other hosts
     # out (tests/integration/test_exposure.py).
-    ray.init(num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True, configure_logging=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:

@@ -56,7 +56,9 @@ def ray_local():
     import ray
 
     # Logical CPUs: the roles of a run reserve 2, the weight-sync test 1.5; they share the real cores.
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+    from pipeline.driver import LOCAL_RAY_SYSTEM_CONFIG
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()

@@ -27,7 +27,9 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     switch = tmp_path_factory.mktemp("switch") / SLOW_SWITCH
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    from pipeline.driver import LOCAL_RAY_SYSTEM_CONFIG
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": LOCAL_RAY_SYSTEM_CONFIG})
     nodes = {"gen": cluster.add_node(num_cpus=1, resources={"gen": 1})}
     for name in ("score_a", "score_b"):
         nodes[name] = cluster.add_node(num_cpus=1, resources={"score": 1})

@@ -150,16 +150,16 @@ def test_silent_or_dead_receiver_fails_the_sync_naming_it(toy_world, ray_local):
     pids = wait([s.pid.remote() for s in scorers], "scorer", TIMEOUT)
     os.kill(pids[1], signal.SIGSTOP)  # alive but silent, as a frozen process or a hung host is
     try:
-        client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 15)
+        client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 8)
         start = time.monotonic()
-        with pytest.raises(Exception, match=r"scorer 1 did not answer \w+ \(weights version 0\) within 15s"):
+        with pytest.raises(Exception, match=r"scorer 1 did not answer \w+ \(weights version 0\) within 8s"):
             wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "silent"), "learner", TIMEOUT)
         assert time.monotonic() - start < 60
     finally:
         os.kill(pids[1], signal.SIGCONT)
     os.kill(pids[1], signal.SIGKILL)
     time.sleep(1)
-    client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 15)
+    client = ReceiverClient([Receiver("scorer 0", scorers[0]), Receiver("scorer 1", scorers[1])], 8)
     with pytest.raises(Exception, match=r"scorer 1 died during \w+ \(weights version 0\)"):
         wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "dead"), "learner", TIMEOUT)
     for a in [learner, *scorers]:
