@@ -122,11 +122,13 @@ def _add_analysis_parsers(sub) -> None:
     ex = sub.add_parser("experiment", help="run arms x seeds and write a report",
                         description="Run every arm of an experiment file with every seed (by default configs/"
                         "experiment.toml: plain RL and the probe in the reward, in the loss, and ablated, in three toy "
-                        "worlds), sharing one Ray instance; an arm already finished in --out is not run again. Then "
+                        "worlds, 50 steps each: about 25 minutes on 2 cores), sharing one Ray instance; an arm "
+                        "already finished in --out is not run again (rerun with the same --out to resume). Then "
                         "write report.md: hack, correct and evasion rates, held-out accuracy, the probe's live, frozen "
                         "and refit AUROC and the share of hacks it flags, the four methods side by side with what each "
                         "is predicted to do, PNG plots, and every run's metrics as Parquet in data/.",
-                        epilog="Extra --section.key VALUE overrides apply to every run, e.g. --pipeline.num_steps 20.",
+                        epilog="Extra --section.key VALUE overrides apply to every run, after the file's shared "
+                        "[overrides] and its arms', e.g. --pipeline.num_steps 20.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ex.add_argument("--file", default=str(DEFAULT_CONFIG.parent / "experiment.toml"), help="experiment file")
     ex.add_argument("--arms", nargs="+", default=None, help="arms to run (default: the file's default_arms)")
