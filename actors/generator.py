@@ -88,6 +88,7 @@ class Generator:
             raise
         self.weight_backend = weight_backend
         self.version = 0
+        self.updating = False  # a weight update session is open (start_weight_update without its finish yet)
         self.ablation = ablation
         if ablation is not None:
             self._ablate(True)
@@ -138,13 +139,23 @@ class Generator:
         self.llm.shutdown_weight_transfer_engine()
 
     def start_weight_update(self) -> None:
+        if self.updating:
+            # The last send stopped part-way (another receiver or the sender died) and is being resent whole:
+            # close the abandoned session (vLLM refuses to open a second one), keeping the version it held.
+            self.llm.finish_weight_update(str(self.version))
         self.llm.start_weight_update()
+        self.updating = True
 
     def update_weights(self, update_info: dict) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except BaseException:
+            self.updating = False  # vLLM closes a session whose update failed
+            raise
 
     def finish_weight_update(self, weight_version: str) -> int:
         self.llm.finish_weight_update(weight_version)
+        self.updating = False
         self.llm.reset_prefix_cache()
         self.version = int(weight_version)
         return self.version

@@ -93,6 +93,9 @@ class _Holder:
     def ready(self) -> int:
         return self.receiver.version
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_received_weights_equal_the_learners_and_only_rank_0_sends(toy_world, ray_local, tmp_path, zero_stage):
@@ -163,6 +166,35 @@ def test_silent_or_dead_receiver_fails_the_sync_naming_it(toy_world, ray_local):
     with pytest.raises(Exception, match=r"scorer 1 died during \w+ \(weights version 0\)"):
         wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "dead"), "learner", TIMEOUT)
     for a in [learner, *scorers]:
+        ray_local.kill(a)
+
+
+def test_a_send_cut_short_by_a_dead_receiver_is_resent_whole_to_the_survivors(trained, toy_world, ray_local):
+    """A receiver SIGKILLed after joining the transfer group fails the send that follows, after vLLM has opened
+    its update session: the resend, to a group with a replacement, still reaches vLLM whole (the abandoned
+    session is closed first) and its greedy completions are those of the learner's weights."""
+    from actors.generator import Generator
+    from pipeline.remote import Receiver, ReceiverClient, make_actor, wait
+
+    learner, checkpoint = trained
+    _, world = toy_world
+    gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
+                     cfg=GeneratorConfig(max_new_tokens=8), weight_backend=BACKEND_GLOO)
+    holder = make_actor(_Holder, "holder", 0.25, model_path=world.model_path)
+    assert wait([gen.ready.remote(), holder.ready.remote()], "receivers (start-up)", TIMEOUT) == [0, 0]
+    client = ReceiverClient([Receiver("generator 0", gen), Receiver("holder 0", holder)], TIMEOUT)
+    wait(learner.init_weight_transfer.remote(client, BACKEND_GLOO, 2**20, 10.0, "cut-short"), "learner", TIMEOUT)
+    os.kill(wait(holder.pid.remote(), "holder", TIMEOUT), signal.SIGKILL)
+    with pytest.raises(Exception, match=r"holder 0 died during"):
+        wait(learner.send_weights.remote(), "learner", TIMEOUT)
+    assert wait(gen.ready.remote(), "generator", TIMEOUT) == 0  # nothing was committed
+    replacement = make_actor(_Holder, "holder", 0.25, model_path=world.model_path)
+    [stats] = collective_sync([learner], [Receiver("generator 0", gen), Receiver("holder 1", replacement)],
+                              name="resend")
+    assert stats.version == 3 and wait(gen.ready.remote(), "generator", TIMEOUT) == 3
+    prompts = world.eval_prompt_ids[:6]
+    assert wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT) == hf_greedy(checkpoint, prompts)
+    for a in (gen, replacement):
         ray_local.kill(a)
 
 
