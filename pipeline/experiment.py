@@ -11,6 +11,7 @@ import shutil
 import time
 import tomllib
 from datetime import datetime
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     for seed in seeds:
         for arm in chosen:
             seeded = {"pipeline": {"seed": seed}, "learner": {"seed": seed}} | ({"toy": {"seed": seed}} if exp.vary_world else {})
-            over = _merge(_merge(_merge(exp.overrides, exp.arms[arm]), seeded), cli)
+            # later layers win: the file's shared overrides, the arm's, the seed's, the command line's
+            over = reduce(_merge, (exp.overrides, exp.arms[arm], seeded, cli), {})
             try:
                 runs[(arm, seed)] = load_config(path.parent / exp.base, over)
             except ConfigError as e:
