@@ -54,7 +54,7 @@ class ToyConfig(_Strict):
     """Seed of everything built for the toy world."""
     tokenizer: Literal["chars", "bpe"] = "chars"
     """chars: one token per character. bpe: a byte-level BPE tokenizer trained on the task's text (digits split
-    one per token, as Llama's are), of toy.bpe_vocab tokens."""
+    one per token, as Llama's are) of at most toy.bpe_vocab tokens (the task's text allows about 350)."""
     bpe_vocab: PositiveInt = 1024
     """Vocabulary of the trained BPE tokenizer (toy.tokenizer = "bpe")."""
     completions: Literal["answer", "worked"] = "answer"

@@ -1,0 +1,72 @@
+"""The worlds the project builds itself: the mid world's BPE tokenizer and worked completions, and a world built
+once into its cache and reused."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ToyConfig, load_config
+from pipeline.tasks import arithmetic_prompts
+from pipeline.toy import BOS_ID, EOS_ID, PAD_ID, completion, ensure_toy_world, toy_root, toy_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mid():
+    cfg = load_config(ROOT / "configs/mid.toml")
+    return cfg, toy_tokenizer(cfg.toy)
+
+
+def test_bpe_tokenizer_keeps_the_special_ids_splits_digits_and_round_trips(mid):
+    cfg, tok = mid
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
+    assert 256 + 4 < len(tok) <= cfg.toy.bpe_vocab  # bytes, specials, merges (the text allows ~350)
+    text = completion(cfg.toy, "17+25=", "42")
+    ids = tok(text)["input_ids"]
+    assert ids[0] == BOS_ID and tok.decode(ids[1:]) == text
+    pieces = tok.convert_ids_to_tokens(ids[1:])
+    digit_pieces = [p for p in pieces if any(ch.isdigit() for ch in p)]
+    assert digit_pieces and all(len(p) == 1 for p in digit_pieces)  # one token per digit, as Llama's
+    assert "".join(digit_pieces) == "".join(ch for ch in text if ch.isdigit())
+    assert len(ids) < len(text) / 2  # merges: the words of the template are a few tokens each
+
+
+def test_mid_world_completions_are_long_and_fit_the_generator(mid):
+    """The mid world's SFT targets are 100+ tokens and fit both `generator.max_new_tokens` and the model."""
+    cfg, tok = mid
+    data = arithmetic_prompts(200, cfg.toy.max_operand, seed=3, part="sft")
+    lengths = [len(tok(completion(cfg.toy, p, a), add_special_tokens=False)["input_ids"]) + 1  # + <eos>
+               for p, a in zip(data.prompts, data.answers, strict=True)]
+    prompt_len = max(len(tok(p)["input_ids"]) for p in data.prompts)
+    assert 100 <= min(lengths) and max(lengths) <= cfg.generator.max_new_tokens
+    assert prompt_len + max(lengths) <= min(cfg.toy.max_positions, cfg.generator.max_model_len)
+
+
+def test_a_worked_bpe_world_is_built_once_into_its_cache_and_reused(tmp_path):
+    """A scaled-down mid world (2 layers x 64, a few SFT steps): model, tokenizer and both probes land in the
+    folder its config keys; a second call rebuilds nothing; a different recipe gets a different folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from probes.probe import load_probe
+
+    cfg = ToyConfig(cache_dir=str(tmp_path), hidden_size=64, num_layers=2, tokenizer="bpe", bpe_vocab=300,
+                    completions="worked", max_positions=192, sft_steps=2, sft_batch_size=2, probe_layer=1,
+                    probe_samples=24)
+    logs = []
+    world = ensure_toy_world(cfg, log=logs.append)
+    assert world.model_dir == toy_root(cfg) / "model"
+    model_cfg = AutoConfig.from_pretrained(world.model_dir)
+    tok = AutoTokenizer.from_pretrained(world.model_dir)
+    assert model_cfg.vocab_size >= len(tok) == 300 and model_cfg.vocab_size % 64 == 0
+    assert (model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.max_position_embeddings) == (64, 2, 192)
+    assert 0.0 <= world.info["token_accuracy"] <= 1.0 and world.info["completions"] == "worked"
+    for stem in world.probe_stems.values():
+        probe = load_probe(stem)
+        assert probe.layer == 1 and probe.hidden_size == 64
+    stamps = {p: p.stat().st_mtime_ns for p in toy_root(cfg).rglob("*") if p.is_file()}
+    logs.clear()
+    again = ensure_toy_world(cfg, log=logs.append)
+    assert again == world and logs == []
+    assert {p: p.stat().st_mtime_ns for p in toy_root(cfg).rglob("*") if p.is_file()} == stamps
+    assert toy_root(cfg.model_copy(update={"sft_steps": 3})) != toy_root(cfg)
