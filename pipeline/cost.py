@@ -35,6 +35,8 @@ class Arch:
         return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
 
 
+PEAK_FLOPS = 790e12  # the per-GPU peak (dense bf16 FLOP/s) the time estimates assume unless told otherwise
+
 PRESETS = {
     "toy": Arch("toy (probe-rl)", 4, 128, 256, 64, 2, 2, 64),
     "0.5b": Arch("0.5B (Qwen2.5-0.5B shape)", 24, 896, 4864, 151936, 14, 2, 64),
@@ -85,30 +87,30 @@ class StepCost:
         return d["probe"] / plain
 
 
-def _forward_flops_per_token(a: Arch, context: float, layers: int | None = None, lm_head: bool = True) -> float:
+def forward_flops_per_token(a: Arch, context: float, layers: int | None = None, lm_head: bool = True) -> float:
     """Matmul FLOPs of one token's forward pass through `layers` blocks with `context` tokens attended."""
     n = a.layers if layers is None else layers
     per_layer = 2 * (a.layer_params - 2 * a.hidden) + 4 * context * a.heads * a.head_dim
     return n * per_layer + (2 * a.hidden * a.vocab if lm_head else 0.0)
 
 
-def step_cost(a: Arch, w: Workload, util: Utilisation = Utilisation(), peak_flops: float = 790e12,
+def step_cost(a: Arch, w: Workload, util: Utilisation = Utilisation(), peak_flops: float = PEAK_FLOPS,
               learner_ranks: int = 8) -> StepCost:
     n, tp, tc = w.sequences, w.prompt_len, w.completion_len
     t = tp + tc
     deepest = max(w.probe_layers) if w.probe_layers else a.layers // 2
     c = StepCost(a, w)
-    prefill = w.prompts * tp * _forward_flops_per_token(a, tp / 2)  # shared prompt: prefilled once per group
-    decode = n * tc * _forward_flops_per_token(a, tp + tc / 2)
+    prefill = w.prompts * tp * forward_flops_per_token(a, tp / 2)  # shared prompt: prefilled once per group
+    decode = n * tc * forward_flops_per_token(a, tp + tc / 2)
     c.flops["generate"] = prefill + decode
-    full = n * t * _forward_flops_per_token(a, t / 2)
+    full = n * t * forward_flops_per_token(a, t / 2)
     c.flops["reference"] = full if w.kl else 0.0
     c.flops["learn"] = 3 * full
     dots = 2 * a.hidden * n * tc * w.num_probes
     if w.kl:
         c.flops["probe"] = dots  # residuals come free with the reference pass
     else:
-        c.flops["probe"] = n * t * _forward_flops_per_token(a, t / 2, layers=deepest + 1, lm_head=False) + dots
+        c.flops["probe"] = n * t * forward_flops_per_token(a, t / 2, layers=deepest + 1, lm_head=False) + dots
     s = c.seconds
     s["generate"] = prefill / (util.prefill * peak_flops) + decode / (util.decode * peak_flops)
     s["reference"] = c.flops["reference"] / (util.score * peak_flops)

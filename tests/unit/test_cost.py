@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.cost import PRESETS, Arch, Workload, _forward_flops_per_token, step_cost
+from pipeline.cost import PRESETS, Arch, Workload, forward_flops_per_token, step_cost
 
 
 def test_parameter_count_matches_a_published_architecture():
@@ -27,8 +27,8 @@ def test_probe_cost_with_and_without_kl():
     assert c.flops["learn"] == pytest.approx(3 * c.flops["reference"])
     no_kl = step_cost(a, Workload(4, 2, 10, 20, (13,), kl=False))
     assert no_kl.flops["reference"] == 0
-    truncated = 8 * 30 * _forward_flops_per_token(a, 15, layers=14, lm_head=False)
+    truncated = 8 * 30 * forward_flops_per_token(a, 15, layers=14, lm_head=False)
     assert no_kl.flops["probe"] == pytest.approx(truncated + 2 * a.hidden * 8 * 20)
-    full_no_head = 8 * 30 * _forward_flops_per_token(a, 15, lm_head=False)
+    full_no_head = 8 * 30 * forward_flops_per_token(a, 15, lm_head=False)
     assert truncated / full_no_head == pytest.approx(14 / 28)
     assert 0 < c.overhead() < 1e-6 < no_kl.overhead() < 0.5
