@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -119,11 +120,12 @@ def _plot_metric(data, key: str, ylabel: str, path: Path) -> None:
         n = min(len(c) for c in curves)
         stack = np.stack([c[:n] for c in curves])
         steps = np.arange(1, n + 1)
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(stack, 0)
+        with warnings.catch_warnings():  # a step no run logged the metric at stays NaN: a gap in the curve
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = np.nanmean(stack, 0), np.nanmin(stack, 0), np.nanmax(stack, 0)
         line, = ax.plot(steps, mean, label=f"{arm} (n={len(runs)})")
         if len(runs) > 1:
-            ax.fill_between(steps, np.nanmin(stack, 0), np.nanmax(stack, 0), color=line.get_color(), alpha=0.15)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
