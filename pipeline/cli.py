@@ -150,8 +150,9 @@ def _add_analysis_parsers(sub) -> None:
                         description="Run the plain arm (no probes: scorers compute reference log-probs only) and the "
                         "probe-shaped arm on the same config and seed, alternating, and write profile.md with seconds "
                         "per stage, tokens/s, scorer utilisation, the overhead ratio with its spread, a chart, and a "
-                        "Ray timeline of one step per arm.", epilog="Extra --section.key VALUE overrides apply to every "
-                        "run.", allow_abbrev=False)
+                        "Ray timeline of one step per arm. Runs already complete in --out are read back, not run again: "
+                        "the same command finishes an interrupted profile, and a larger --repeats adds pairs.",
+                        epilog="Extra --section.key VALUE overrides apply to every run.", allow_abbrev=False)
     pf.add_argument("--config", default=None, help=f"TOML config; may also come first, as `profile CONFIG` "
                     f"(default: {DEFAULT_CONFIG.name})")
     pf.add_argument("--repeats", type=int, default=2, help="A B pairs per KL setting")

@@ -40,36 +40,87 @@ def arms_of(base: Config, kl: str) -> dict[str, Config]:
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
             log=print) -> Path:
-    import ray
+    """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
+    profile, or one run again with more --repeats) are read back instead of run again."""
+    import shutil
 
-    from pipeline.driver import init_ray, make_run_dir, run
-    from pipeline.world import build_world
+    from pipeline.config import dump_toml
+    from pipeline.driver import make_run_dir
 
     base = load_config(config, overrides)
     arms = arms_of(base, kl)
     root = Path(out or Path(base.run.output_dir) / "profile")
     root.mkdir(parents=True, exist_ok=True)
-    world_plain = build_world(next(a for n, a in arms.items() if n.startswith("plain")), log)
-    world_probes = build_world(next(a for n, a in arms.items() if n.startswith("probes")), log)
-    init_ray(max(arms.values(), key=lambda c: c.scorer.num_workers))
+    plan = []  # (repeat, arm, its config, done already)
+    for r in range(repeats):
+        for name, cfg in arms.items():
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
+                "output_dir": str(root), "name": f"{name}-r{r}", "progress": False})})
+            plan.append((r, name, cfg, _complete(root / f"{name}-r{r}", cfg, log)))
     results: dict[str, list[dict]] = {name: [] for name in arms}
+    todo = [p for p in plan if not p[3]]
+    if len(todo) < len(plan):
+        log(f"profile: {len(plan) - len(todo)} of {len(plan)} runs are complete in {root} and are read back")
+    session = _Session(arms, log) if todo else None
     try:
-        for r in range(repeats):
-            for name, cfg in arms.items():
-                cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
-                    "output_dir": str(root), "name": f"{name}-r{r}", "progress": False})})
+        for r, name, cfg, done in plan:
+            run_dir = root / f"{name}-r{r}"
+            if not done:
+                if run_dir.exists():  # cut off mid-run: its partial figures would skew the means
+                    shutil.rmtree(run_dir)
                 run_dir = make_run_dir(cfg)
-                run(cfg, run_dir, world_probes if name.startswith("probes") else world_plain, log=lambda *_: None)
-                rows = _rows(run_dir)
-                results[name].append(_summarise(rows[warmup:], cfg))
-                if r == 0:
-                    _timeline(rows[min(warmup, len(rows) - 1)], root / f"timeline-{name}.json")
-                log(f"[repeat {r + 1}/{repeats}] {name}: {results[name][-1]['step_s']:.3f} s/step")
+                (run_dir / "config.toml").write_text(dump_toml(cfg))
+                session.run(name, cfg, run_dir)
+            rows = _rows(run_dir)
+            results[name].append(_summarise(rows[warmup:], cfg))
+            if r == 0 and not done:
+                _timeline(rows[min(warmup, len(rows) - 1)], root / f"timeline-{name}.json")
+            log(f"[repeat {r + 1}/{repeats}] {name}: {results[name][-1]['step_s']:.3f} s/step"
+                + (" (read back)" if done else ""))
     finally:
-        ray.shutdown()
+        if session is not None:
+            session.close()
     write_profile(root, results, base)
     log(f"profile: {root / 'profile.md'}")
     return root
+
+
+class _Session:
+    """The worlds and the one Ray instance the profile's runs share (started only when a run is left to do)."""
+
+    def __init__(self, arms: dict[str, Config], log) -> None:
+        from pipeline.driver import init_ray
+        from pipeline.world import build_world
+
+        self.world_plain = build_world(next(a for n, a in arms.items() if n.startswith("plain")), log)
+        self.world_probes = build_world(next(a for n, a in arms.items() if n.startswith("probes")), log)
+        init_ray(max(arms.values(), key=lambda c: c.scorer.num_workers))
+
+    def run(self, name: str, cfg: Config, run_dir: Path) -> None:
+        from pipeline.driver import run
+
+        run(cfg, run_dir, self.world_probes if name.startswith("probes") else self.world_plain, log=lambda *_: None)
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+
+
+def _complete(run_dir: Path, cfg: Config, log) -> bool:
+    """Whether `run_dir` holds a finished run of `cfg` (all its steps). A run of another config is refused: its
+    figures would be mixed into this profile's."""
+    saved = run_dir / "config.toml"
+    if not (run_dir / "metrics.parquet").is_file():
+        return False
+    if not saved.is_file() or (load_config(str(saved)).model_dump(exclude={"run"})
+                               != cfg.model_dump(exclude={"run"})):
+        raise ValueError(f"{run_dir} holds a run of another config (or of an older probe-rl that kept none); "
+                         "profile into a new --out folder, or remove that one")
+    if len(_rows(run_dir)) < cfg.pipeline.num_steps:
+        log(f"profile: {run_dir.name} was cut off before its last step; it is run again")
+        return False
+    return True
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -131,6 +131,13 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     busy = summary["probes-kl"]["busy_total"] / summary["plain-kl"]["busy_total"]
     assert f"wall time **{wall:.3f}**" in text and f"busy resource-seconds **{busy:.3f}**" in text
     assert (out_dir / "timeline-probes-kl.json").is_file()
+    # Again into the same folder: both runs are complete there, so they are read back (no run, no Ray) and the
+    # report is the same; with another config the folder is refused rather than mixed.
+    again = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args])
+    assert again.returncode == 0 and "2 of 2 runs are complete" in again.stdout, again.stderr[-3000:]
+    assert (out_dir / "profile.md").read_text() == text
+    other = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args, "--learner.lr", "1e-3"])
+    assert other.returncode == 2 and "holds a run of another config" in other.stderr
 
 
 def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_its_runs(toy_overrides, toy_world,

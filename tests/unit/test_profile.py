@@ -50,3 +50,29 @@ def test_summary_reads_the_step_wall_time_and_counts_resource_seconds_per_role()
     assert m["busy_learner"] == pytest.approx(0.5 * 2) and m["busy_total"] == pytest.approx(3.0)
     held = 2 * 1.0 + cfg.scorer.num_workers * 0.5 + 2 * 1.0
     assert m["held_total"] == pytest.approx(held * 2.5)
+
+
+def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import dump_toml
+    from pipeline.profile import _complete
+
+    cfg = arms_of(load_config(None, ["--pipeline.num_steps", "3"]), "on")["probes-kl"]
+    run_dir = tmp_path / "probes-kl-r0"
+    assert not _complete(run_dir, cfg, print)  # nothing there yet
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(dump_toml(cfg.model_copy(update={"run": cfg.run.model_copy(
+        update={"output_dir": "elsewhere"})})))  # the folder may have moved: only the run section differs
+    logs = []
+    for steps, complete in ((2, False), (3, True)):
+        pq.write_table(pa.table({"step": list(range(1, steps + 1))}), run_dir / "metrics.parquet")
+        assert _complete(run_dir, cfg, logs.append) is complete
+    assert logs == ["profile: probes-kl-r0 was cut off before its last step; it is run again"]
+    other = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"kl_coef": 0.5})})
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        _complete(run_dir, other, print)
+    (run_dir / "config.toml").unlink()
+    with pytest.raises(ValueError, match="new --out folder"):
+        _complete(run_dir, cfg, print)
