@@ -10,20 +10,35 @@ from pathlib import Path
 
 def random_llama(path: Path, layers: int, hidden: int, vocab: int = 1024, seed: int = 0) -> Path:
     """Save a randomly initialised Llama (head_dim 64) with the toy tokenizer, once."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from pipeline.cost import Arch
     from pipeline.toy import build_tokenizer
 
-    if (path / "config.json").exists():
+    arch = Arch(f"{layers} x {hidden}", layers, hidden, int(hidden * 8 / 3) // 64 * 64, vocab, hidden // 64,
+                hidden // 64, 64)
+    return random_llama_of(arch, path, seed=seed, tokenizer=build_tokenizer())
+
+
+def random_llama_of(arch, path: Path, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                    tokenizer=None) -> Path:
+    """Save a randomly initialised Llama of `arch`'s shape (a `pipeline.cost.Arch`) at `path`, once: built on
+    `device` (a 7B model takes seconds on a GPU), written whole or not at all."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (path / "config.json").is_file():
         return path
+    cfg = LlamaConfig(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.ffn,
+                      num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+                      head_dim=arch.head_dim, max_position_embeddings=8192, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                      head_dim=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
     return path
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import interleaved, random_llama_of
 
 from pipeline.cost import PEAK_FLOPS, PRESETS, Arch, Utilisation, forward_flops_per_token
 
@@ -43,26 +44,13 @@ MODELS = {"tiny": TINY, **{k: PRESETS[k] for k in ("0.5b", "7b", "70b")}}
 
 def build_model(key: str, arch: Arch, dtype: str, device: str) -> Path:
     """A random-init Llama of `arch`'s shape saved under the temp folder (once; reused after)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     path = Path(tempfile.gettempdir()) / f"probe-rl-bench-{key}-{dtype}"
-    if (path / "config.json").is_file():
-        return path
-    cfg = LlamaConfig(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.ffn,
-                      num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
-                      head_dim=arch.head_dim, max_position_embeddings=8192, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    with torch.device(device):  # initialised where it runs: a 7B model is built in seconds on a GPU
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(path)  # whole or absent: an interrupted build is not reused
-    print(f"built {arch.name}: {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters in "
-          f"{time.perf_counter() - start:.0f} s -> {path}", flush=True)
-    del model
-    _free(device)
+    if not (path / "config.json").is_file():
+        start = time.perf_counter()
+        random_llama_of(arch, path, dtype, device)
+        print(f"built {arch.name}: {arch.params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.0f} s "
+              f"-> {path}", flush=True)
+        _free(device)
     return path
 
 
@@ -105,17 +93,10 @@ def _peak_gib(device: str, fn) -> float:
 
 
 def _timed(cases: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each case over `repeats` rounds, A B C A B C, after one warm-up round."""
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for round_ in range(repeats + 1):
-        for name, fn in cases.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each case over `repeats` rounds, A B C A B C after a warm-up round, each call's device
+    work finished inside its own timing."""
+    synced = {name: (lambda fn=fn: (fn(), _sync(device))) for name, fn in cases.items()}
+    return {name: statistics.median(t) for name, t in interleaved(synced, repeats).items()}
 
 
 SCORER_CASES = ("scorer: reference only", "scorer: reference + probe (fused)", "scorer: probe only, truncated")

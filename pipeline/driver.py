@@ -115,6 +115,22 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether a run reached its last step in `run_dir` (`run` writes summary.json at the very end)."""
+    return (run_dir / "summary.json").is_file()
+
+
+def restart_run_dir(cfg: Config) -> Path:
+    """The run directory of a run that an experiment or a profile (re)starts in full: whatever a run cut off
+    there before left behind is removed, and the config is kept beside the results."""
+    import shutil
+
+    shutil.rmtree(Path(cfg.run.output_dir).expanduser() / cfg.run.name, ignore_errors=True)
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    return run_dir
+
+
 # Every role starts with a runtime environment of its own (QUIET_ENV), so it never takes one of the default
 # workers Ray would start in advance for a new local instance (one per CPU): those only cost start-up CPU and memory.
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}

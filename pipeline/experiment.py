@@ -7,7 +7,6 @@ tables. All runs share one Ray instance and land in one directory, with `report.
 
 from __future__ import annotations
 
-import shutil
 import time
 import tomllib
 from datetime import datetime
@@ -79,7 +78,7 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
                    vary_world: bool = True) -> Path:
     import ray
 
-    from pipeline.driver import init_ray, make_run_dir, run
+    from pipeline.driver import finished, init_ray, restart_run_dir, run
     from pipeline.report import write_report
     from pipeline.world import build_world
 
@@ -93,17 +92,13 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
         for i, ((arm, seed), cfg) in enumerate(runs.items(), 1):
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
                 "output_dir": str(root), "name": f"{arm}-seed{seed}", "progress": False})})
-            if (root / f"{arm}-seed{seed}" / "summary.json").exists():
+            if finished(root / f"{arm}-seed{seed}"):
                 log(f"[{i}/{len(runs)}] {arm} seed {seed}: finished before, kept")  # rerun the same --out to resume
                 continue
-            shutil.rmtree(root / f"{arm}-seed{seed}", ignore_errors=True)  # a run cut off before: start it again
             key = cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval", "pipeline"})
             world = worlds.get(key) or build_world(cfg, log)
             worlds[key] = world
-            run_dir = make_run_dir(cfg)
-            from pipeline.config import dump_toml
-
-            (run_dir / "config.toml").write_text(dump_toml(cfg))
+            run_dir = restart_run_dir(cfg)  # a run cut off before starts again
             start = time.perf_counter()
             summary = run(cfg, run_dir, world, log=lambda *_: None)
             log(f"[{i}/{len(runs)}] {arm} seed {seed}: {time.perf_counter() - start:.0f}s, "

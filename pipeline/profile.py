@@ -42,10 +42,7 @@ def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out
             log=print) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
-    import shutil
-
-    from pipeline.config import dump_toml
-    from pipeline.driver import make_run_dir
+    from pipeline.driver import restart_run_dir
 
     base = load_config(config, overrides)
     arms = arms_of(base, kl)
@@ -65,11 +62,8 @@ def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out
     try:
         for r, name, cfg, done in plan:
             run_dir = root / f"{name}-r{r}"
-            if not done:
-                if run_dir.exists():  # cut off mid-run: its partial figures would skew the means
-                    shutil.rmtree(run_dir)
-                run_dir = make_run_dir(cfg)
-                (run_dir / "config.toml").write_text(dump_toml(cfg))
+            if not done:  # a run cut off before starts again: its partial figures would skew the means
+                run_dir = restart_run_dir(cfg)
                 session.run(name, cfg, run_dir)
             rows = _rows(run_dir)
             results[name].append(_summarise(rows[warmup:], cfg))
@@ -108,8 +102,10 @@ class _Session:
 
 
 def _complete(run_dir: Path, cfg: Config, log) -> bool:
-    """Whether `run_dir` holds a finished run of `cfg` (all its steps). A run of another config is refused: its
-    figures would be mixed into this profile's."""
+    """Whether `run_dir` holds a finished run of `cfg`. A run of another config is refused: its figures would be
+    mixed into this profile's."""
+    from pipeline.driver import finished
+
     saved = run_dir / "config.toml"
     if not (run_dir / "metrics.parquet").is_file():
         return False
@@ -117,7 +113,7 @@ def _complete(run_dir: Path, cfg: Config, log) -> bool:
                                != cfg.model_dump(exclude={"run"})):
         raise ValueError(f"{run_dir} holds a run of another config (or of an older probe-rl that kept none); "
                          "profile into a new --out folder, or remove that one")
-    if len(_rows(run_dir)) < cfg.pipeline.num_steps:
+    if not finished(run_dir):
         log(f"profile: {run_dir.name} was cut off before its last step; it is run again")
         return False
     return True

@@ -68,6 +68,8 @@ def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs
     logs = []
     for steps, complete in ((2, False), (3, True)):
         pq.write_table(pa.table({"step": list(range(1, steps + 1))}), run_dir / "metrics.parquet")
+        if complete:
+            (run_dir / "summary.json").write_text("{}")  # what `run` writes after its last step
         assert _complete(run_dir, cfg, logs.append) is complete
     assert logs == ["profile: probes-kl-r0 was cut off before its last step; it is run again"]
     other = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"kl_coef": 0.5})})
@@ -76,3 +78,20 @@ def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs
     (run_dir / "config.toml").unlink()
     with pytest.raises(ValueError, match="new --out folder"):
         _complete(run_dir, cfg, print)
+
+
+def test_a_restarted_run_dir_holds_only_its_config_and_a_run_is_finished_once_its_summary_is_written(tmp_path):
+    """The two pieces an experiment and a profile resume with (pipeline.driver)."""
+    from pipeline.config import dump_toml
+    from pipeline.driver import finished, restart_run_dir
+
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "arm-r0"])
+    cut_off = tmp_path / "arm-r0"
+    (cut_off / "checkpoints" / "step_000001").mkdir(parents=True)
+    (cut_off / "metrics.parquet").write_text("partial")
+    assert not finished(cut_off)
+    run_dir = restart_run_dir(cfg)
+    assert run_dir == cut_off and sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "config.toml"]
+    assert (run_dir / "config.toml").read_text() == dump_toml(cfg)
+    (run_dir / "summary.json").write_text("{}")
+    assert finished(run_dir)
