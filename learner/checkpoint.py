@@ -20,6 +20,9 @@ STATE_FILE = "probe_rl_state.json"
 WEIGHTS_PREFIX = "model"
 MOMENTS_PREFIX = "optimizer"
 MOMENTS_DIR = "optimizer"  # a folder of its own: model loaders (vLLM) read every *.safetensors beside config.json
+# Beside the moments (`exp_avg/<name>`, `exp_avg_sq/<name>`) and fp32 masters (`master/<name>`): the RNG states
+RNG_CPU = "rng/torch_cpu"
+RNG_CUDA = "rng/torch_cuda"
 
 
 class ShardWriter:

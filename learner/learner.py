@@ -57,6 +57,7 @@ class Learner:
         self.grad_accum = math.ceil(self.rows_per_rank / cfg.micro_batch_size)
         self.engine = None
         self.transfer = None  # the trainer-side weight-transfer engine, once a group is built
+        self._source = None
         self.version = 0
         # shaping.kind "loss" and "ablate" act on this learner's own activations at the shaping probe's layer
         self.shaping = shaping if shaping is not None and shaping.kind in ("loss", "ablate") else None
@@ -108,10 +109,16 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
-        from learner.weight_source import PolicySource
-
-        self.source = PolicySource(self.engine.module, self.cfg.zero_stage)
         return self.version
+
+    @property
+    def source(self):
+        """The weights as vLLM's `WeightSource` (built on first use: training and checkpoints need no vLLM)."""
+        if self._source is None:
+            from learner.weight_source import PolicySource
+
+            self._source = PolicySource(self.engine.module, self.cfg.zero_stage)
+        return self._source
 
     def _ds_config(self) -> dict:
         cfg = self.cfg
@@ -293,60 +300,109 @@ class Learner:
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
+    @property
+    def _fragments(self) -> bool:
+        """ZeRO 1-3: DeepSpeed keeps fp32 masters and moments in flat partitions, read and written per parameter
+        through `deepspeed.utils` (collectives under ZeRO-3)."""
+        return self.cfg.zero_stage > 0
+
+    def _whole_masters(self) -> dict[int, object]:
+        """ZeRO-0: id(parameter) -> the fp32 tensor Adam updates. That is the parameter itself in float32; in a
+        lower precision, DeepSpeed's unfused mixed-precision wrapper keeps one fp32 copy per parameter."""
+        opt = self.engine.optimizer
+        if self.dtype == "float32":
+            return {id(p): p for p in self.engine.module.parameters()}
+        assert hasattr(opt, "fp32_groups") and isinstance(opt.fp32_groups[0], list), (
+            f"ZeRO-0 in {self.dtype}: expected DeepSpeed's unfused mixed-precision optimizer, got {type(opt).__name__}")
+        return {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                for lp, hp in zip(lps, hps, strict=True)}
+
+    def _fp32_state(self, param, masters: dict | None) -> dict:
+        """This parameter's whole fp32 optimizer state on the CPU: Adam's moments ({} before the first step) and,
+        when the model trains in a lower precision, its master weights. A collective under ZeRO-3."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {}
+        if self._fragments:
+            values = {key: safe_get_full_optimizer_state(param, key) if self.version > 0 else None
+                      for key in ("exp_avg", "exp_avg_sq")}
+            values["master"] = safe_get_full_fp32_param(param) if self.dtype != "float32" else None
+        else:
+            hp = masters[id(param)]
+            values = dict(self._base_optimizer().state.get(hp, {}))
+            values = {key: values.get(key) for key in ("exp_avg", "exp_avg_sq")}
+            values["master"] = hp if hp is not param else None
+        for key, value in values.items():
+            if value is not None:
+                out[key] = value.detach().cpu()
+        assert self.dtype == "float32" or "master" in out, "DeepSpeed kept no fp32 master for a low-precision weight"
+        return out
+
+    def _base_optimizer(self):
+        """The torch optimizer that holds Adam's state (inside DeepSpeed's wrapper, if any)."""
+        opt = self.engine.optimizer
+        return opt.optimizer if self._fragments or self.dtype != "float32" else opt
+
+    def _optimizer_step(self) -> int:
+        """Adam's step count (steps skipped for a non-finite gradient norm do not count)."""
+        steps = [float(st["step"]) for st in self._base_optimizer().state.values() if "step" in st]
+        return int(max(steps, default=0))
+
     def save_checkpoint(self, directory: str) -> str | None:
-        """Weights, config and tokenizer (transformers layout), Adam moments and the version; every rank calls
-        this (gathers are collectives under ZeRO), rank 0 writes. Returns the folder on rank 0."""
+        """Everything an exact resumption needs, in every precision: weights in the model's dtype (transformers
+        layout, config and tokenizer beside them), and under `optimizer/` the fp32 master weights (when the model
+        trains in a lower precision), Adam's moments, the RNG state; the optimizer and LR-schedule step counts in
+        the state file. Every rank calls this (gathers are collectives under ZeRO), rank 0 writes. Returns the
+        folder on rank 0."""
+        import torch
+
         from learner import checkpoint as ck
+        from learner.gather import iter_groups
 
         path, tmp = ck.begin(directory, self.version) if self.rank == 0 else (None, None)
         shard = int(self.cfg.checkpoint_shard_gib * 2**30)
         weights = ck.ShardWriter(tmp, ck.WEIGHTS_PREFIX, shard) if self.rank == 0 else None
-        moments = ck.ShardWriter(tmp / ck.MOMENTS_DIR, ck.MOMENTS_PREFIX, shard) if self.rank == 0 else None
-        params = dict(self.engine.module.named_parameters())
-        for names, tensors in self.source.iter_groups():
-            for name, tensor in zip(names, tensors, strict=True):
-                for key, value in self._moments(params[name]).items():
-                    if moments is not None:
-                        moments.add(f"{key}/{name}", value.float())
+        extra = ck.ShardWriter(tmp / ck.MOMENTS_DIR, ck.MOMENTS_PREFIX, shard) if self.rank == 0 else None
+        masters = None if self._fragments else self._whole_masters()
+        for names, group in iter_groups(self.engine.module, self.cfg.zero_stage == 3):
+            for name, param in zip(names, group, strict=True):
+                for key, value in self._fp32_state(param, masters).items():  # a collective under ZeRO-3
+                    if extra is not None:
+                        extra.add(f"{key}/{name}", value.float())
                 if weights is not None:
-                    weights.add(name, tensor)
+                    weights.add(name, param.data)
         if self.rank != 0:
             return None
+        extra.add(ck.RNG_CPU, torch.get_rng_state())
+        if self.on_gpu:
+            extra.add(ck.RNG_CUDA, torch.cuda.get_rng_state())
         weights.close()
-        moments.close()
+        extra.close()
         ck.save_model_files(tmp, self.engine.module.config, self.model_path)
-        return str(ck.commit(path, tmp, {"version": self.version, "zero_stage": self.cfg.zero_stage}))
-
-    def _moments(self, param) -> dict:
-        """This parameter's whole Adam moments ({} before the first step); a collective under ZeRO."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        out = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            if self.cfg.zero_stage == 0:
-                value = self.engine.optimizer.state.get(param, {}).get(key)
-            else:
-                value = safe_get_full_optimizer_state(param, key)
-            if value is not None:
-                out[key] = value.detach().cpu()
-        return out
+        return str(ck.commit(path, tmp, {"version": self.version, "zero_stage": self.cfg.zero_stage,
+                                         "dtype": self.dtype, "optimizer_step": self._optimizer_step(),
+                                         "lr_step": int(self.engine.lr_scheduler.last_epoch)}))
 
     def load_checkpoint(self, path: str) -> int:
-        """Restore weights, Adam moments, step count and LR schedule from `save_checkpoint`. Every rank."""
+        """Restore what `save_checkpoint` wrote: weights, fp32 masters, Adam moments and step, LR schedule, RNG.
+        Every rank. A checkpoint without masters (written in float32, or by an older version) restores the masters
+        from the weights."""
         import torch
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        from learner.checkpoint import CheckpointReader
+        from learner import checkpoint as ck
 
         if self.version != 0:
             raise RuntimeError(f"load_checkpoint needs a freshly set-up learner (this one is at version {self.version})")
-        ckpt = CheckpointReader(path)
-        if ckpt.has_moments and self.cfg.zero_stage > 0:
+        ckpt = ck.CheckpointReader(path)
+        if ckpt.has_moments and self._fragments:
             self._create_optimizer_state()
+        masters = None if self._fragments else self._whole_masters()
         params = dict(self.engine.module.named_parameters())
         missing = sorted(set(params) - ckpt.weight_names)
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights for {missing[:3]}: it belongs to another model")
+        step = torch.tensor(float(ckpt.state.get("optimizer_step", ckpt.version)))
         for name, p in params.items():
             w = ckpt.weight(name).to(p.dtype)
             if self.cfg.zero_stage == 3:
@@ -358,24 +414,35 @@ class Learner:
             else:
                 with torch.no_grad():
                     p.copy_(w)
-            if self.cfg.zero_stage > 0:
-                safe_set_full_fp32_param(p, w.float())
+            master = ckpt.moment("master", name)
+            master = master if master is not None else w.float()  # float32 (or older) checkpoints keep none
+            if self._fragments:
+                safe_set_full_fp32_param(p, master)
+            else:
+                hp = masters[id(p)]
+                with torch.no_grad():
+                    hp.copy_(master)
             for key in ("exp_avg", "exp_avg_sq"):
                 m = ckpt.moment(key, name)
                 if m is None:
                     continue
-                if self.cfg.zero_stage == 0:
-                    st = self.engine.optimizer.state[p]
-                    st[key] = m.clone().to(p.device)
-                    st["step"] = torch.tensor(float(ckpt.version))
-                else:
+                if self._fragments:
                     safe_set_full_optimizer_state(p, m, key)
-        if self.cfg.zero_stage > 0 and ckpt.has_moments:
-            base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
-            for st in base.state.values():
-                st["step"] = torch.tensor(float(ckpt.version))
-        for _ in range(ckpt.version):  # the LR schedule resumes where it was
+                else:
+                    st = self._base_optimizer().state[hp]
+                    st[key] = m.clone().to(hp.device)
+                    st["step"] = step.clone()
+        if self._fragments and ckpt.has_moments:
+            for st in self._base_optimizer().state.values():
+                st["step"] = step.clone()
+        for _ in range(int(ckpt.state.get("lr_step", ckpt.version))):  # the LR schedule resumes where it was
             self.engine.lr_scheduler.step()
+        rng = ckpt.moment(*ck.RNG_CPU.split("/", 1))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        rng_cuda = ckpt.moment(*ck.RNG_CUDA.split("/", 1))
+        if rng_cuda is not None and self.on_gpu:
+            torch.cuda.set_rng_state(rng_cuda)
         self.version = ckpt.version
         return self.version
 
@@ -385,16 +452,17 @@ class Learner:
         parameter's fragment as DeepSpeed links them at the first step."""
         import torch
 
-        zero = self.engine.optimizer
-        base = zero.optimizer
+        wrapper = self.engine.optimizer
+        base = wrapper.optimizer
         # ZeRO-3 puts each flat fp32 partition into the inner optimizer's groups only while it steps
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+        flats = (getattr(wrapper, "fp32_partitioned_groups_flat", None)
+                 or [p for g in base.param_groups for p in g["params"]])
         for p in flats:
             if not base.state.get(p):
                 base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                  "exp_avg_sq": torch.zeros_like(p)}
-        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2; ZeRO-3 finds its state by parameter
-            zero._lazy_init_hp_params_optimizer_state()
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-3 finds its state by parameter
+            wrapper._lazy_init_hp_params_optimizer_state()
 
     def ready(self) -> int:
         return self.version

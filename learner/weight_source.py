@@ -1,19 +1,16 @@
-"""The learner's weights as vLLM's `WeightSource`: one decoder layer group at a time, gathered only while read.
-
-Under ZeRO-3 every rank holds a slice of each parameter; gathering a layer group is a collective that
-every rank must enter in the same order. Walking `iter_groups` on every rank does exactly that, and
-releases each group before gathering the next, so neither a weight sync nor a checkpoint ever holds the
-whole model on any rank. At ZeRO stages 0-2 every rank already holds whole parameters: nothing is gathered
-and nothing is copied until a bucket (or a checkpoint shard) takes its bytes.
+"""The learner's weights as vLLM's `WeightSource`: one decoder layer group at a time, gathered only while read
+(`learner/gather.py`), in vLLM's own grouping so that every trainer rank and receiver agree on it. Nothing is
+copied until a bucket takes its bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+from learner.gather import iter_groups
 
 
 class PolicySource(WeightSource):
@@ -33,22 +30,11 @@ class PolicySource(WeightSource):
 
     def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
         """(names, whole tensors) per layer group; the tensors are valid until the next group is requested."""
-        params = dict(self.module.named_parameters())
-        for names in self.groups():
-            group = [params[n] for n in names]
-            with self._gathered(group):
-                if self.zero3:
-                    self.max_gathered_bytes = max(self.max_gathered_bytes,
-                                                  sum(p.numel() * p.element_size() for p in group))
-                yield names, [p.data for p in group]
+        for names, group in iter_groups(self.module, self.zero3, self.groups()):
+            if self.zero3:
+                self.max_gathered_bytes = max(self.max_gathered_bytes, sum(p.numel() * p.element_size() for p in group))
+            yield names, [p.data for p in group]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for names, tensors in self.iter_groups():
             yield from zip(names, tensors, strict=True)
-
-    def _gathered(self, group: list[torch.nn.Parameter]):
-        if not self.zero3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(group, modifier_rank=None)

@@ -357,8 +357,12 @@ def _cost(args: argparse.Namespace) -> int:
         print(f"\n{'With' if kl else 'Without'} a KL term ({args.prompts} prompts x {args.group} completions, "
               f"{args.prompt_len}+{args.completion_len} tokens, {args.num_probes} probe(s)):\n")
         print(format_table(costs))
-    print("\nEstimated time uses per-stage utilisation (decode 5%, prefill/score 40%, learn 35% of peak); "
-          "FLOPs are exact for the architecture.")
+    from pipeline.cost import Utilisation
+
+    u = Utilisation()
+    print(f"\nEstimated time uses per-stage utilisation (decode {u.decode:.0%}, prefill {u.prefill:.0%}, score "
+          f"{u.score:.0%}, learn {u.learn:.0%} of peak; score and learn measured at 7B on an H200, see "
+          "pipeline/cost.py); FLOPs are exact for the architecture.")
     return 0
 
 
