@@ -99,3 +99,8 @@ class ProbeEvaluator:
 
     def ready(self) -> int:
         return len(self.probes)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.config import GeneratorConfig
-from pipeline.faults import maybe_die
+from pipeline.faults import maybe_die, maybe_slow_down
 from pipeline.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
 INLINE_CHUNK_BYTES = 256 * 2**20  # object-store weights enter the engine in chunks of about this size
@@ -106,6 +106,7 @@ class Generator:
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
         start = time.perf_counter()
+        maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
         params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
                                  seed=request_seed(seed, g), detokenize=False) for g in rows["group_id"]]

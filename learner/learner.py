@@ -261,13 +261,17 @@ class Learner:
         if backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
+            from pipeline.vllm_weights import bounded_nccl_trainer_engine
+
             info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world, packed=True,
                                        packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
-        elif backend == GLOO:
-            info = GlooTrainerInitInfo(master_address=address, master_port=port, world_size=world, timeout_s=timeout_s,
-                                       bucket_bytes=bucket_bytes, name=name, rank=self.rank)
-        else:
+            self.transfer = bounded_nccl_trainer_engine().bounded_init(info, client=client, source=self.source,
+                                                                       timeout_s=timeout_s)
+            return
+        if backend != GLOO:
             raise ValueError(f"no collective weight transfer for backend {backend!r}")
+        info = GlooTrainerInitInfo(master_address=address, master_port=port, world_size=world, timeout_s=timeout_s,
+                                   bucket_bytes=bucket_bytes, name=name, rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)
 
     def send_weights(self):
@@ -280,9 +284,8 @@ class Learner:
         self.transfer.client.version = self.version
         self.transfer.send_weights()
         stats = getattr(self.transfer, "last", None)
-        if stats is None or stats.version != self.version:  # vLLM's NCCL engine keeps no statistics
-            sent = self.source.model_bytes if self.rank == 0 else 0
-            stats = SendStats(self.version, num_bytes=sent, max_gathered_bytes=self.source.max_gathered_bytes,
+        if stats is None or stats.version != self.version:  # an engine that keeps no statistics: bytes unknown
+            stats = SendStats(self.version, num_bytes=None, max_gathered_bytes=self.source.max_gathered_bytes,
                               seconds=time.perf_counter() - start)
         stats.model_bytes = self.source.model_bytes
         return stats

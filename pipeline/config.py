@@ -288,7 +288,13 @@ class PipelineConfig(_Strict):
     max_staleness: NonNegInt = 1
     """How many policy versions a batch may lag the learner; 0 is synchronous on-policy."""
     timeout_s: PositiveFloat = 600.0
-    """Longest wait on any remote call before the run fails naming the role."""
+    """Longest any one remote call may take (a generation, a scoring chunk, a learner step) before its worker
+    counts as hung and is replaced (the learner: restarted from its checkpoint). Set it above the longest
+    generation a step can make."""
+    health_timeout_s: PositiveFloat = 30.0
+    """Longest a worker may take to answer a health ping. The ping runs on a thread of its own in each actor,
+    never queued behind work, so a minutes-long generation answers it at once; only a dead or frozen process
+    (SIGSTOP, a stuck interpreter) does not."""
     max_restarts: NonNegInt = 3
     """How often the run may recover before it gives up: dead or silent generators and scorers replaced per
     step, and learner restarts from a checkpoint in a row (the count starts again at each new checkpoint)."""

@@ -182,13 +182,14 @@ def submit_chunk(cfg: Config, fleet, chunk: Chunk, generate: bool = True) -> Chu
 
 def collect(cfg: Config, fleet, flight: InFlight, log=print):
     """Wait for a step's scored tables. A chunk whose worker died, or whose results died with a node, is redone
-    (its dead workers replaced first), so no rollout is lost or counted twice.
+    (its dead workers replaced first), so no rollout is lost or counted twice. A chunk still unfinished after
+    pipeline.timeout_s counts as hung: its worker is replaced and the chunk redone.
 
     Returns (scored table, generator stats, scorer stats, workers replaced) and keeps the result on the flight.
     """
     import ray
 
-    from pipeline.remote import wait
+    from pipeline.remote import Frozen, RoleTimeout, wait, wait_watched
 
     if flight.ready is not None:
         return (*flight.ready, 0)
@@ -196,20 +197,43 @@ def collect(cfg: Config, fleet, flight: InFlight, log=print):
     restarts = 0
     for attempt in range(cfg.pipeline.max_restarts + 1):
         try:
-            scored = wait([c.scored for c in flight.chunks], "generator/scorer", t)
+            chunks = flight.chunks
+            names = [f"chunk {i} of step {flight.step} (generator {c.generator}, scorer {c.scorer})"
+                     for i, c in enumerate(chunks)]
+            scored = wait_watched([c.scored for c in chunks], names, "generation and scoring", t,
+                                  [[fleet.generators[c.generator], fleet.scorers[c.scorer]] for c in chunks],
+                                  cfg.pipeline.health_timeout_s)
             flight.ready = (pa.concat_tables(scored), wait([c.gen_stats for c in flight.chunks], "generator", t),
                             wait([c.score_stats for c in flight.chunks], "scorer", t))
             return (*flight.ready, restarts)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, RoleTimeout) as e:
             if attempt == cfg.pipeline.max_restarts:
                 raise RuntimeError(f"step {flight.step}: its rollouts were lost {attempt + 1} times "
                                    f"(pipeline.max_restarts={cfg.pipeline.max_restarts}): {e}") from None
             log(f"step {flight.step}: {type(e).__name__}; redoing the chunks it took")
-            restarts += fleet.replace_dead()
+            # A call past pipeline.timeout_s is hung; a frozen process is found by replace_dead's own pings.
+            hung = _hung(flight) if isinstance(e, RoleTimeout) and not isinstance(e, Frozen) else None
+            restarts += fleet.replace_dead(hung=hung)
             for chunk in flight.chunks:
                 if not _ok(chunk.scored, t):
                     submit_chunk(cfg, fleet, chunk, generate=not _ok(chunk.table, t))
     raise AssertionError("unreachable")
+
+
+def _hung(flight: InFlight) -> dict[str, set[int]]:
+    """The workers of a flight's chunks that are still unfinished: the generator when its table is not in, else
+    the scorer."""
+    import ray
+
+    out: dict[str, set[int]] = {"generator": set(), "scorer": set()}
+    for c in flight.chunks:
+        if ray.wait([c.scored], timeout=0)[0]:
+            continue
+        if ray.wait([c.table], timeout=0)[0]:
+            out["scorer"].add(c.scorer)
+        else:
+            out["generator"].add(c.generator)
+    return out
 
 
 def _ok(ref: Any, timeout_s: float) -> bool:
@@ -238,7 +262,8 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
-    rewarder, retrainer, scaler = Rewarder(cfg, world), ProbeRetrainer(cfg, fleet), ScorerScaler(fleet, log)
+    rewarder, scaler = Rewarder(cfg, world), ScorerScaler(fleet, log)
+    retrainer = loop.retrainer = ProbeRetrainer(cfg, fleet)
     eval_start = greedy_accuracy(cfg, world, fleet)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
     if resume_from is not None:
@@ -280,7 +305,6 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
 
             log(f"step {step}: {e}")
             loop.restart(fleet, newest(run_dir), log)  # no checkpoint yet: from the initial weights
-            retrainer.window.clear()  # its rollouts were from steps about to be redone
             bar.reset(p.num_steps)
             bar.update(loop.version)
             step = loop.version + 1
@@ -318,6 +342,7 @@ class LoopState:
         self.learner_restarts = 0  # in this run, all told (a metric)
         self.restarts_in_a_row = 0  # since the last checkpoint (bounded by pipeline.max_restarts)
         self.last_scored: pa.Table | None = None  # the latest scored batch (the evaluator's live-vs-frozen gap)
+        self.retrainer: ProbeRetrainer | None = None  # scorer.retrain_every: its probes and window are checkpointed
 
     def log_step(self, row: dict, sample: pa.Table) -> None:
         self.sink.log(row)
@@ -338,12 +363,15 @@ class LoopState:
     def checkpoint(self, fleet, flights: list[InFlight], scored: pa.Table | None, log=print) -> str:
         """Checkpoint the learner's version with every flight launched so far (their rollouts written first, the
         learner's state file last), evaluate it when an evaluation is due, prune old checkpoints."""
-        from pipeline.checkpoints import prune, write_inflight
+        from pipeline.checkpoints import prune, write_inflight, write_refit
 
         cfg = self.cfg
         for flight in flights:
             collect(cfg, fleet, flight, log)
         write_inflight(self.run_dir, self.version, [(f.step, *f.ready) for f in flights])
+        if cfg.scorer.retrain_every:
+            write_refit(self.run_dir, self.version, fleet.probe_overrides,
+                        list(self.retrainer.window) if self.retrainer is not None else [])
         path = fleet.checkpoint(self.run_dir)
         self.last_checkpoint_time, self.last_checkpoint_version = time.monotonic(), self.version
         self.restarts_in_a_row = 0
@@ -354,9 +382,10 @@ class LoopState:
 
     def restart(self, fleet, checkpoint: Path | None, log=print) -> None:
         """Carry on from `checkpoint` (None: from the start): every learner rank restarts from it, receivers get
-        its weights, the rollouts launched before it return to the queue, and metric and sample rows after it
-        are dropped (they are recomputed)."""
-        from pipeline.checkpoints import read_inflight
+        its weights, the rollouts launched before it return to the queue, the probes refit by then (and the
+        rollouts the next refit uses) come back, and metric and sample rows after it are dropped (they are
+        recomputed)."""
+        from pipeline.checkpoints import read_inflight, read_refit
 
         self.learner_restarts += 1
         self.restarts_in_a_row += 1
@@ -365,6 +394,12 @@ class LoopState:
                                f"{checkpoint} (pipeline.max_restarts={self.cfg.pipeline.max_restarts}); giving up")
         self.version = fleet.restart_learners(checkpoint)
         self.last_checkpoint_version = self.version
+        if self.cfg.scorer.retrain_every:
+            probes, window = read_refit(checkpoint)
+            fleet.set_probes(probes)
+            if self.retrainer is not None:
+                self.retrainer.window.clear()
+                self.retrainer.window.extend(window)
         saved = read_inflight(checkpoint) if checkpoint is not None else []
         flights = [InFlight(step, [], (table, gen, score)) for step, table, gen, score in saved]
         self.pending = deque(flights)
@@ -390,8 +425,11 @@ def sync_metrics(fleet) -> dict[str, float]:
     s = fleet.last_sync
     if s is None:
         return {}
-    return {"sync/bytes": float(s.num_bytes), "sync/buckets": float(s.num_buckets), "sync/send_s": s.seconds,
-            "sync/max_gathered_bytes": float(s.max_gathered_bytes)}
+    out = {"sync/buckets": float(s.num_buckets), "sync/send_s": s.seconds,
+           "sync/max_gathered_bytes": float(s.max_gathered_bytes)}
+    if s.num_bytes is not None:  # only what the engine measured
+        out["sync/bytes"] = float(s.num_bytes)
+    return out
 
 
 def write_samples(samples: list[pa.Table], run_dir: Path) -> None:
@@ -436,9 +474,7 @@ class ProbeRetrainer:
         name = self.cfg.shaping.probe or fleet.world.probe_names[0]
         t = self.cfg.pipeline.timeout_s
         tensors, metrics = wait(fleet.scorers[0].refit_probe.remote(name, table, labels.tolist()), "scorer (refit)", t)
-        targets = fleet.scorers + ([fleet.evaluator] if fleet.evaluator else [])
-        wait([a.set_probe.remote(name, tensors) for a in targets], "scorer (set probe)", t)
-        fleet.probe_overrides[name] = tensors
+        fleet.set_probes({**fleet.probe_overrides, name: tensors})
         return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
 
 

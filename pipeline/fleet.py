@@ -63,6 +63,14 @@ class Fleet:
     def timeout(self) -> float:
         return self.cfg.pipeline.timeout_s
 
+    @property
+    def send_timeout(self) -> float:
+        """The driver's bound on a learner's weight-transfer call: above the learner's own bounds on its receivers
+        (their health ping, the call in flight, the transfer timeouts), so a receiver's fault reaches the driver
+        as the learner's report naming the receiver, not as a silent learner."""
+        p, w = self.cfg.pipeline, self.cfg.weights
+        return p.timeout_s + p.health_timeout_s + 2 * w.timeout_s
+
     # --- start -----------------------------------------------------------------------------------------
 
     @classmethod
@@ -85,9 +93,35 @@ class Fleet:
                 model_path=world.model_path, probe_paths=world.probe_paths, labelled=world.eval_labelled,
                 dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
-        wait([a.ready.remote() for a in fleet.scorers], "scorer (start-up)", fleet.timeout)
-        wait([a.ready.remote() for a in fleet.generators], "generator (start-up)", fleet.timeout)
+        fleet.await_started("scorer", fleet.scorers, fleet.new_scorer)
+        fleet.await_started("generator", fleet.generators, fleet.new_generator)
         return fleet
+
+    def await_started(self, kind: str, actors: list[Any], make) -> None:
+        """Wait until every worker of `kind` is up. One that dies during start-up (its process killed, its node
+        lost) or does not come up within pipeline.timeout_s is replaced, like a worker lost mid-run, up to
+        pipeline.max_restarts times."""
+        import ray
+
+        from pipeline.remote import RoleTimeout, wait
+
+        for attempt in range(self.cfg.pipeline.max_restarts + 1):
+            refs = [a.ready.remote() for a in actors]
+            failed = []
+            for i, ref in enumerate(refs):
+                try:
+                    wait(ref, f"{kind} {i} (start-up)", self.timeout)
+                except (ray.exceptions.RayActorError, RoleTimeout) as e:
+                    failed.append((i, str(e).splitlines()[0]))
+            if not failed:
+                return
+            if attempt == self.cfg.pipeline.max_restarts:
+                raise RuntimeError(f"{kind} {failed[0][0]} failed to start {attempt + 1} times "
+                                   f"(pipeline.max_restarts={self.cfg.pipeline.max_restarts}): {failed[0][1]}")
+            for i, why in failed:
+                self.log(f"{kind} {i} died during start-up ({why}); starting a replacement")
+                self.stop(actors[i])
+                actors[i] = make(i)
 
     def reserve(self) -> None:
         from pipeline.remote import Resources, check_fits, release, reserve
@@ -207,16 +241,17 @@ class Fleet:
                 self._ensure_transfer_group(version)
                 names = [f"learner rank {r}" for r in range(len(self.learners))]
                 stats = wait_each([lr.send_weights.remote() for lr in self.learners], names,
-                                  f"send_weights (weights version {version})", self.timeout)
+                                  f"send_weights (weights version {version})", self.send_timeout)
                 self.last_sync, self.version = stats[0], version
                 return
             except (PeerFailed, PeerDied, RoleTimeout) as e:
                 if self._learner_down():
                     raise LearnerLost(f"a learner rank is down while sending weights version {version}: {e}") from None
+                self.log(f"weights version {version}: {e}")
                 replaced = self.replace_dead(catch_up=False)
                 if not replaced or attempt == self.cfg.pipeline.max_restarts:
                     raise SyncFailed(f"weights version {version} did not reach every receiver: {e}") from None
-                self.log(f"weights version {version}: {e}; replaced {replaced} receiver(s), resending")
+                self.log(f"weights version {version}: replaced {replaced} receiver(s), resending")
                 self.transfer_members = ()  # rebuild the group with the replacements
 
     def _ensure_transfer_group(self, version: int) -> None:
@@ -228,13 +263,14 @@ class Fleet:
         if members == self.transfer_members:
             return
         self.incarnation += 1
-        client = ReceiverClient(receivers, self.timeout)
+        client = ReceiverClient(receivers, self.timeout, self.cfg.pipeline.health_timeout_s)
         client.version = version
         w = self.cfg.weights
         names = [f"learner rank {r}" for r in range(len(self.learners))]
         wait_each([lr.init_weight_transfer.remote(client, self.backend, int(w.bucket_mb * 2**20), w.timeout_s,
                                                   f"probe-rl-weights-{self.incarnation}") for lr in self.learners],
-                  names, f"init_weight_transfer (group {self.incarnation}, weights version {version})", self.timeout)
+                  names, f"init_weight_transfer (group {self.incarnation}, weights version {version})",
+                  self.send_timeout)
         self.transfer_members = members
 
     def catch_up(self, force: bool = False) -> None:
@@ -256,12 +292,10 @@ class Fleet:
     def restart_learners(self, checkpoint) -> int:
         """Stop every learner rank, start them again in their bundles (Ray re-places the bundles of a lost
         node), load `checkpoint` (None: the initial weights) and give every receiver its weights."""
-        import ray
-
         from pipeline.remote import wait
 
         for actor in self.learners:
-            ray.kill(actor)
+            self.stop(actor)
         self.start_learners()
         self.version = 0
         if checkpoint is not None:
@@ -285,12 +319,15 @@ class Fleet:
     def _learner_down(self) -> bool:
         return bool(self.dead(self.learners))
 
-    def dead(self, actors: list[Any], timeout: float | None = None) -> list[int]:
-        """Indices of actors that are dead or do not answer a ping within `timeout`."""
+    def dead(self, actors: list[Any]) -> list[int]:
+        """Indices of actors that are dead to Ray or do not answer a health ping within pipeline.health_timeout_s.
+        The ping has a thread of its own in every actor, so a worker busy with a long call is not taken for dead."""
         import ray
 
-        refs = [a.ready.remote() for a in actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout or min(self.timeout, 60.0))
+        from pipeline.remote import ping
+
+        refs = [ping(a) for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.pipeline.health_timeout_s)
         out = []
         for i, ref in enumerate(refs):
             if ref not in ready:
@@ -302,19 +339,40 @@ class Fleet:
                 out.append(i)
         return out
 
-    # --- replace -------------------------------------------------------------------------------------------
+    def stop(self, actor) -> None:
+        """Kill an actor for good (a frozen one too) and wait, bounded, until Ray reports it dead, so that its
+        replacement in the same bundle does not start beside it."""
+        import time
 
-    def replace_dead(self, catch_up: bool = True) -> int:
-        """Replace every dead or silent generator and scorer; new receivers get the current weights (now, or
-        with the next send when `catch_up` is False), new scorers any refit probes. Returns how many."""
         import ray
 
+        from pipeline.remote import ping
+
+        ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + self.cfg.pipeline.health_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(ping(actor), timeout=1.0)
+            except ray.exceptions.RayActorError:
+                return
+            except ray.exceptions.GetTimeoutError:
+                pass
+            time.sleep(0.2)
+
+    # --- replace -------------------------------------------------------------------------------------------
+
+    def replace_dead(self, catch_up: bool = True, hung: dict[str, set[int]] | None = None) -> int:
+        """Replace every generator and scorer that is dead, frozen (no answer to a health ping), or named in
+        `hung` (kind -> indices whose call outran pipeline.timeout_s); new receivers get the current weights (now,
+        or with the next send when `catch_up` is False), new scorers any refit probes. Returns how many."""
         replaced = 0
         for kind, actors, make in (("generator", self.generators, self.new_generator),
                                    ("scorer", self.scorers, self.new_scorer)):
-            for i in self.dead(actors):
-                self.log(f"{kind} {i} is down; starting a replacement (weights version {self.version})")
-                ray.kill(actors[i])  # a silent actor is stopped for good; a dead one is already gone
+            stuck = (hung or {}).get(kind, set())
+            for i in sorted(set(self.dead(actors)) | stuck):
+                why = "did not finish a call within pipeline.timeout_s" if i in stuck else "is down"
+                self.log(f"{kind} {i} {why}; starting a replacement (weights version {self.version})")
+                self.stop(actors[i])  # a silent actor is stopped for good; a dead one is already gone
                 actors[i] = self.bring_up(kind, make, i)
                 replaced += 1
         if replaced and catch_up:
@@ -338,6 +396,22 @@ class Fleet:
         if kind == "scorer":
             wait([actor.set_probe.remote(name, tensors) for name, tensors in self.probe_overrides.items()],
                  f"scorer {index} (refit probes)", self.timeout)
+
+    def set_probes(self, overrides: dict[str, dict]) -> None:
+        """Every scorer (and the evaluator) reads the probes in `overrides` (name -> {"weight", "bias"}: refit during
+        the run), and the world's own probe for a name refit before but not in `overrides` (after a restart to a
+        checkpoint taken before that refit)."""
+        from pipeline.remote import wait
+        from probes.probe import load_probe
+
+        send = dict(overrides)
+        for name in set(self.probe_overrides) - set(overrides):
+            probe = load_probe(self.world.probe_paths[self.world.probe_names.index(name)][0])
+            send[name] = {"weight": probe.weight, "bias": probe.bias}
+        targets = self.scorers + ([self.evaluator] if self.evaluator else [])
+        wait([a.set_probe.remote(name, tensors) for a in targets for name, tensors in send.items()],
+             "scorer (set probe)", self.timeout)
+        self.probe_overrides = dict(overrides)
 
     # --- helpers for the loop ------------------------------------------------------------------------------
 

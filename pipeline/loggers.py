@@ -6,6 +6,7 @@ later). Chosen with `run.loggers = ["tensorboard", "wandb"]`; both are off by de
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,8 +51,13 @@ class WandbSink:
     def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         import wandb
 
+        # A resumed run (`probe-rl run --resume`) continues the same W&B run rather than starting a second one.
+        id_file = run_dir / "wandb" / "probe_rl_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), mode=cfg.wandb_mode,
-                              config={"run_dir": run_dir.name},
+                              config={"run_dir": run_dir.name}, id=run_id, resume="allow",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         self.run.define_metric("*", step_metric="step")
 
@@ -121,7 +127,8 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
 
 
 def read_wandb_offline(run_dir: Path) -> list[dict]:
-    """The history rows of the offline W&B run in `<run>/wandb/`, read from its `.wandb` log."""
+    """The history rows of the offline W&B run in `<run>/wandb/`, read from its `.wandb` logs (one per process
+    that wrote to it: a resumed run adds one), oldest first."""
     import json
 
     from wandb.proto import wandb_internal_pb2
@@ -130,10 +137,11 @@ def read_wandb_offline(run_dir: Path) -> list[dict]:
     if not paths:
         raise FileNotFoundError(f"no offline W&B run under {run_dir / 'wandb'}")
     rows = []
-    for data in _wandb_records(paths[-1]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+    for path in paths:
+        for data in _wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
     return rows

@@ -34,9 +34,12 @@ class ParquetSink:
     """
 
     def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None) -> None:
-        """An existing file's rows (a resumed run's) are kept and appended to; `mirror` also gets each new row."""
+        """An existing file's rows (a resumed run's) are kept and appended to; `mirror` (TensorBoard, W&B) gets
+        each new row once: a step recomputed after a restart is not mirrored again (those sinks cannot take a
+        value back, and an exact restart recomputes the same one)."""
         self.path, self.mirror = path, mirror
         self.rows: list[dict[str, float | int | None]] = pq.read_table(path).to_pylist() if path.exists() else []
+        self.mirrored_through = max((int(r["step"]) for r in self.rows), default=-1)
 
     def truncate(self, up_to_step: int) -> None:
         """Drop the rows after `up_to_step` (they are about to be recomputed) and rewrite the file."""
@@ -46,8 +49,9 @@ class ParquetSink:
     def log(self, row: dict[str, float | int | None]) -> None:
         self.rows.append(dict(row))
         self._write()
-        if self.mirror is not None:
+        if self.mirror is not None and int(row["step"]) > self.mirrored_through:
             self.mirror(row)
+            self.mirrored_through = int(row["step"])
 
     def _write(self) -> None:
         keys: list[str] = []

@@ -20,6 +20,19 @@ class RoleTimeout(RuntimeError):
     pass
 
 
+class Frozen(RoleTimeout):
+    """A role's process does not answer health pings: stopped, or stuck beyond its own threads."""
+
+
+HEALTH = "health"  # every actor's concurrency group for health pings: a thread of its own, never behind work
+
+
+def ping(actor):
+    """A health ping (the role's `pid`) that does not queue behind the actor's work: a generation that runs for
+    minutes still answers it at once; a dead or frozen process does not."""
+    return actor.pid.options(concurrency_group=HEALTH).remote()
+
+
 @dataclass(frozen=True)
 class Resources:
     num_cpus: float
@@ -85,7 +98,9 @@ def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, 
                resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
                placement: tuple[Placement, int] | None = None, **kwargs: Any):
     """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
-    opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1}
+    # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own.
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1,
+                            "concurrency_groups": {HEALTH: 1}}
     if memory_gib:
         opts["memory"] = memory_gib * 2**30
     if resources:
@@ -112,16 +127,22 @@ def wait(refs: Any, role: str, timeout_s: float) -> Any:
     return values[0] if single else values
 
 
-def _first_failure(refs: list[Any], timeout_s: float, on_timeout, on_error=None) -> None:
+def _first_failure(refs: list[Any], timeout_s: float, on_timeout, on_error=None, check=None,
+                   every_s: float = 0.0) -> None:
     """Wait until every ref is ready; raise the first error among them as soon as it is ready (through
-    `on_error(ref, error)` when given, which returns the exception to raise)."""
+    `on_error(ref, error)` when given, which returns the exception to raise). With `check`, every `every_s`
+    seconds without a result, `check(remaining refs)` runs and may raise (a health check of their workers)."""
     deadline = time.monotonic() + timeout_s
     remaining = [r for r in refs if isinstance(r, ray.ObjectRef)]
     while remaining:
         left = deadline - time.monotonic()
-        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(left, 0), fetch_local=False)
+        step = min(left, every_s) if check is not None else left
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(step, 0), fetch_local=False)
         if not ready:
-            raise on_timeout(remaining[0])
+            if check is None or time.monotonic() >= deadline - 1e-3:
+                raise on_timeout(remaining[0])
+            check(remaining)
+            continue
         try:
             ray.get(ready[0])
         except ray.exceptions.RayError as e:
@@ -138,9 +159,14 @@ def release(groups) -> None:
         remove_placement_group(placement.group)
 
 
-def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float) -> list[Any]:
+def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float, actors: list[Any] | None = None,
+              health_timeout_s: float = 0.0) -> list[Any]:
     """Results of `refs` (one per named role) within one deadline, failing fast; the error names the first
-    role that is dead, silent or failing, and `what` it was asked (e.g. "update_weights (weights version 3)")."""
+    role that is dead, silent or failing, and `what` it was asked (e.g. "update_weights (weights version 3)").
+
+    With `actors` (the roles' actors, in the same order; a list of actors where a result needs several), a call
+    may run up to `timeout_s` only while its actors answer health pings (`ping`, every `health_timeout_s`): a
+    frozen actor fails the wait (`Frozen`) within about twice `health_timeout_s`, however long the call may take."""
     name_of = dict(zip(refs, names, strict=True))
 
     def silent(ref):
@@ -153,8 +179,40 @@ def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float) ->
         cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
         return PeerFailed(f"{name_of[ref]} failed during {what}: {cause}")
 
-    _first_failure(list(refs), timeout_s, silent, failed)
+    check = _health_check(refs, names, actors, what, health_timeout_s) if actors is not None else None
+    _first_failure(list(refs), timeout_s, silent, failed, check, health_timeout_s)
     return ray.get(list(refs))
+
+
+def wait_watched(refs: list[Any], names: list[str], what: str, timeout_s: float, actors: list[Any],
+                 health_timeout_s: float) -> list[Any]:
+    """Like `wait` (Ray's own errors raised as they come), with `wait_each`'s health watch of the actors behind
+    each ref: `Frozen` for an actor that stops answering pings, `RoleTimeout` past `timeout_s`."""
+    def late(ref):
+        return RoleTimeout(f"{dict(zip(refs, names, strict=True))[ref]} did not finish {what} within "
+                           f"{timeout_s:.0f}s (pipeline.timeout_s)")
+
+    _first_failure(list(refs), timeout_s, late, None, _health_check(refs, names, actors, what, health_timeout_s),
+                   health_timeout_s)
+    return ray.get(list(refs))
+
+
+def _health_check(refs: list[Any], names: list[str], actors: list[Any], what: str, health_timeout_s: float):
+    """A check for `_first_failure`: ping the actors behind the refs still pending; `Frozen` names the first ref
+    one of whose actors does not answer within `health_timeout_s`."""
+    name_of = dict(zip(refs, names, strict=True))
+    actor_of = dict(zip(refs, actors, strict=True))
+
+    def check(remaining):
+        pings = [(ref, ping(a)) for ref in remaining
+                 for a in (actor_of[ref] if isinstance(actor_of[ref], list) else [actor_of[ref]])]
+        answered, _ = ray.wait([p for _, p in pings], num_returns=len(pings), timeout=health_timeout_s)
+        for ref, p in pings:
+            if p not in answered:
+                raise Frozen(f"{name_of[ref]} is frozen during {what}: no answer to a health ping within "
+                             f"{health_timeout_s:.0f}s (pipeline.health_timeout_s)")
+
+    return check
 
 
 class PeerDied(RuntimeError):
@@ -180,12 +238,15 @@ class ReceiverClient:
     A trainer-side engine (vLLM's NCCL one, or probe-rl's gloo one) drives a weight update through these four
     calls. Each fans out to every receiver and waits with a timeout; an error names the receiver and the
     weights version. Each receiver gets its own transfer-group rank offset: the sender is rank 0, then every
-    receiver's workers (tensor-parallel engines hold several) in order.
+    receiver's workers (tensor-parallel engines hold several) in order. Every call is watched by health pings
+    (`ping`, answered at once by a live process even mid-generation): a frozen receiver is named as the fault
+    within about twice `health_timeout_s` instead of stalling the sender for the whole call timeout.
     """
 
-    def __init__(self, receivers: list[Receiver], timeout_s: float) -> None:
-        self.receivers, self.timeout_s = receivers, timeout_s
+    def __init__(self, receivers: list[Receiver], timeout_s: float, health_timeout_s: float = 30.0) -> None:
+        self.receivers, self.timeout_s, self.health_timeout_s = receivers, timeout_s, health_timeout_s
         self.version = 0  # the version being sent; the learner sets it before each send
+        self._pending: list[tuple[str, Any]] = []  # (receiver name, ref) of the call being waited on
 
     @property
     def num_ranks(self) -> int:
@@ -194,13 +255,25 @@ class ReceiverClient:
     def _all(self, method: str, *per_receiver_args) -> list[Any]:
         refs = [getattr(r.actor, method).remote(*(args[i] for args in per_receiver_args))
                 for i, r in enumerate(self.receivers)]
-        return wait_each(refs, [r.name for r in self.receivers], f"{method} (weights version {self.version})",
-                         self.timeout_s)
+        names = [r.name for r in self.receivers]
+        self._pending = list(zip(names, refs, strict=True))
+        return wait_each(refs, names, f"{method} (weights version {self.version})", self.timeout_s,
+                         [r.actor for r in self.receivers], self.health_timeout_s)
+
+    def unfinished(self) -> list[str]:
+        """The receivers whose current call has not returned (for an error that names them)."""
+        return [name for name, ref in self._pending if not ray.wait([ref], timeout=0)[0]]
+
+    def prepare(self) -> None:
+        """Every receiver alive (a health ping within health_timeout_s) and done with what it is doing (a
+        generation in flight: bounded by the call timeout), so a rendezvous after this is bounded by the
+        transfer timeout alone."""
+        wait_each([ping(r.actor) for r in self.receivers], [r.name for r in self.receivers],
+                  f"a health ping before weights version {self.version}", self.health_timeout_s)
+        self._all("ready")
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        # Every receiver first finishes what it is doing (a generation in flight), so the rendezvous below is
-        # bounded by the transfer timeout alone.
-        self._all("ready")
+        self.prepare()
         offsets, rank = [], 1
         for r in self.receivers:
             offsets.append({**init_info, "rank_offset": rank})

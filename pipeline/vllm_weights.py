@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from pipeline.weights import (
     SendStats,
     TransferError,
     UpdateInfo,
+    Watchdog,
     dtype_name,
     open_group,
     receive_buckets,
@@ -229,15 +231,27 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
             info = UpdateInfo([m.name for m in meta], [dtype_name(m.dtype) for m in meta],
                               [list(m.shape) for m in meta], self.info.bucket_bytes, stats.version)
             self.client.start_weight_update()
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                received = pool.submit(self.client.update_weights, asdict(info))
-                try:
-                    self._broadcast(source, info, stats)
-                except TransferError:
-                    if received.done():
-                        received.result()  # the receiver's error says more than "connection closed"
-                    raise
-                received.result()
+            # The receivers' update_weights runs beside the broadcast. Never wait for that thread after a failed
+            # broadcast: a frozen receiver would hold this rank for the client's whole call timeout, and the
+            # sync must fail within weights.timeout_s, naming the receiver.
+            pool = ThreadPoolExecutor(max_workers=1)
+            received = pool.submit(self.client.update_weights, asdict(info))
+            try:
+                self._broadcast(source, info, stats)
+                # Each receiver loads a bucket as it arrives, so once the last one is sent every receiver is
+                # at most one bucket's load from done: one that is not within the timeout is frozen.
+                received.result(timeout=self.info.timeout_s)
+            except TransferError:
+                if received.done():
+                    received.result()  # the receiver's error says more than "connection closed"
+                raise
+            except FuturesTimeout:
+                silent = getattr(self.client, "unfinished", lambda: ["a receiver"])()
+                raise TransferError(f"{', '.join(silent)} did not finish receiving weights version {info.version} "
+                                    f"within {self.info.timeout_s:.0f}s of its last bucket (weights.timeout_s): "
+                                    "stopped or hung") from None
+            finally:
+                pool.shutdown(wait=False)
             self.client.finish_weight_update()
         stats.max_gathered_bytes = getattr(source, "max_gathered_bytes", 0)
         stats.seconds = time.perf_counter() - start
@@ -289,3 +303,69 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
 
     def shutdown(self) -> None:
         self.group = None
+
+
+def bounded_nccl_trainer_engine():
+    """vLLM's NCCL trainer engine with the bounds the gloo engine has: the rendezvous and every broadcast fail
+    within weights.timeout_s of their last progress, naming the weights version, instead of blocking forever
+    in an NCCL call or a stream sync (`Watchdog`). Built on first use: vLLM's NCCL module needs a GPU build."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    class BoundedNcclTrainerEngine(NCCLTrainerWeightTransferEngine):
+        timeout_s: float = 120.0
+
+        @classmethod
+        def bounded_init(cls, init_info, *, client, source, timeout_s: float):
+            # The receivers first finish what they are doing (bounded by the client's call timeout); the
+            # rendezvous after that is bounded by weights.timeout_s.
+            if init_info.is_sender:
+                client.prepare()
+            engine = Watchdog(timeout_s, "the NCCL weight transfer group's rendezvous").run(
+                lambda: cls.trainer_init(init_info, client=client, source=source))
+            engine.timeout_s = timeout_s
+            return engine
+
+        def send_weights(self) -> None:
+            version = getattr(self.client, "version", 0)
+            dog = Watchdog(self.timeout_s, f"NCCL broadcast of weights version {version}")
+            source = _Ticking(self.source, dog)
+            inner, self.source = self.source, source
+            start = time.perf_counter()
+            try:
+                dog.run(super().send_weights)
+            finally:
+                self.source = inner
+            # What this rank handed to the broadcast (vLLM's engine keeps no statistics of its own).
+            self.last = SendStats(version, num_bytes=source.num_bytes if self.is_sender else 0,
+                                  max_gathered_bytes=getattr(inner, "max_gathered_bytes", 0),
+                                  seconds=time.perf_counter() - start)
+
+    return BoundedNcclTrainerEngine
+
+
+class _Ticking(WeightSource):
+    """A weight source that reports each tensor it yields to a watchdog (a broadcast that stops taking tensors is
+    stuck)."""
+
+    def __init__(self, inner: WeightSource, dog: Watchdog) -> None:
+        self.inner, self.dog = inner, dog
+        self.num_bytes = 0  # of the tensors yielded
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def groups(self):
+        return self.inner.groups()
+
+    def iter_groups(self):
+        for names, tensors in self.inner.iter_groups():
+            self.dog.tick()
+            self.num_bytes += sum(t.numel() * t.element_size() for t in tensors)
+            yield names, tensors
+
+    def __iter__(self):
+        for name, tensor in self.inner:
+            self.dog.tick()
+            self.num_bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+

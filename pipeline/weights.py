@@ -28,10 +28,50 @@ import numpy as np
 import torch
 
 from pipeline.config import BACKEND_GLOO, BACKEND_INLINE  # noqa: F401  (re-exported: the transport's names)
+from pipeline.faults import maybe_slow_down
 
 
 class TransferError(RuntimeError):
     """A weight transfer failed: a peer died, never joined, or stayed silent past the timeout."""
+
+
+class Watchdog:
+    """Runs a call that can block without a timeout of its own (an NCCL rendezvous, a broadcast that waits on
+    its stream) on a thread, and turns "no progress for `timeout_s`" into a TransferError naming `what`.
+
+    The call reports progress with `tick()` (each tensor handed to the broadcast, say). A stuck call's thread
+    is left behind: nothing can interrupt a blocked collective, and the group is unusable afterwards anyway;
+    the caller tears it down and builds a new one."""
+
+    def __init__(self, timeout_s: float, what: str) -> None:
+        self.timeout_s, self.what = timeout_s, what
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def run(self, fn: Callable[[], object]) -> object:
+        import threading
+
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001  (re-raised on the caller's thread below)
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name=f"watchdog: {self.what}", daemon=True)
+        self.tick()
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=min(1.0, self.timeout_s / 4))
+            if thread.is_alive() and time.monotonic() - self.last > self.timeout_s:
+                raise TransferError(f"{self.what}: no progress for {self.timeout_s:.0f}s (weights.timeout_s): a "
+                                    "peer is stuck or gone")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
 
 # --- object store ------------------------------------------------------------------------------------------
@@ -212,6 +252,7 @@ def receive_buckets(group, info: UpdateInfo, load: Callable[[list[tuple[str, tor
         done()
         pending = post(b + 1) if b + 1 < len(plan) else None
         load(unpack(buffer, info, indices))
+        maybe_slow_down("receiver")  # tests: a transfer long enough to fault a receiver between buckets
         stats.num_bytes += buffer.numel()
         stats.num_buckets += 1
     stats.seconds = time.perf_counter() - start
@@ -223,7 +264,7 @@ class SendStats:
     """What one learner rank did for one weight version."""
 
     version: int
-    num_bytes: int = 0  # bytes this rank sent (0 on every rank but the sender)
+    num_bytes: int | None = 0  # bytes this rank sent (0 on every rank but the sender; None: not measured)
     num_buckets: int = 0
     max_gathered_bytes: int = 0  # most parameter bytes this rank held gathered at once for the sync
     model_bytes: int = 0  # the whole model, for comparison

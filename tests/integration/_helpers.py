@@ -116,10 +116,10 @@ def steps_done(metrics: Path) -> int:
 
 
 class Killer(threading.Thread):
-    """Sends SIGKILL, from outside, to each target once the run has logged the given number of steps: an actor
-    class's worker process (by name), or a process id."""
+    """Sends SIGKILL (or the signal a plan entry names, e.g. SIGSTOP), from outside, to each target once the run
+    has logged the given number of steps: an actor class's worker process (by name), or a process id."""
 
-    def __init__(self, metrics: Path, plan: list[tuple[int, str | int]], deadline_s: float = 900) -> None:
+    def __init__(self, metrics: Path, plan: list[tuple], deadline_s: float = 900) -> None:
         super().__init__(daemon=True)
         self.metrics, self.plan, self.deadline = metrics, list(plan), time.monotonic() + deadline_s
         self.killed: list[tuple[str | int, int, int]] = []  # (target, pid, steps logged when killed)
@@ -127,10 +127,10 @@ class Killer(threading.Thread):
     def run(self) -> None:
         while self.plan and time.monotonic() < self.deadline:
             done = steps_done(self.metrics)
-            at, target = self.plan[0]
+            at, target, *sig = self.plan[0]
             pids = ray_worker_pids(target) if isinstance(target, str) else [target]
             if done >= at and pids:
-                os.kill(pids[0], signal.SIGKILL)
+                os.kill(pids[0], sig[0] if sig else signal.SIGKILL)
                 self.killed.append((target, pids[0], done))
                 self.plan.pop(0)
             time.sleep(0.05)

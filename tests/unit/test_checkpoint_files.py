@@ -64,3 +64,44 @@ def test_latest_checkpoint_skips_unfinished_saves(tmp_path):
     partial = tmp_path / "checkpoints" / "step_000006"
     partial.mkdir()  # a save cut off before its state file: not a checkpoint
     assert latest_checkpoint(tmp_path).name == "step_000004"
+
+
+def test_refit_probes_and_window_round_trip_beside_a_checkpoint(tmp_path):
+    """scorer.retrain_every: the probes refit so far and the refit window (rollouts and labels) are written beside
+    checkpoint v and read back equal, in order; pruning the checkpoint removes them; no checkpoint, nothing."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from pipeline.checkpoints import prune, read_refit, refit_paths, write_refit
+    from pipeline.schema import ROLLOUT_SCHEMA
+
+    def rollouts(n, seed):
+        rng = np.random.default_rng(seed)
+        return pa.Table.from_pydict({"prompt_id": list(range(n)), "group_id": [seed] * n,
+                                     "prompt_ids": [rng.integers(4, 20, 3).tolist() for _ in range(n)],
+                                     "completion_ids": [rng.integers(4, 20, 2).tolist() for _ in range(n)],
+                                     "behavior_logprobs": [[-1.5, -0.5]] * n, "policy_version": [seed] * n,
+                                     "answer": ["7"] * n}, schema=ROLLOUT_SCHEMA)
+
+    (tmp_path / "checkpoints").mkdir()
+    probes = {"hack": {"weight": torch.randn(16), "bias": torch.tensor([0.25])}}
+    window = [(rollouts(3, 1), np.array([0, 1, 0])), (rollouts(2, 2), np.array([1, 1]))]
+    write_refit(tmp_path, 4, probes, window)
+    got_probes, got_window = read_refit(tmp_path / "checkpoints" / "step_000004")
+    assert set(got_probes) == {"hack"} and torch.equal(got_probes["hack"]["weight"], probes["hack"]["weight"])
+    assert torch.equal(got_probes["hack"]["bias"], probes["hack"]["bias"])
+    assert len(got_window) == 2
+    for (t, y), (gt, gy) in zip(window, got_window, strict=True):
+        assert gt.equals(t) and gt.schema.equals(ROLLOUT_SCHEMA) and gy.tolist() == y.tolist()
+    assert pa.concat_tables([t for t, _ in got_window]).num_rows == 5  # the refit concatenates them
+    assert read_refit(None) == ({}, [])
+    for v in (6, 8):
+        write_refit(tmp_path, v, {}, [])
+        (tmp_path / "checkpoints" / f"step_{v:06d}").mkdir()
+        (tmp_path / "checkpoints" / f"step_{v:06d}" / "probe_rl_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_000004").mkdir()
+    (tmp_path / "checkpoints" / "step_000004" / "probe_rl_state.json").write_text("{}")
+    prune(tmp_path, 2)
+    assert not any(p.exists() for p in refit_paths(tmp_path / "checkpoints" / "step_000004"))
+    assert all(p.exists() for p in refit_paths(tmp_path / "checkpoints" / "step_000008"))

@@ -33,6 +33,35 @@ def test_tensorboard_and_wandb_read_back_every_step(tmp_path, monkeypatch):
     assert any(r.get("eval/hack/auroc_live") == pytest.approx(0.9) and r["step"] == 3 for r in wb)
 
 
+def test_a_restarted_or_resumed_run_mirrors_each_step_once(tmp_path, monkeypatch):
+    """Metric rows go to Parquet always and to TensorBoard and W&B once per step: steps recomputed after a learner
+    restart (the sink truncated back to a checkpoint) and a resumed run's new process (a new sink over the same
+    file, the same W&B run continued) are not sent to them again."""
+    from pipeline.metrics import ParquetSink
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = RunConfig(loggers=["tensorboard", "wandb"])
+    loggers = Loggers(tmp_path, cfg)
+    sink = ParquetSink(tmp_path / "metrics.parquet", mirror=loggers.log)
+    for s in (1, 2, 3):
+        sink.log({"step": s, "rollout/task_reward": 0.1 * s})
+    sink.truncate(1)  # a learner restart from checkpoint 1: steps 2-3 are recomputed
+    for s in (2, 3, 4):
+        sink.log({"step": s, "rollout/task_reward": 0.1 * s})
+    loggers.close()
+    loggers = Loggers(tmp_path, cfg)  # the driver killed after step 4 and resumed from checkpoint 2
+    sink = ParquetSink(tmp_path / "metrics.parquet", mirror=loggers.log)
+    sink.truncate(2)
+    for s in (3, 4, 5):
+        sink.log({"step": s, "rollout/task_reward": 0.1 * s})
+    loggers.close()
+    assert [r["step"] for r in sink.rows] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in read_tensorboard(tmp_path)["rollout/task_reward"]] == [1, 2, 3, 4, 5]
+    wb = [r["step"] for r in read_wandb_offline(tmp_path) if "rollout/task_reward" in r]
+    assert wb == [1, 2, 3, 4, 5]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2  # one W&B run, continued
+
+
 def test_a_logger_whose_package_is_missing_is_refused_at_load(tmp_path, monkeypatch):
     import importlib.util
 
