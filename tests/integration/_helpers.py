@@ -164,3 +164,16 @@ def same_rows(got: list[dict], want: list[dict], keys_exact=("rollout/", "scorer
                 assert both_nan or g[key] == value, (g["step"], key, g[key], value)
             elif key.startswith(keys_close):
                 assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (g["step"], key, g[key], value)
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold equal weights and fp32 optimizer state (masters, moments), bit for bit."""
+    from safetensors import safe_open
+
+    for sub in ("model.safetensors", "optimizer/optimizer.safetensors"):
+        with safe_open(str(a / sub), "pt") as fa, safe_open(str(b / sub), "pt") as fb:
+            keys = sorted(k for k in fa.keys() if not k.startswith("rng/"))
+            assert keys == sorted(k for k in fb.keys() if not k.startswith("rng/")), sub
+            differ = [k for k in keys if not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
+            assert not differ, f"{sub}: {len(differ)} of {len(keys)} tensors differ, first {differ[0]}"
+

@@ -31,13 +31,15 @@ REFERENCE_STEPS = 8
 
 
 def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
-    """The run several tests share: two generators and two scorers, the default max_staleness 1 (generation a
-    version ahead), penalty shaping with the toy probe, a checkpoint every 2 steps (the reference run itself also
-    writes TensorBoard and offline W&B logs)."""
+    """The run several tests share, in the precision a GPU run trains in: bf16 weights in the learner (DeepSpeed's
+    fp32 masters beside them), the vLLM generators and the scorers; two generators and two scorers, the default
+    max_staleness 1 (generation a version ahead), penalty shaping with the toy probe refit every 3 steps on the
+    run's own rollouts, a checkpoint every 2 steps, TensorBoard and offline W&B logs."""
     from ._helpers import toy_args
 
     return toy_args(toy_overrides, out_dir, name, REFERENCE_STEPS) + [
-        "--generator.num_workers", "2", "--scorer.num_workers", "2", "--learner.checkpoint_every", "2"]
+        "--model.dtype", "bfloat16", "--generator.num_workers", "2", "--scorer.num_workers", "2",
+        "--learner.checkpoint_every", "2", "--scorer.retrain_every", "3", "--run.loggers", '["tensorboard", "wandb"]']
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,7 @@ def reference_run(toy_world, toy_overrides, tmp_path_factory):
     from ._helpers import cli
 
     out_dir = tmp_path_factory.mktemp("reference")
-    out = cli(reference_args(toy_overrides, out_dir, "run") + ["--run.loggers", '["tensorboard", "wandb"]'])
+    out = cli(reference_args(toy_overrides, out_dir, "run"))
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir / "run", out.stdout
 

@@ -12,21 +12,23 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from ._helpers import ROOT, Killer, cli, same_rows
+from ._helpers import ROOT, Killer, cli, same_rows, same_weights
 
 pytestmark = pytest.mark.integration
 
 
 def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupted_one(toy_world, toy_overrides,
                                                                                        reference_run, tmp_path):
-    """The shared reference run's settings (two generators, two scorers, the default max_staleness 1: generation
-    a version ahead; ZeRO-0, a checkpoint every 2 steps). From outside, mid-run: a generator is SIGKILLed at step
-    2, a scorer at step 3, the learner rank at step 4; each is recovered by the run itself (a replacement
-    generator or scorer with the current weights, which the step-for-step equality below checks: a replacement
-    generating from other weights would change the rollouts; the learner restarted from its last checkpoint).
-    At step 6 the driver process itself is SIGKILLed, and `probe-rl run --resume` finishes the run. Every step
-    is whole, metric rows after each checkpoint are recomputed, never duplicated, and the whole run equals the
-    uninterrupted one."""
+    """The shared reference run's settings (bf16 learner, generators and scorers; two generators, two scorers, the
+    default max_staleness 1: generation a version ahead; ZeRO-0, a checkpoint every 2 steps; the probe refit
+    every 3 steps). From outside, mid-run: a generator is SIGKILLed at step 2, a scorer at step 3, the learner
+    rank at step 4; each is recovered by the run itself (a replacement generator or scorer with the current
+    weights and refit probe, which the step-for-step equality below checks: a replacement generating from other
+    weights, or scoring with another probe, would change the rollouts; the learner restarted from its last
+    checkpoint, fp32 masters, moments and refit probe included). At step 6 the driver process itself is
+    SIGKILLed, and `probe-rl run --resume` finishes the run. Every step is whole, metric rows after each
+    checkpoint are recomputed, never duplicated, TensorBoard and W&B hold each step once, the whole run equals
+    the uninterrupted one step for step, and its final weights equal the uninterrupted run's bit for bit."""
     from .conftest import REFERENCE_STEPS, reference_args
 
     run_dir, _ = reference_run
@@ -55,6 +57,15 @@ def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupt
     same_rows(got, want)
     steps = pq.read_table(tmp_path / "crashed" / "rollouts.parquet").column("step").to_pylist()
     assert sorted(set(steps)) == list(range(1, REFERENCE_STEPS + 1)) and len(steps) == REFERENCE_STEPS * 16
+    assert any(r.get("scorer/retrain_auroc") is not None for r in got)  # the probe was refit on the way
+    from pipeline.loggers import read_tensorboard, read_wandb_offline
+
+    tb = read_tensorboard(tmp_path / "crashed")
+    assert [s for s, _ in tb["rollout/task_reward"]] == list(range(1, REFERENCE_STEPS + 1))  # each step once
+    wb = [r["step"] for r in read_wandb_offline(tmp_path / "crashed") if "rollout/task_reward" in r]
+    assert wb == list(range(1, REFERENCE_STEPS + 1))
+    final = f"checkpoints/step_{REFERENCE_STEPS:06d}"
+    same_weights(tmp_path / "crashed" / final, run_dir / final)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
