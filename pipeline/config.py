@@ -139,8 +139,10 @@ class GeneratorConfig(RoleResources):
     tensor_parallel_size: PositiveInt = 1
     """vLLM tensor parallelism inside one generator: its engine spreads over this many GPUs of the generator's
     placement bundle (generator.num_gpus must be at least this). GPUs only."""
-    enforce_eager: bool = True
-    """Run vLLM eagerly; False lets it capture CUDA graphs and compile (faster decoding on GPUs, slower start)."""
+    enforce_eager: bool | None = None
+    """Run vLLM eagerly (True) or let it compile and capture CUDA graphs (False: faster decoding on GPUs, a slower
+    start). Unset: graphs on GPUs, eager on CPU (compiling costs more than it saves there) and whenever a feature
+    needs a Python forward hook inside vLLM's model, which compiled code skips (shaping.kind = "ablate")."""
     engine_process: Literal["auto", "separate", "in_process"] = "auto"
     """Where vLLM runs its engine core: in a separate process (vLLM's default, and what "auto" picks on GPUs)
     or inside the generator actor's process ("auto" on CPU, where the separate process is ~80x slower for small
@@ -353,6 +355,8 @@ class Config(_Strict):
             )
         if self.shaping.kind != "none" and self.shaping.probe is None and len(self.scorer.probes) > 1:
             raise ValueError("shaping.probe must name one of scorer.probes when more than one probe is listed")
+        if self.generator.enforce_eager is None:
+            self.generator.enforce_eager = self.generator.num_gpus == 0 or self.shaping.kind == "ablate"
         if self.shaping.kind == "ablate" and not self.generator.enforce_eager:
             raise ValueError("shaping.kind = \"ablate\" edits the residual stream with a forward hook in vLLM's model, "
                              "which CUDA graphs and compilation skip: set generator.enforce_eager = true")
@@ -388,6 +392,13 @@ class Config(_Strict):
 
     def _check_parallelism(self) -> None:
         g = self.generator
+        lg = self.learner.num_gpus
+        if 0 < g.num_gpus < 1 and 0 < lg < 1:
+            raise ValueError(
+                f"generator.num_gpus={g.num_gpus:g} and learner.num_gpus={lg:g} are fractions of a GPU, so Ray may put a "
+                "learner rank and a generator on one GPU: vLLM's reservation (generator.gpu_memory_utilization) and "
+                "the learner's memory would compete, and NCCL cannot join two ranks on one device for the weight "
+                "sync. Give the learner and the generators whole GPUs (num_gpus = 1 or more)")
         if g.tensor_parallel_size > 1 and g.num_gpus == 0:
             raise ValueError(
                 f"generator.tensor_parallel_size={g.tensor_parallel_size} needs GPUs: on CPU each generator runs one "

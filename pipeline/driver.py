@@ -335,8 +335,8 @@ class LoopState:
         self.version, self.next_launch = 0, 1
         self.pending: deque[InFlight] = deque()
         self.loggers = Loggers(run_dir, cfg.run)  # run.loggers: TensorBoard, W&B beside the Parquet record
-        self.sink = ParquetSink(run_dir / "metrics.parquet", mirror=self.loggers.log)
-        self.eval_sink = ParquetSink(run_dir / "eval.parquet", mirror=self.loggers.log)
+        self.sink = ParquetSink(run_dir / "metrics.parquet", self.loggers)
+        self.eval_sink = ParquetSink(run_dir / "eval.parquet", self.loggers)
         self.samples: list[pa.Table] = []
         self.last_checkpoint_time, self.last_checkpoint_version = time.monotonic(), 0
         self.learner_restarts = 0  # in this run, all told (a metric)

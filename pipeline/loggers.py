@@ -34,12 +34,20 @@ class TensorBoardSink:
     def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        self.run_dir = run_dir
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, row: dict, prefix: str = "") -> None:
         for key, value in _numbers(row).items():
             self.writer.add_scalar(prefix + key, value, global_step=int(row["step"]))
         self.writer.flush()
+
+    def last_step(self, keys: set[str]) -> int:
+        """The last step this run's event files hold a value of `keys` at (-1: none)."""
+        if not (self.run_dir / "tensorboard").is_dir():
+            return -1
+        series = read_tensorboard(self.run_dir)
+        return max((s for k in keys & set(series) for s, _ in series[k]), default=-1)
 
     def close(self) -> None:
         self.writer.close()
@@ -51,6 +59,7 @@ class WandbSink:
     def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         import wandb
 
+        self.run_dir, self.mode = run_dir, cfg.wandb_mode
         # A resumed run (`probe-rl run --resume`) continues the same W&B run rather than starting a second one.
         id_file = run_dir / "wandb" / "probe_rl_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
@@ -64,6 +73,17 @@ class WandbSink:
     def log(self, row: dict, prefix: str = "") -> None:
         self.run.log({"step": int(row["step"]), **{prefix + k: v for k, v in _numbers(row).items()}})
 
+    def last_step(self, keys: set[str]) -> int:
+        """The last step the run holds a value of `keys` at, read from its offline files (-1: none); online, the
+        server's copy cannot be read here, so None: assume it has what was sent."""
+        if self.mode != "offline":
+            return None
+        try:
+            rows = read_wandb_offline(self.run_dir)
+        except FileNotFoundError:
+            return -1
+        return max((int(r["step"]) for r in rows if keys & set(r)), default=-1)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -76,10 +96,29 @@ class Loggers:
 
     def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         self.sinks = [SINKS[name](run_dir, cfg) for name in cfg.loggers]
+        self.sent: dict[tuple[int, str], int] = {}  # (sink, stream) -> the last step sent
 
-    def log(self, row: dict, prefix: str = "") -> None:
-        for sink in self.sinks:
-            sink.log(row, prefix)
+    def log(self, row: dict, prefix: str = "", stream: str = "metrics") -> None:
+        """Send a row (one step) to every sink that has not had this stream's step yet."""
+        step = int(row["step"])
+        for i, sink in enumerate(self.sinks):
+            if step > self.sent.get((i, stream), -1):
+                sink.log(row, prefix)
+                self.sent[(i, stream)] = step
+
+    def catch_up(self, stream: str, rows: list[dict]) -> None:
+        """A resumed run's earlier rows of `stream`: each sink gets those after the last step it holds (a process
+        killed before a sink wrote its last rows), and none of them again later."""
+        if not rows:
+            return
+        keys = {k for r in rows for k in _numbers(r)}
+        for i, sink in enumerate(self.sinks):
+            have = sink.last_step(keys)
+            have = max(int(r["step"]) for r in rows) if have is None else have
+            for row in rows:
+                if int(row["step"]) > have:
+                    sink.log(row)
+            self.sent[(i, stream)] = max(int(r["step"]) for r in rows)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,13 +33,15 @@ class ParquetSink:
     appears late is back-filled with nulls in earlier rows.
     """
 
-    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None) -> None:
-        """An existing file's rows (a resumed run's) are kept and appended to; `mirror` (TensorBoard, W&B) gets
-        each new row once: a step recomputed after a restart is not mirrored again (those sinks cannot take a
-        value back, and an exact restart recomputes the same one)."""
-        self.path, self.mirror = path, mirror
+    def __init__(self, path: Path, loggers=None) -> None:
+        """An existing file's rows (a resumed run's) are kept and appended to. `loggers` (pipeline.loggers.Loggers:
+        TensorBoard, W&B) get every row once, under this file's name as their stream: rows of a resumed run that
+        a killed process never got to them are sent first, and a step recomputed after a restart is not sent
+        again (they cannot take a value back, and an exact restart recomputes the same one)."""
+        self.path, self.loggers, self.stream = path, loggers, path.stem
         self.rows: list[dict[str, float | int | None]] = pq.read_table(path).to_pylist() if path.exists() else []
-        self.mirrored_through = max((int(r["step"]) for r in self.rows), default=-1)
+        if loggers is not None:
+            loggers.catch_up(self.stream, self.rows)
 
     def truncate(self, up_to_step: int) -> None:
         """Drop the rows after `up_to_step` (they are about to be recomputed) and rewrite the file."""
@@ -49,9 +51,8 @@ class ParquetSink:
     def log(self, row: dict[str, float | int | None]) -> None:
         self.rows.append(dict(row))
         self._write()
-        if self.mirror is not None and int(row["step"]) > self.mirrored_through:
-            self.mirror(row)
-            self.mirrored_through = int(row["step"])
+        if self.loggers is not None:
+            self.loggers.log(row, stream=self.stream)
 
     def _write(self) -> None:
         keys: list[str] = []

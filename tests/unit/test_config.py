@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import Config, ConfigError, dump_toml, load_config, parse_overrides
@@ -90,6 +92,22 @@ def test_transports_the_machine_cannot_run_are_refused_naming_the_key():
         load_config(overrides=["--generator.tensor_parallel_size", "4", "--generator.num_gpus", "2"])
     ok = load_config(overrides=["--generator.tensor_parallel_size", "2", "--generator.num_gpus", "2"])
     assert ok.generator.tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match=r"generator.num_gpus=0.5 and learner.num_gpus=0.25 are fractions of a GPU, "
+                                          r"so Ray may put a learner rank and a generator on one GPU"):
+        load_config(overrides=["--generator.num_gpus", "0.5", "--learner.num_gpus", "0.25"])
+
+
+def test_cuda_graphs_are_on_for_gpu_generators_unless_a_feature_needs_eager_mode():
+    """generator.enforce_eager unset: eager on CPU, CUDA graphs on GPUs, eager again when the ablation arm hooks
+    vLLM's forward; set by hand it is kept, and graphs with the ablation hook are refused."""
+    assert load_config().generator.enforce_eager is True  # CPU
+    gpu = ["--generator.num_gpus", "1", "--learner.num_gpus", "1"]
+    assert load_config(overrides=gpu).generator.enforce_eager is False
+    assert load_config(overrides=[*gpu, "--shaping.kind", "ablate"]).generator.enforce_eager is True
+    assert load_config(overrides=[*gpu, "--generator.enforce_eager", "true"]).generator.enforce_eager is True
+    with pytest.raises(ConfigError, match=r"CUDA graphs and compilation skip: set generator.enforce_eager = true"):
+        load_config(overrides=[*gpu, "--shaping.kind", "ablate", "--generator.enforce_eager", "false"])
+    assert load_config(Path(__file__).resolve().parents[2] / "configs/gpu.toml").generator.enforce_eager is False
 
 
 def test_cli_refuses_an_impossible_transport_before_anything_starts():

@@ -30,6 +30,10 @@ def test_rayjob_manifest():
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "probe-rl-ray-token"
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    for group in (cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]):  # shared memory is sized, not 64 MiB
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     cfg = load_config(ROOT / config)
     gpus_needed = (cfg.generator.num_workers * cfg.generator.num_gpus + cfg.scorer.num_workers * cfg.scorer.num_gpus
                    + cfg.learner.num_ranks * cfg.learner.num_gpus)

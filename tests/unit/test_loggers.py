@@ -16,7 +16,7 @@ def test_tensorboard_and_wandb_read_back_every_step(tmp_path, monkeypatch):
     loggers = Loggers(tmp_path, RunConfig(loggers=["tensorboard", "wandb"]))
     for row in ROWS:
         loggers.log(row)
-    loggers.log({"step": 3, "hack/auroc_live": 0.9}, "eval/")
+    loggers.log({"step": 3, "hack/auroc_live": 0.9}, "eval/", stream="eval")
     loggers.close()
 
     tb = read_tensorboard(tmp_path)
@@ -36,21 +36,24 @@ def test_tensorboard_and_wandb_read_back_every_step(tmp_path, monkeypatch):
 def test_a_restarted_or_resumed_run_mirrors_each_step_once(tmp_path, monkeypatch):
     """Metric rows go to Parquet always and to TensorBoard and W&B once per step: steps recomputed after a learner
     restart (the sink truncated back to a checkpoint) and a resumed run's new process (a new sink over the same
-    file, the same W&B run continued) are not sent to them again."""
+    file, the same W&B run continued) are not sent to them again; rows a killed process wrote to Parquet but
+    never got to W&B (here: step 4, written to Parquet alone) are sent on resume."""
     from pipeline.metrics import ParquetSink
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = RunConfig(loggers=["tensorboard", "wandb"])
     loggers = Loggers(tmp_path, cfg)
-    sink = ParquetSink(tmp_path / "metrics.parquet", mirror=loggers.log)
+    sink = ParquetSink(tmp_path / "metrics.parquet", loggers)
     for s in (1, 2, 3):
         sink.log({"step": s, "rollout/task_reward": 0.1 * s})
     sink.truncate(1)  # a learner restart from checkpoint 1: steps 2-3 are recomputed
-    for s in (2, 3, 4):
+    for s in (2, 3):
         sink.log({"step": s, "rollout/task_reward": 0.1 * s})
+    sink.loggers = None  # killed after Parquet got step 4 and before the loggers did
+    sink.log({"step": 4, "rollout/task_reward": 0.4})
     loggers.close()
-    loggers = Loggers(tmp_path, cfg)  # the driver killed after step 4 and resumed from checkpoint 2
-    sink = ParquetSink(tmp_path / "metrics.parquet", mirror=loggers.log)
+    loggers = Loggers(tmp_path, cfg)  # resumed from checkpoint 2
+    sink = ParquetSink(tmp_path / "metrics.parquet", loggers)
     sink.truncate(2)
     for s in (3, 4, 5):
         sink.log({"step": s, "rollout/task_reward": 0.1 * s})
