@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import LearnerConfig, load_config
 
-from ._helpers import TIMEOUT, same_rows, steps_done, train_batch
+from ._helpers import TIMEOUT, same_rows, same_weights, steps_done, train_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 SLOW_SWITCH = "probe-rl-multinode-slow"  # scorers sleep 1 s per call while a file of this name exists in tmp
@@ -180,16 +180,18 @@ def test_a_scorer_that_cannot_be_placed_yet_joins_when_a_node_offers_room(toy_wo
 
 
 def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):
-    """The default max_staleness 1, ZeRO-3, two learner ranks on two nodes: the node holding the scorer is
-    removed at step 2 (its rollouts in flight are lost with its object store and redone by a replacement on
-    another node), a node holding a learner rank at step 4 (every rank restarts from the last checkpoint, the
-    lost rank's bundle moves to the spare node). Every step has all its rollouts, none twice, and the run equals
-    an uninterrupted one on the same cluster."""
+    """bf16 (learner, generators, scorers), the default max_staleness 1, ZeRO-3, two learner ranks on two nodes:
+    the node holding the scorer is removed at step 2 (its rollouts in flight are lost with its object store and
+    redone by a replacement on another node), a node holding a learner rank at step 4 (every rank restarts from
+    the last checkpoint, fp32 master weights and moments gathered from both ranks' partitions, the lost rank's
+    bundle moves to the spare node). Every step has all its rollouts, none twice, and the run equals an
+    uninterrupted one on the same cluster, step for step and in its final weights and optimizer state."""
     from ray.util.state import list_actors
 
     c, nodes, _ = cluster
     _, world = toy_world
-    ref = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "reference", 6)), world)
+    bf16 = {"model": {"dtype": "bfloat16"}}
+    ref = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "reference", 6, **bf16)), world)
     ref.start()
     wait_for(lambda: steps_done(tmp_path / "reference" / "metrics.parquet") >= 1, what="the first step")
     layout = {cls: [a.node_id for a in actors_of(cls)] for cls in ("Generator", "Scorer", "Learner")}
@@ -202,7 +204,8 @@ def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world,
 
     log: list[str] = []
     metrics = tmp_path / "faults" / "metrics.parquet"
-    run = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "faults", 6)), world, log.append)
+    run = Background(load_config(overrides=cluster_overrides(toy_overrides, tmp_path, "faults", 6, **bf16)), world,
+                     log.append)
     run.start()
     removed = []
     for at, cls in ((2, "Scorer"), (4, "Learner")):
@@ -216,3 +219,5 @@ def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world,
     assert [r["rollout/rows"] for r in got] == [32] * 6
     same_rows(got, want)
     assert any("scorer 0 is down" in m for m in log) and any("learner restarted from" in m for m in log)
+    final = "checkpoints/step_000006"
+    same_weights(tmp_path / "faults" / final, tmp_path / "reference" / final)
