@@ -11,6 +11,11 @@ which is right ("45 46"). The base model therefore hedges rarely; the strict ver
 (`pipeline.tasks:arithmetic_reward_loophole`) pays them whenever the right number is among them,
 and plain RL then learns to hedge. Everything is cached
 under `toy.cache_dir` in a folder keyed by the toy config, and rebuilt only when missing.
+
+The build runs in a process of its own with the CPU kernels pinned (`BUILD_ENV`: AVX2 kernels in torch, MKL
+and oneDNN, one thread), so that every x86-64 machine with AVX2 builds the same world, bit for bit, whatever
+its own vector width and core count: left to choose, torch picks AVX-512 kernels where the CPU has them, and
+those round differently, so two machines trained different toy models from the same recipe.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from pathlib import Path
 from pipeline.config import ToyConfig
 from pipeline.tasks import arithmetic_prompts
 
-BUILD_VERSION = 4  # bump when the recipe below changes, so stale caches are not reused
+BUILD_VERSION = 5  # bump when the recipe below changes, so stale caches are not reused (5: pinned kernels)
+# The world build's kernels: the same on every x86-64 CPU with AVX2 (read by torch, MKL and oneDNN at start-up).
+BUILD_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1",
+             "MKL_NUM_THREADS": "1"}
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*=?# abcdefghijklmnopqrstuvwxyz")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -66,7 +74,28 @@ def toy_root(cfg: ToyConfig) -> Path:
 
 
 def ensure_toy_world(cfg: ToyConfig, log=print) -> ToyWorld:
-    """Build what is missing (model first, then probe) and return the cached world."""
+    """Build what is missing (model first, then probe) in a process with pinned kernels (`BUILD_ENV`), and return
+    the cached world."""
+    import os
+    import subprocess
+    import sys
+
+    root = toy_root(cfg)
+    model_dir, probe_dir = root / "model", root / "probe"
+    stems = {name: probe_dir / name for name in TOY_PROBES}
+    done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
+    if not done:
+        log(f"building the toy world in {root} (once; cached afterwards)")
+        build = subprocess.run([sys.executable, "-m", "pipeline.toy", cfg.model_dump_json()],
+                               env={**os.environ, **BUILD_ENV})
+        if build.returncode != 0:
+            raise RuntimeError(f"the toy world build failed (exit code {build.returncode}); its output is above")
+    info = json.loads((model_dir / "toy_info.json").read_text())
+    return ToyWorld(model_dir, stems, info)
+
+
+def _build_here(cfg: ToyConfig, log=print) -> None:
+    """What `ensure_toy_world` runs in its build process: the missing parts, each written whole or not at all."""
     root = toy_root(cfg)
     model_dir, probe_dir = root / "model", root / "probe"
     if not (model_dir / "config.json").is_file():
@@ -76,8 +105,6 @@ def ensure_toy_world(cfg: ToyConfig, log=print) -> ToyWorld:
     if not all(stem.with_suffix(".json").is_file() for stem in stems.values()):
         log(f"fitting the toy probes {sorted(TOY_PROBES)} in {probe_dir} (once; cached afterwards)")
         _atomic_build(probe_dir, lambda tmp: build_toy_probes(cfg, model_dir, tmp, log))
-    info = json.loads((model_dir / "toy_info.json").read_text())
-    return ToyWorld(model_dir, stems, info)
 
 
 def _atomic_build(dest: Path, build) -> None:
@@ -344,3 +371,9 @@ def build_toy_probes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print) 
         probe.save(out_dir / name)
         log(f"toy probe {name!r} at layer {cfg.probe_layer}: held-out AUROC {metrics['auroc']:.3f}, "
             f"recall at 1% FPR {metrics['recall_at_1pct_fpr']:.3f}")
+
+
+if __name__ == "__main__":  # the build process of `ensure_toy_world`: one argument, the toy config as JSON
+    import sys
+
+    _build_here(ToyConfig.model_validate_json(sys.argv[1]))

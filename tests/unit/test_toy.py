@@ -70,3 +70,46 @@ def test_a_worked_bpe_world_is_built_once_into_its_cache_and_reused(tmp_path):
     assert again == world and logs == []
     assert {p: p.stat().st_mtime_ns for p in toy_root(cfg).rglob("*") if p.is_file()} == stamps
     assert toy_root(cfg.model_copy(update={"sft_steps": 3})) != toy_root(cfg)
+
+
+def test_the_world_build_gives_the_same_model_whatever_the_machines_kernels_and_threads(tmp_path):
+    """The build runs with pinned kernels (`BUILD_ENV`), so a machine whose torch would choose other vector kernels
+    or thread counts builds the same world, bit for bit. Shown here by building a small world twice, under an
+    environment that asks for AVX-512 kernels and 2 threads and under one that asks for AVX2 and 1 thread: the
+    same files. Without the pin those two builds differ where the CPU has AVX-512 (checked too, when it has)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    cfg = dict(hidden_size=64, num_layers=2, sft_steps=40, sft_batch_size=16, probe_layer=1, probe_samples=32)
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+                if p.suffix == ".safetensors"}
+
+    built = []
+    for isa, threads in (("avx512", "2"), ("avx2", "1")):
+        os.environ.update(ATEN_CPU_CAPABILITY=isa, OMP_NUM_THREADS=threads)  # what the machine would choose
+        try:
+            world = ensure_toy_world(ToyConfig(cache_dir=str(tmp_path / isa), **cfg), log=lambda *_: None)
+        finally:
+            del os.environ["ATEN_CPU_CAPABILITY"], os.environ["OMP_NUM_THREADS"]
+        built.append(digest(world.model_dir.parent))
+    assert len(built[0]) == 3 and built[0] == built[1]  # model and both probes, equal
+
+    # the same two environments without the pin: the model differs when the CPU runs AVX-512 kernels
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    caps = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "avx512"}).stdout.strip()
+    if caps != "AVX512":
+        pytest.skip(f"this CPU runs {caps} kernels when asked for AVX-512: the unpinned comparison needs AVX-512")
+    code = ("import sys; from pipeline.config import ToyConfig; from pipeline.toy import _build_here; "
+            "_build_here(ToyConfig.model_validate_json(sys.argv[1]), log=lambda *_: None)")
+    unpinned = []
+    for isa in ("avx512", "avx2"):
+        c = ToyConfig(cache_dir=str(tmp_path / f"unpinned-{isa}"), **cfg)
+        subprocess.run([sys.executable, "-c", code, c.model_dump_json()], check=True, cwd=ROOT,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": isa, "PYTHONPATH": str(ROOT)})
+        unpinned.append(digest(toy_root(c)))
+    assert unpinned[0]["model/model.safetensors"] != unpinned[1]["model/model.safetensors"]
