@@ -74,7 +74,8 @@ class Generator:
         register()  # in this process; vLLM's engine process loads it through the vllm.general_plugins entry point
         try:
             self.llm = LLM(
-                model=model_path, dtype=dtype, seed=seed, enforce_eager=cfg.enforce_eager,
+                model=model_path, dtype=dtype, seed=seed,
+                enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu or bool(ablation),
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
                 max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -86,6 +87,7 @@ class Generator:
                 raise ValueError(f"{e}. vLLM's engine process loads probe-rl's backends from the vllm.general_plugins "
                                  "entry point: install probe-rl on every node (pip install -e .)") from None
             raise
+        self._exit_with_the_engine()
         self.weight_backend = weight_backend
         self.version = 0
         self.updating = False  # a weight update session is open (start_weight_update without its finish yet)
@@ -200,11 +202,53 @@ class Generator:
         layer, direction = self.ablation if on else (None, None)
         self.llm.collective_rpc("probe_rl_set_ablation", args=(layer, direction))
 
+    def _exit_with_the_engine(self) -> None:
+        """A vLLM worker process that dies (a tensor-parallel rank killed, a device fault) would leave this actor
+        alive around a dead engine, answering health pings and failing every call. Instead the actor's process
+        exits with it, so Ray, and so the fleet, see a dead generator and replace it whole."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        executor = getattr(getattr(core, "engine_core", None), "model_executor", None)  # the in-process engine's
+        if executor is None or not hasattr(executor, "register_failure_callback"):
+            return  # one worker in this process, or vLLM's separate engine process: `_engine_dead` covers those
+        previous = getattr(executor, "failure_callback", None)
+
+        def exit_process() -> None:
+            if previous is not None:
+                previous()
+            _exit("a vLLM worker process of this generator died")
+
+        executor.register_failure_callback(exit_process)
+
+    def _engine_dead(self) -> bool:
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        executor = getattr(getattr(core, "engine_core", None), "model_executor", None)
+        return bool(getattr(executor, "is_failed", False) or getattr(getattr(core, "resources", None), "engine_dead",
+                                                                     False))
+
     def ready(self) -> int:
         return self.version
 
+    def processes(self) -> tuple[str, list[int]]:
+        """(Ray node id, pids) of this generator's process and every process under it (vLLM's engine core and
+        workers): what must be gone, its device memory released, before a replacement starts in its place."""
+        import psutil
+        import ray
+
+        me = psutil.Process()
+        return ray.get_runtime_context().get_node_id(), [me.pid] + [c.pid for c in me.children(recursive=True)]
+
     def pid(self) -> int:
+        """The health ping: this process's id, or the process ends here if its vLLM engine is dead."""
+        if self._engine_dead():
+            _exit("its vLLM engine is dead")
         return os.getpid()
+
+
+def _exit(why: str) -> None:
+    import sys
+
+    print(f"generator (pid {os.getpid()}): {why}; exiting so that it is replaced", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _inline_info(chunk, dtype_name) -> dict:

@@ -78,10 +78,12 @@ class Learner:
         return self.cfg.num_gpus > 0 and torch.cuda.is_available()
 
     def address(self) -> tuple[str, int]:
-        """This rank's node address and a free port there: where rank 0 hosts the ranks' rendezvous."""
-        from pipeline.remote import free_port, node_address
+        """Where rank 0 hosts the ranks' rendezvous (and a weight-transfer group): this node's bind address
+        (loopback while every node is this machine) and a free port on it."""
+        from pipeline.remote import bind_address, free_port
 
-        return node_address(), free_port()
+        host = bind_address()
+        return host, free_port(host)
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the data-parallel group (every rank at once) and build the model and DeepSpeed engine."""
@@ -100,6 +102,7 @@ class Learner:
                           MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
         import deepspeed
 
+        self._join_ranks(master_addr, master_port)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(self.cfg.seed)
         ds_config = self._ds_config()
@@ -119,6 +122,23 @@ class Learner:
 
             self._source = PolicySource(self.engine.module, self.cfg.zero_stage)
         return self._source
+
+    def _join_ranks(self, master_addr: str, master_port: int) -> None:
+        """The ranks' process group (DeepSpeed takes it over), with its rendezvous store and its sockets on
+        loopback when rank 0's address is loopback (every rank on this machine): torch's own rendezvous listens
+        on every interface."""
+        import datetime
+
+        import torch.distributed as dist
+
+        from pipeline.weights import is_loopback, loopback_interface, tcp_store
+
+        if is_loopback(master_addr):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback_interface())
+        store = tcp_store(master_addr, master_port, self.world_size, self.rank == 0, datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if self.on_gpu else "gloo", store=store, rank=self.rank,
+                                world_size=self.world_size)
 
     def _ds_config(self) -> dict:
         cfg = self.cfg

@@ -138,7 +138,8 @@ class GeneratorConfig(RoleResources):
     """vLLM's memory fraction (on GPU: of the device; on CPU it must stay well below the default)."""
     tensor_parallel_size: PositiveInt = 1
     """vLLM tensor parallelism inside one generator: its engine spreads over this many GPUs of the generator's
-    placement bundle (generator.num_gpus must be at least this). GPUs only."""
+    placement bundle (generator.num_gpus must be at least this), or on CPU over this many worker processes
+    sharing the generator's CPUs. Each rank receives its shard of every weight version from the learner."""
     enforce_eager: bool | None = None
     """Run vLLM eagerly (True) or let it compile and capture CUDA graphs (False: faster decoding on GPUs, a slower
     start). Unset: graphs on GPUs, eager on CPU (compiling costs more than it saves there) and whenever a feature
@@ -399,10 +400,6 @@ class Config(_Strict):
                 "learner rank and a generator on one GPU: vLLM's reservation (generator.gpu_memory_utilization) and "
                 "the learner's memory would compete, and NCCL cannot join two ranks on one device for the weight "
                 "sync. Give the learner and the generators whole GPUs (num_gpus = 1 or more)")
-        if g.tensor_parallel_size > 1 and g.num_gpus == 0:
-            raise ValueError(
-                f"generator.tensor_parallel_size={g.tensor_parallel_size} needs GPUs: on CPU each generator runs one "
-                "vLLM worker. Set generator.tensor_parallel_size = 1, or give generators GPUs (generator.num_gpus)")
         if g.num_gpus and g.tensor_parallel_size > g.num_gpus:
             raise ValueError(
                 f"generator.tensor_parallel_size={g.tensor_parallel_size} is larger than the GPUs in a generator's "

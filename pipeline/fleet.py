@@ -54,6 +54,7 @@ class Fleet:
     transfer_members: tuple = ()  # collective: the receivers of the current transfer group
     incarnation: int = 0  # collective: how many transfer groups this run has built
     last_sync: Any = None  # SendStats of rank 0's last send
+    processes: dict[str, tuple] = field(default_factory=dict)  # generator actor id -> (node id, its pids)
 
     @property
     def backend(self) -> str:
@@ -114,6 +115,9 @@ class Fleet:
                 except (ray.exceptions.RayActorError, RoleTimeout) as e:
                     failed.append((i, str(e).splitlines()[0]))
             if not failed:
+                if kind == "generator":
+                    for actor in actors:
+                        self.remember_processes(actor)
                 return
             if attempt == self.cfg.pipeline.max_restarts:
                 raise RuntimeError(f"{kind} {failed[0][0]} failed to start {attempt + 1} times "
@@ -340,24 +344,41 @@ class Fleet:
         return out
 
     def stop(self, actor) -> None:
-        """Kill an actor for good (a frozen one too) and wait, bounded, until Ray reports it dead, so that its
-        replacement in the same bundle does not start beside it."""
+        """Kill an actor for good (a frozen one too) and wait, bounded by pipeline.health_timeout_s each, until Ray
+        reports it dead and, for a generator, until its processes (vLLM's engine core and workers, which hold the
+        device memory) have exited (those that outlive it by that bound are killed), so that its replacement in
+        the same bundle does not start beside them."""
         import time
 
         import ray
 
-        from pipeline.remote import ping
+        from pipeline.remote import end_processes, ping
 
         ray.kill(actor, no_restart=True)
-        deadline = time.monotonic() + self.cfg.pipeline.health_timeout_s
+        bound = self.cfg.pipeline.health_timeout_s
+        deadline = time.monotonic() + bound
         while time.monotonic() < deadline:
             try:
                 ray.get(ping(actor), timeout=1.0)
             except ray.exceptions.RayActorError:
-                return
+                break
             except ray.exceptions.GetTimeoutError:
                 pass
             time.sleep(0.2)
+        known = self.processes.pop(actor._actor_id.hex(), None)
+        if known is not None:
+            killed, left = end_processes(*known, bound)
+            if killed:
+                self.log(f"killed {len(killed)} process(es) of a stopped generator that outlived it by {bound:.0f}s")
+            if left:
+                self.log(f"processes {left} of a stopped generator are still running; starting its replacement anyway")
+
+    def remember_processes(self, actor) -> None:
+        """Note a started generator's processes (see `stop`)."""
+        from pipeline.remote import wait
+
+        self.processes[actor._actor_id.hex()] = wait(actor.processes.remote(), "generator (its processes)",
+                                                     self.timeout)
 
     # --- replace -------------------------------------------------------------------------------------------
 
@@ -386,6 +407,8 @@ class Fleet:
 
         actor = make(index)
         wait(actor.ready.remote(), f"{kind} {index} (start-up)", self.timeout)
+        if kind == "generator":
+            self.remember_processes(actor)
         self.admit(kind, index, actor)
         return actor
 

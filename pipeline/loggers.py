@@ -6,8 +6,8 @@ later). Chosen with `run.loggers = ["tensorboard", "wandb"]`; both are off by de
 from __future__ import annotations
 
 import importlib.util
-import secrets
 import math
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING

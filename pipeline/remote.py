@@ -294,13 +294,66 @@ class ReceiverClient:
         self._all("shutdown_weight_transfer_engine")
 
 
-def free_port() -> int:
-    """A free TCP port on this node."""
+def free_port(host: str = "") -> int:
+    """A free TCP port on this node (on `host`'s interface; every interface when empty)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def node_address() -> str:
     """This node's address as Ray knows it (what other nodes reach it at)."""
     return ray.util.get_node_ip_address()
+
+
+def end_processes(node_id: str, pids: list[int], grace_s: float) -> tuple[list[int], list[int]]:
+    """Make sure none of `pids` runs on node `node_id` any more (a task placed on that node): wait `grace_s` for
+    them to exit, then SIGKILL those left (a stopped actor's vLLM workers, say) and wait for them a little.
+    Returns (pids killed, pids still running). A node that is gone has none left."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def end(pids: list[int], grace_s: float) -> tuple[list[int], list[int]]:
+        import os
+        import signal
+
+        import psutil
+
+        def alive() -> list[int]:
+            out = []
+            for p in pids:
+                try:
+                    if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        deadline = time.monotonic() + grace_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        killed = alive()
+        for p in killed:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return killed, alive()
+
+    task = ray.remote(num_cpus=0)(end).options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    try:
+        return ray.get(task.remote(pids, grace_s), timeout=grace_s + 60)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return [], []  # the node is gone, and its processes with it
+
+
+def bind_address() -> str:
+    """Where probe-rl's own torch.distributed stores and gloo sockets listen on this node: loopback while every
+    Ray node of the cluster is on this machine (a local run, or a test cluster of several raylets), so nothing
+    outside the machine can reach them; else this node's address, which the other nodes must reach (the
+    README lists these ports and what guards them)."""
+    here = node_address()
+    nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    return "127.0.0.1" if nodes <= {here} else here

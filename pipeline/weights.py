@@ -180,16 +180,60 @@ class GroupSpec:
     name: str = "probe-rl-weights"  # unique per incarnation of the group (it is rebuilt when members change)
 
 
+def is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "localhost")
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface ("lo" on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.startswith("127.") for a in addrs):
+            return name
+    return "lo"
+
+
+def tcp_store(host: str, port: int, world_size: int, is_host: bool, timeout: datetime.timedelta):
+    """A torch.distributed TCPStore whose host (rank 0) listens on `host`'s interface alone: torch's own server
+    listens on every interface, so the listening socket is made here and handed over."""
+    import socket
+
+    from torch.distributed import TCPStore
+
+    if not is_host:
+        return TCPStore(host, port, world_size, False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    # the store's server takes the socket over (and closes it with the store)
+    return TCPStore(host, port, world_size, True, timeout=timeout, wait_for_workers=False,
+                    master_listen_fd=listener.detach())
+
+
+def gloo_group(store, rank: int, size: int, timeout: datetime.timedelta, host: str):
+    """A gloo process group whose sockets bind to loopback when the group's host is loopback (every member on
+    this machine), else to this machine's address as gloo resolves it."""
+    from torch.distributed import ProcessGroupGloo
+
+    if not is_loopback(host):
+        return ProcessGroupGloo(store, rank, size, timeout)
+    opts = ProcessGroupGloo._Options()
+    opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+    opts._timeout = timeout
+    return ProcessGroupGloo(store, rank, size, opts)
+
+
 def open_group(spec: GroupSpec, rank: int, role: str):
     """Join (rank 0: host) the gloo transfer group. A member that does not arrive within the timeout makes
     every other member fail with a TransferError instead of waiting forever."""
-    from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+    from torch.distributed import PrefixStore
 
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     try:
-        store = TCPStore(spec.master_address, spec.master_port, spec.world_size, rank == 0, timeout=timeout,
-                         wait_for_workers=False)
-        return ProcessGroupGloo(PrefixStore(spec.name, store), rank, spec.world_size, timeout)
+        store = tcp_store(spec.master_address, spec.master_port, spec.world_size, rank == 0, timeout)
+        return gloo_group(PrefixStore(spec.name, store), rank, spec.world_size, timeout, spec.master_address)
     except (RuntimeError, TimeoutError) as e:  # DistStoreError and gloo's connect errors are RuntimeErrors
         raise TransferError(
             f"{role}: the weight transfer group {spec.name} ({spec.world_size} members at {spec.master_address}:"

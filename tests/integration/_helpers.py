@@ -108,6 +108,14 @@ def ray_worker_pids(actor_class: str) -> list[int]:
     return out
 
 
+def titled_pids(prefix: str) -> list[int]:
+    """PIDs of live processes whose title starts with `prefix` (vLLM titles its workers "VLLM::Worker_TP1")."""
+    import psutil
+
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline", "status"])
+            if (p.info["cmdline"] or [""])[0].startswith(prefix) and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
 def steps_done(metrics: Path) -> int:
     try:
         return len(pq.read_table(metrics).column("step"))
@@ -117,7 +125,8 @@ def steps_done(metrics: Path) -> int:
 
 class Killer(threading.Thread):
     """Sends SIGKILL (or the signal a plan entry names, e.g. SIGSTOP), from outside, to each target once the run
-    has logged the given number of steps: an actor class's worker process (by name), or a process id."""
+    has logged the given number of steps: an actor class's worker process (by name), a process id, or the first
+    of the pids a callable returns."""
 
     def __init__(self, metrics: Path, plan: list[tuple], deadline_s: float = 900) -> None:
         super().__init__(daemon=True)
@@ -128,7 +137,8 @@ class Killer(threading.Thread):
         while self.plan and time.monotonic() < self.deadline:
             done = steps_done(self.metrics)
             at, target, *sig = self.plan[0]
-            pids = ray_worker_pids(target) if isinstance(target, str) else [target]
+            pids = (target() if callable(target) else ray_worker_pids(target) if isinstance(target, str)
+                    else [target])
             if done >= at and pids:
                 os.kill(pids[0], sig[0] if sig else signal.SIGKILL)
                 self.killed.append((target, pids[0], done))

@@ -15,38 +15,44 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ._helpers import ROOT, TIMEOUT, Killer, hf_greedy, ray_worker_pids, toy_args, train_batch
+from ._helpers import ROOT, TIMEOUT, Killer, hf_greedy, ray_worker_pids, titled_pids, toy_args, train_batch
 
 pytestmark = pytest.mark.integration
 
 
 def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replaced(toy_world, toy_overrides, tmp_path):
-    """Every generate call takes 6 s longer than it would (as minutes-long generations do at real lengths), three
-    times the health bound of 2 s. From outside: the scorer is SIGKILLed during start-up, its replacement
-    SIGKILLed at step 1 while both generators are generating, and a generator SIGSTOPped at step 3. Each dead or
-    frozen worker is replaced and the run completes with every step once; no generator is replaced for being
-    busy (the one replacement is the frozen one, after its SIGSTOP)."""
+    """One generator with tensor parallelism 2 on CPU (vLLM runs two worker processes under it), whose every
+    generate call takes 5 s longer than it would (as minutes-long generations do at real lengths), more than
+    twice the health bound of 2 s. From outside: the scorer is SIGKILLed during start-up, its replacement
+    SIGKILLed at step 1 while the generator is generating, the generator's tensor-parallel rank 1 process
+    SIGKILLed at step 2, and the (replaced) generator SIGSTOPped at step 4. The busy generator is never taken for
+    dead; each dead or frozen worker is replaced (the generator whose TP rank died exits with its engine and is
+    replaced whole), and the run completes with every step once."""
     switch = tmp_path / "slow"
     switch.touch()
-    steps = 5
+    steps = 6
     args = toy_args(toy_overrides, tmp_path, "live", steps) + [
-        "--generator.num_workers", "2", "--pipeline.health_timeout_s", "2", "--pipeline.timeout_s", "120"]
-    env = {**os.environ, "PROBE_RL_SLOW": f"generator:6:{switch}"}
+        "--generator.tensor_parallel_size", "2", "--pipeline.health_timeout_s", "2", "--pipeline.timeout_s", "120"]
+    env = {**os.environ, "PROBE_RL_SLOW": f"generator:5:{switch}"}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
     killer = Killer(tmp_path / "live" / "metrics.parquet",
-                    [(0, "Scorer"), (1, "Scorer"), (3, "Generator", signal.SIGSTOP)])
+                    [(0, "Scorer"), (1, "Scorer"), (2, lambda: titled_pids("VLLM::Worker_TP1")),
+                     (4, "Generator", signal.SIGSTOP)])
     killer.start()
     log, _ = driver.communicate(timeout=900)
     killer.join(timeout=5)
     assert driver.returncode == 0, log[-4000:]
-    assert [k[0] for k in killer.killed] == ["Scorer", "Scorer", "Generator"], killer.killed
-    assert killer.killed[0][2] == 0 and 1 <= killer.killed[1][2] < steps and 3 <= killer.killed[2][2] < steps
+    assert len(killer.killed) == 4, killer.killed
+    assert [k[2] for k in killer.killed][0] == 0 and all(at <= k[2] < steps for at, k in
+                                                          zip((1, 2, 4), killer.killed[1:], strict=True))
     assert re.search(r"scorer 0 died during start-up \(.*\); starting a replacement", log), log[-4000:]
     assert re.search(r"scorer 0 is down; starting a replacement", log), log[-4000:]
-    replaced = re.findall(r"generator (\d) (?:is down|did not finish a call)", log)
-    assert len(replaced) == 1, log[-4000:]  # the frozen one, and no busy one
-    stopped_pid = killer.killed[2][1]
+    assert "a vLLM worker process of this generator died; exiting" in log, log[-4000:]
+    replaced = re.findall(r"generator 0 (?:is down|did not finish a call)", log)
+    assert len(replaced) == 2, log[-4000:]  # after its TP rank died, and frozen: never for being busy
+    assert "of a stopped generator are still running" not in log  # each replacement waited for vLLM's processes
+    stopped_pid = killer.killed[3][1]
     assert stopped_pid not in ray_worker_pids("Generator")  # it was stopped for good, not left frozen
     rows = pq.read_table(tmp_path / "live" / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(1, steps + 1))

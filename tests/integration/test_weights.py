@@ -64,6 +64,27 @@ def test_generator_greedy_equals_transformers_after_a_sync(trained, toy_world, r
     ray_local.kill(gen)
 
 
+def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(trained, toy_world, ray_local):
+    """generator.tensor_parallel_size = 2 on CPU: vLLM's engine runs two worker processes (its multiprocess
+    executor), each joins the weight-transfer group at a rank of its own and loads its shard of each tensor;
+    greedy completions after the sync equal transformers' on the learner's weights."""
+    from actors.generator import Generator
+    from pipeline.remote import Receiver, make_actor, wait
+
+    learner, checkpoint = trained
+    _, world = toy_world
+    prompts = world.eval_prompt_ids[:6]
+    gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
+                     cfg=GeneratorConfig(max_new_tokens=8, tensor_parallel_size=2), weight_backend=BACKEND_GLOO)
+    before = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
+    [stats] = collective_sync([learner], [Receiver("generator 0", gen, 2)], name="tp")
+    assert stats.version == 3 and stats.num_bytes == stats.model_bytes
+    assert wait(gen.ready.remote(), "generator", TIMEOUT) == 3
+    after = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
+    assert after == hf_greedy(checkpoint, prompts) and after != before
+    ray_local.kill(gen)
+
+
 class _Holder:
     """A plain transformers model behind the receiver that live scorers use (pipeline.weights.ModelReceiver),
     which can hand back what it received. Shipped to Ray workers by value (test modules are not importable

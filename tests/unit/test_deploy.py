@@ -41,6 +41,16 @@ def test_rayjob_manifest():
     assert 0 < gpus_needed <= max_gpus
 
 
+def test_network_policy_admits_only_the_jobs_own_pods():
+    job = yaml.safe_load((ROOT / "deploy/rayjob.yaml").read_text())
+    policy = yaml.safe_load((ROOT / "deploy/networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    mine = {"ray.io/originated-from-cr-name": job["metadata"]["name"]}  # the label KubeRay puts on a RayJob's pods
+    assert policy["spec"]["podSelector"]["matchLabels"] == mine
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": mine}}]  # from the job's pods, nothing else
+
+
 def test_cluster_launcher_yaml():
     cl = yaml.safe_load((ROOT / "deploy/cluster.yaml").read_text())
     assert cl["docker"]["image"] == "probe-rl:gpu"
