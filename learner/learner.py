@@ -133,6 +133,8 @@ class Learner:
 
         from pipeline.weights import is_loopback, loopback_interface, tcp_store
 
+        if dist.is_initialized():  # a second learner in one process (a benchmark) shares the group
+            return
         if is_loopback(master_addr):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
             os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback_interface())
