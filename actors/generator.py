@@ -206,8 +206,7 @@ class Generator:
         """A vLLM worker process that dies (a tensor-parallel rank killed, a device fault) would leave this actor
         alive around a dead engine, answering health pings and failing every call. Instead the actor's process
         exits with it, so Ray, and so the fleet, see a dead generator and replace it whole."""
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        executor = getattr(getattr(core, "engine_core", None), "model_executor", None)  # the in-process engine's
+        _, executor = self._engine_parts()
         if executor is None or not hasattr(executor, "register_failure_callback"):
             return  # one worker in this process, or vLLM's separate engine process: `_engine_dead` covers those
         previous = getattr(executor, "failure_callback", None)
@@ -219,9 +218,13 @@ class Generator:
 
         executor.register_failure_callback(exit_process)
 
-    def _engine_dead(self) -> bool:
+    def _engine_parts(self):
+        """(vLLM's engine-core client, the in-process engine's model executor or None)."""
         core = getattr(self.llm.llm_engine, "engine_core", None)
-        executor = getattr(getattr(core, "engine_core", None), "model_executor", None)
+        return core, getattr(getattr(core, "engine_core", None), "model_executor", None)
+
+    def _engine_dead(self) -> bool:
+        core, executor = self._engine_parts()
         return bool(getattr(executor, "is_failed", False) or getattr(getattr(core, "resources", None), "engine_dead",
                                                                      False))
 

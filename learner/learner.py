@@ -445,8 +445,9 @@ class Learner:
                 safe_set_full_fp32_param(p, master)
             else:
                 hp = masters[id(p)]
-                with torch.no_grad():
-                    hp.copy_(master)
+                if hp is not p:  # float32: the parameter is its own master, written just above
+                    with torch.no_grad():
+                        hp.copy_(master)
             for key in ("exp_avg", "exp_avg_sq"):
                 m = ckpt.moment(key, name)
                 if m is None:

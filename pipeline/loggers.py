@@ -112,13 +112,13 @@ class Loggers:
         if not rows:
             return
         keys = {k for r in rows for k in _numbers(r)}
+        last = max(int(r["step"]) for r in rows)
         for i, sink in enumerate(self.sinks):
             have = sink.last_step(keys)
-            have = max(int(r["step"]) for r in rows) if have is None else have
             for row in rows:
-                if int(row["step"]) > have:
+                if int(row["step"]) > (last if have is None else have):
                     sink.log(row)
-            self.sent[(i, stream)] = max(int(r["step"]) for r in rows)
+            self.sent[(i, stream)] = last
 
     def close(self) -> None:
         for sink in self.sinks:
