@@ -42,10 +42,15 @@ def request_seed(seed: int, group_id: int) -> int:
     return (seed * 1_000_003 + group_id) % 2**31
 
 
-def configure_env(cfg: GeneratorConfig, on_gpu: bool) -> None:
+def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False) -> None:
     """Environment vLLM reads when the engine starts; must run before the engine is built in this process."""
     separate = cfg.engine_process == "separate" or (cfg.engine_process == "auto" and on_gpu)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+    if reads_probes:
+        # vLLM keys its compiled-graph cache by model and engine config, not by the hooks traced into the graph:
+        # an engine reading probes must neither load a graph compiled without them nor leave one for an engine
+        # without them. It compiles afresh at every start (Inductor's own cache, keyed by graph, still applies).
+        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     if not on_gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # actors share cores; let the OS place threads
@@ -54,14 +59,18 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool) -> None:
 
 class Generator:
     def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
-                 seed: int = 0, ablation: tuple[int, list[float]] | None = None) -> None:
+                 seed: int = 0, ablation: tuple[int, list[float]] | None = None,
+                 probes: list[tuple[str, str, str | None]] = ()) -> None:
         """`ablation` (layer, unit direction): shaping.kind = "ablate" projects that direction out of the residual
-        stream at that layer while sampling rollouts (greedy evaluation runs without it)."""
+        stream at that layer while sampling rollouts (greedy evaluation runs without it). `probes` (name, stem,
+        aggregation override): probes read inside the sampling pass; each sampled table gains their columns."""
         import torch
+
+        from probes.probe import load_probe
 
         self.cfg = cfg
         on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
-        configure_env(cfg, on_gpu)
+        configure_env(cfg, on_gpu, reads_probes=bool(probes))
         if not on_gpu:
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
         from vllm import LLM, SamplingParams
@@ -72,6 +81,25 @@ class Generator:
         from pipeline.vllm_worker import EXTENSION
 
         register()  # in this process; vLLM's engine process loads it through the vllm.general_plugins entry point
+        self.probes = []
+        for name, stem, aggregation in probes:
+            probe = load_probe(stem)
+            probe.name = name
+            if aggregation is not None:
+                probe.aggregation = aggregation
+            self.probes.append(probe)
+        loader = {}
+        if self.probes:
+            from transformers import AutoConfig
+
+            from pipeline.vllm_probes import EXTRA_KEY, LOAD_FORMAT, ReadSpec
+
+            hf = AutoConfig.from_pretrained(model_path)
+            for p in self.probes:
+                p.check_fits(hf.num_hidden_layers, hf.hidden_size, model_name=model_path)
+            spec = ReadSpec([p.layer for p in self.probes], hf.hidden_size)
+            loader = {"load_format": LOAD_FORMAT, "model_loader_extra_config": {EXTRA_KEY: spec.to_dict()}}
+        extra = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
         try:
             self.llm = LLM(
                 model=model_path, dtype=dtype, seed=seed,
@@ -79,8 +107,9 @@ class Generator:
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
                 max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                enable_prefix_caching=False, weight_transfer_config=WeightTransferConfig(backend=weight_backend),
-                worker_extension_cls=EXTENSION,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                weight_transfer_config=WeightTransferConfig(backend=weight_backend),
+                worker_extension_cls=EXTENSION, **loader, **extra,
             )
         except ValueError as e:
             if "weight transfer backend" in str(e):
@@ -94,14 +123,16 @@ class Generator:
         self.ablation = ablation
         if ablation is not None:
             self._ablate(True)
+        if self.probes:
+            self.llm.collective_rpc("probe_rl_reads_start", args=self._probe_tensors())
         # The first sampling call with log-probs pays a one-off warm-up (~20 s on CPU); pay it at start-up.
         self.greedy([[0]], 2)
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
 
-    def generate(self, prompts: pa.Table, n: int, seed: int) -> tuple[pa.Table, GenerateStats]:
+    def generate(self, prompts: pa.Table, n: int, seed: int | None) -> tuple[pa.Table, GenerateStats]:
         """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
-        samples with its own seed (`request_seed`)."""
+        samples with its own seed (`request_seed`); `seed` None samples unseeded."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -111,14 +142,20 @@ class Generator:
         maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
         params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
-                                 seed=request_seed(seed, g), detokenize=False) for g in rows["group_id"]]
+                                 seed=None if seed is None else request_seed(seed, g), detokenize=False) for g in rows["group_id"]]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in rows["prompt_ids"]], params, use_tqdm=False
         )
         cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         num_tokens = 0
+        keys = [read_key(out.request_id, comp.index, n) for out in outputs for comp in out.outputs]
+        read = self.llm.collective_rpc("probe_rl_take_scores", args=(keys,))[0] if self.probes else {}
+        tokens: list[list[list[float]]] = []  # per row, per probe: scores of completion tokens 0..T-2
         for i, out in enumerate(outputs):
             for comp in out.outputs:
+                if self.probes:
+                    tokens.append(completion_reads(read.get(read_key(out.request_id, comp.index, n)),
+                                                   len(rows["prompt_ids"][i]), len(comp.token_ids), len(self.probes)))
                 token_ids = list(comp.token_ids)
                 # logprobs=0 returns exactly the sampled token's log-prob at each step
                 logprobs = [step[tok].logprob for step, tok in zip(comp.logprobs, token_ids, strict=True)]
@@ -131,7 +168,46 @@ class Generator:
                 cols["answer"].append(rows["answer"][i])
                 num_tokens += len(token_ids)
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
+        if self.probes:
+            table = self._with_probe_columns(table, tokens)
         return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version, time.time())
+
+    # --- probes read in the sampling pass --------------------------------------------------------------------
+
+    def _probe_tensors(self) -> tuple[list[list[float]], list[float]]:
+        return [p.weight.float().tolist() for p in self.probes], [float(p.bias.reshape(-1)[0]) for p in self.probes]
+
+    def _with_probe_columns(self, table: pa.Table, tokens: list[list[list[float]]]) -> pa.Table:
+        """Append `probe/<name>/tokens` (scores of completion tokens 0..T-2) and `probe/<name>/score` (their
+        aggregate, the probe's own way, as the scorers aggregate) for each generator-read probe."""
+        import torch
+
+        from pipeline.schema import probe_score_field, probe_token_field
+        from probes.probe import aggregate
+
+        for k, probe in enumerate(self.probes):
+            per_row = [row[k] for row in tokens]
+            width = max((len(r) for r in per_row), default=0)
+            scores = torch.zeros((len(per_row), max(width, 1)))
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            for i, r in enumerate(per_row):
+                scores[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+                mask[i, :len(r)] = True
+            agg = aggregate(scores, mask, probe.aggregation).tolist()
+            table = table.append_column(probe_token_field(probe.name), pa.array(per_row, pa.list_(pa.float32())))
+            table = table.append_column(probe_score_field(probe.name), pa.array(agg, pa.float32()))
+        return table
+
+    def set_probe(self, name: str, tensors: dict) -> None:
+        """A refit probe: its new weights copied in place into the tensors vLLM's compiled forward reads."""
+        probe = next(p for p in self.probes if p.name == name)
+        assert tensors["weight"].shape == probe.weight.shape
+        probe.weight, probe.bias = tensors["weight"].float(), tensors["bias"].float().reshape(1)
+        self.llm.collective_rpc("probe_rl_set_read_probes", args=self._probe_tensors())
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
 
     # --- vLLM's weight-transfer protocol, called by the learner's trainer-side engine ----------------------
 
@@ -245,6 +321,29 @@ class Generator:
         if self._engine_dead():
             _exit("its vLLM engine is dead")
         return os.getpid()
+
+
+def read_key(request_id: str, index: int, n: int) -> str:
+    """The name vLLM's workers know completion `index` of request `request_id` by, less vLLM's random suffix:
+    `<index>_<id>` for the children of a request with n > 1, the id itself for n = 1."""
+    return f"{index}_{request_id}" if n > 1 else request_id
+
+
+def completion_reads(read: tuple[list[int], list[list[float]]] | None, prompt_len: int, completion_len: int,
+                     num_probes: int) -> list[list[float]]:
+    """Per probe, the scores of completion tokens 0..T-2 (positions P..P+T-2) from a worker's (positions, scores)
+    of one request. The last token is never fed back, so it has no activation (pipeline/vllm_probes.py)."""
+    want = range(prompt_len, prompt_len + completion_len - 1)
+    if not len(want):
+        return [[] for _ in range(num_probes)]
+    if read is None:
+        raise RuntimeError(f"vLLM returned no probe scores for a completion of {completion_len} tokens")
+    at = dict(zip(read[0], read[1], strict=True))
+    missing = [p for p in want if p not in at]
+    if missing:
+        raise RuntimeError(f"vLLM returned no probe scores at positions {missing[:5]} of a completion (prompt "
+                           f"{prompt_len} tokens, completion {completion_len})")
+    return [[at[p][k] for p in want] for k in range(num_probes)]
 
 
 def _exit(why: str) -> None:

@@ -148,6 +148,10 @@ class GeneratorConfig(RoleResources):
     """Where vLLM runs its engine core: in a separate process (vLLM's default, and what "auto" picks on GPUs)
     or inside the generator actor's process ("auto" on CPU, where the separate process is ~80x slower for small
     batches). Weights reach the engine the same way in both."""
+    enable_prefix_caching: bool = False
+    """vLLM's prefix caching: a group's completions share their prompt's KV blocks (reset at every weight update)."""
+    max_num_batched_tokens: PositiveInt | None = None
+    """Most tokens per vLLM step; a longer prompt is prefilled in chunks (chunked prefill). None: vLLM's default."""
 
 
 class ProbeSpec(_Strict):
@@ -155,6 +159,12 @@ class ProbeSpec(_Strict):
     """A probe saved by probe-rl: `<path>.safetensors` plus `<path>.json`, or "toy" for the built toy probe."""
     aggregation: str | None = None
     """Aggregate over completion tokens: mean, max, last or window:K; None keeps the probe file's own."""
+    read: Literal["scorer", "generator"] | None = None
+    """Where the probe is read. scorer: on the scorers' copy (scorer.model: frozen or live). generator: inside
+    the generator's own sampling pass, on the live policy at no extra forward (pipeline/vllm_probes.py). None:
+    "generator" when scorer.model = "generator", else "scorer". The same probe may appear twice, read in both
+    places: its generator reading is then named `<name>@gen` (columns `probe/<name>@gen/...`), and every step logs
+    the live-minus-frozen decomposition of its score (`obfuscation/<name>@gen/...`)."""
 
     @model_validator(mode="after")
     def _aggregation(self) -> ProbeSpec:
@@ -186,9 +196,11 @@ class ScorerConfig(RoleResources):
     """Most padded tokens (sequences x longest) per scorer forward pass; rows are length-sorted first."""
     probes: list[ProbeSpec] = []
     """Probes applied to every rollout. Empty: plain RLHF (scorers compute reference log-probs only)."""
-    model: Literal["frozen", "live"] = "frozen"
-    """Which model the probes read: the frozen initial policy (fused with the reference pass), or a live
-    copy that receives the learner's weights like generators do (a second, truncated pass)."""
+    model: Literal["frozen", "live", "generator"] = "frozen"
+    """Which model the probes read: the frozen initial policy (fused with the reference pass), a live
+    copy that receives the learner's weights like generators do (a second, truncated pass), or the live policy
+    inside the generators' own sampling pass (no extra pass; the scorers still compute the KL reference). A
+    probe's own `read` overrides this per probe."""
     retrain_every: NonNegInt = 0
     """Refit the shaping probe every N steps on recent on-policy rollouts labelled by task.ground_truth_fn
     (label 1 = "hack"); 0 never refits."""
@@ -361,6 +373,13 @@ class Config(_Strict):
         if self.shaping.kind == "ablate" and not self.generator.enforce_eager:
             raise ValueError("shaping.kind = \"ablate\" edits the residual stream with a forward hook in vLLM's model, "
                              "which CUDA graphs and compilation skip: set generator.enforce_eager = true")
+        g = self.generator
+        if g.num_gpus == 0 and g.max_num_batched_tokens is not None and g.max_num_batched_tokens < g.max_model_len:
+            raise ValueError(
+                f"generator.max_num_batched_tokens={g.max_num_batched_tokens} is below generator.max_model_len="
+                f"{g.max_model_len}, so vLLM would prefill long prompts in chunks; on CPU vLLM cannot chunk the prefill "
+                "of a seeded request (torch's CPU generator has no offset to rewind). Raise it to at least "
+                "max_model_len, or leave it unset")
         if self.scorer.retrain_every and (self.task.ground_truth_fn is None or not self.scorer.probes):
             raise ValueError("scorer.retrain_every needs task.ground_truth_fn (the labels) and a probe to refit")
         if self.scorer.max_workers is not None and self.scorer.max_workers < self.scorer.num_workers:

@@ -52,8 +52,13 @@ GLOO, INLINE = BACKEND_GLOO, BACKEND_INLINE
 
 
 def register() -> None:
-    """vLLM plugin entry point: make both backends known to vLLM's factories in this process."""
+    """vLLM plugin entry point: make both backends known to vLLM's factories in this process, and probe-rl's
+    model loader (generator-read probes) to vLLM's loader registry."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    from pipeline.vllm_probes import register_loader
+
+    register_loader()  # load_format "probe_rl": probes read in the sampling pass (pipeline/vllm_probes.py)
 
     for name, cls in ((GLOO, "GlooWorkerEngine"), (INLINE, "InlineWorkerEngine")):
         if name not in WeightTransferEngineFactory._registry:

@@ -9,6 +9,41 @@ EXTENSION = "pipeline.vllm_worker.ProbeRLWorkerExtension"
 
 
 class ProbeRLWorkerExtension:
+    # --- probes read in the sampling pass (pipeline/vllm_probes.py) -------------------------------------------
+
+    def probe_rl_reads_start(self, weights: list[list[float]], biases: list[float]) -> int:
+        """Set the generator-read probes' weights and start recording each model step's scores; returns how many
+        probes this worker reads. The hooks were installed by the `probe_rl` model loader, before compilation."""
+        from pipeline.vllm_probes import StepLog
+
+        reads = getattr(self.model_runner.get_model(), "probe_rl_reads", None)
+        if reads is None:
+            raise RuntimeError("this vLLM engine was not loaded with load_format=\"probe_rl\": no probe reads")
+        if getattr(self.model_runner, "speculative_config", None) is not None:
+            raise ValueError("probes read on the generator need the host's position counts: turn speculative "
+                             "decoding off, or read the probes on the scorers")
+        reads.set_weights(weights, biases)
+        if getattr(self, "_probe_rl_log", None) is None:
+            runner = self.model_runner
+            log = self._probe_rl_log = StepLog(reads.column_of)
+            execute = runner.execute_model
+
+            def execute_and_record(scheduler_output, *args, **kwargs):
+                out = execute(scheduler_output, *args, **kwargs)
+                log.record(runner, scheduler_output, reads)
+                return out
+
+            runner.execute_model = execute_and_record
+        return reads.num_probes
+
+    def probe_rl_set_read_probes(self, weights: list[list[float]], biases: list[float]) -> None:
+        """Refit probes: new weights copied into the tensors the compiled hooks read."""
+        self.model_runner.get_model().probe_rl_reads.set_weights(weights, biases)
+
+    def probe_rl_take_scores(self, keys: list[str]) -> dict:
+        """Scores recorded since the last take for these requests: key -> (positions, per-position scores)."""
+        return self._probe_rl_log.take(keys)
+
     def probe_rl_set_ablation(self, layer: int | None, direction: list[float] | None) -> bool:
         """Project the unit `direction` u out of the residual stream after decoder block `layer` (h - (h.u)u) in
         every forward pass from now on; `layer` None removes it. Returns whether an ablation is on.

@@ -7,7 +7,7 @@ says what to change, before Ray, vLLM or DeepSpeed start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,17 @@ import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.tasks import GroundTruthFn, PromptSet, RewardFn, arithmetic_prompts, load_prompt_file, load_reward_fn
+
+
+@dataclass(frozen=True)
+class GeneratorProbe:
+    """A probe read inside the generators' sampling pass (pipeline/vllm_probes.py)."""
+
+    name: str  # its reading's name in the tables: the probe's own, or `<name>@gen` when the scorers read it too
+    stem: str
+    aggregation: str | None
+    layer: int
+    twin: str | None = None  # the name of the scorers' reading of the same probe, if any
 
 
 @dataclass
@@ -31,6 +42,24 @@ class World:
     reward_fn: RewardFn
     ground_truth_fn: GroundTruthFn | None = None
     eval_labelled: object = None  # probes.toolkit.Labelled: the fixed set of evaluation checkpoints
+    generator_probes: list[GeneratorProbe] = field(default_factory=list)  # probes read in the sampling pass
+
+    @property
+    def column_names(self) -> list[str]:
+        """Every probe reading in the scored table, in column order: the scorers' probes, then the generators'."""
+        return self.probe_names + [g.name for g in self.generator_probes]
+
+    def probe_stem(self, name: str) -> tuple[str, str | None]:
+        """(stem, aggregation) of the probe behind reading `name`, wherever it is read."""
+        if name in self.probe_names:
+            return self.probe_paths[self.probe_names.index(name)]
+        g = next(g for g in self.generator_probes if g.name == name)
+        return g.stem, g.aggregation
+
+    def evaluated_probes(self) -> list[tuple[str, str | None]]:
+        """(stem, aggregation) of each distinct probe, for the evaluator: the scorers' and those only read on the
+        generators."""
+        return self.probe_paths + [(g.stem, g.aggregation) for g in self.generator_probes if g.twin is None]
 
     def prompts_for_step(self, step: int, num: int, seed: int) -> pa.Table:
         """The step's prompts: a seeded draw without replacement, the same on every run with this seed."""
@@ -84,7 +113,7 @@ def build_world(cfg: Config, log=print) -> World:
         toy = ensure_toy_world(cfg.toy, log)
     model_path = str(toy.model_dir) if cfg.model.path == "toy" else resolve_model_path(cfg.model.path)
     model_cfg = AutoConfig.from_pretrained(model_path)
-    probe_paths, names = load_probes(cfg, toy, model_cfg)
+    probe_paths, names, generator_probes = load_probes(cfg, toy, model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, eval_prompts = prompt_sets(cfg)
@@ -112,15 +141,16 @@ def build_world(cfg: Config, log=print) -> World:
             eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
                                          cfg=cfg.toy)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
-                 reward_fn, truth_fn, eval_labelled)
+                 reward_fn, truth_fn, eval_labelled, generator_probes)
 
 
-def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """(stem, aggregation) and name of every probe in scorer.probes, each checked against the model; the shaping
-    probe also against what its shaping kind does with it. "toy" is the toy's hack probe, "toy:<name>" another."""
+def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
+    """(stem, aggregation) and name of every probe the scorers read, and the probes the generators read; each
+    checked against the model, the shaping probe also against what its shaping kind does with it. "toy" is the
+    toy's hack probe, "toy:<name>" another."""
     from probes.probe import load_probe
 
-    probe_paths, probes = [], []
+    probe_paths, probes, on_generator = [], [], []
     for spec in cfg.scorer.probes:
         source, _, name = spec.path.partition(":")
         if source == "toy":
@@ -131,15 +161,37 @@ def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None
             stem = spec.path
         probe = load_probe(stem)  # raises ValueError naming the file and what is wrong
         probe.check_fits(model_cfg.num_hidden_layers, model_cfg.hidden_size, model_name=f"model {cfg.model.path!r}")
-        probe_paths.append((stem, spec.aggregation))
-        probes.append(probe)
+        if (spec.read or ("generator" if cfg.scorer.model == "generator" else "scorer")) == "generator":
+            on_generator.append((stem, spec.aggregation, probe))
+        else:
+            probe_paths.append((stem, spec.aggregation))
+            probes.append(probe)
     names = [p.name for p in probes]
-    if cfg.shaping.probe is not None and cfg.shaping.probe not in names:
-        raise ValueError(f"shaping.probe={cfg.shaping.probe!r} is not among the loaded probes {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"scorer.probes: the scorers would read two probes named the same ({names}); list each once")
+    generator_probes = []
+    for stem, aggregation, probe in on_generator:
+        twin = next((n for n, (st, _) in zip(names, probe_paths, strict=True) if st == stem), None)
+        name = f"{probe.name}@gen" if probe.name in names else probe.name
+        if name in [g.name for g in generator_probes]:
+            raise ValueError(f"scorer.probes: probe {probe.name!r} is read on the generators twice; list it once")
+        generator_probes.append(GeneratorProbe(name, stem, aggregation, probe.layer, twin))
+        probes.append(probe)
+    every = names + [g.name for g in generator_probes]
+    if cfg.shaping.probe is not None and cfg.shaping.probe not in every:
+        raise ValueError(f"shaping.probe={cfg.shaping.probe!r} is not among the loaded probes {every}")
+    shaping_name = cfg.shaping.probe or (every[0] if every else None)
     if cfg.shaping.kind in ("loss", "ablate"):
-        shaping = probes[names.index(cfg.shaping.probe)] if cfg.shaping.probe else probes[0]
-        check_shaping_probe(cfg.shaping.kind, shaping, model_cfg)
-    return probe_paths, names
+        check_shaping_probe(cfg.shaping.kind, probes[every.index(shaping_name)], model_cfg)
+    g = next((g for g in generator_probes if g.name == shaping_name), None)
+    if cfg.scorer.retrain_every and g is not None and g.twin is None:
+        raise ValueError(f"scorer.retrain_every refits the shaping probe on a scorer's activations, but probe "
+                         f"{shaping_name!r} is read only on the generators: list it in scorer.probes a second time "
+                         "with read = \"scorer\" (its refit then reaches both readings)")
+    if generator_probes and cfg.shaping.kind == "ablate":
+        raise ValueError("shaping.kind = \"ablate\" edits the generators' residual stream, which generator-read probes "
+                         "would read after the edit: read the probes on the scorers (read = \"scorer\")")
+    return probe_paths, names, generator_probes
 
 
 def check_shaping_probe(kind: str, probe, model_cfg) -> None:
