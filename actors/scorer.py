@@ -45,6 +45,7 @@ class Scorer:
         dtype: str = "float32",
         pad_id: int = 0,
         weight_backend: str | None = None,  # live mode: how new weights arrive (see pipeline/weights.py)
+        carried: list[str] = (),  # probes the generators read: their columns pass through, after the scorers' own
     ) -> None:
         import torch
 
@@ -72,15 +73,20 @@ class Scorer:
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ValueError(f"probe names must be unique, got {names}")
-        self.schema = scored_schema(names)
+        self.carried = list(carried)
+        self.schema = scored_schema(names + self.carried)
 
     @property
     def probe_names(self) -> list[str]:
         return [p.name for p in self.probes]
 
     def score(self, rollouts: pa.Table) -> tuple[pa.Table, ScoreStats]:
-        """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table."""
+        """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table (whose generator-read probe
+        columns, if any, pass through after the scorers' own and count for nonfinite_score too)."""
+        carried = {c: rollouts.column(c) for c in rollouts.schema.names if c not in ROLLOUT_SCHEMA.names}
+        rollouts = rollouts.select(ROLLOUT_SCHEMA.names)
         assert rollouts.schema.equals(ROLLOUT_SCHEMA), rollouts.schema
+        assert sorted(carried) == sorted(f"probe/{n}/{k}" for n in self.carried for k in ("tokens", "score")), carried
         maybe_die("scorer")
         start, start_time = time.perf_counter(), time.time()
         maybe_slow_down("scorer")
@@ -102,12 +108,18 @@ class Scorer:
                 for name in tokens:
                     tokens[name][i] = t[name][k]
                     aggs[name][i] = a[name][k]
-        nonfinite = [not all(math.isfinite(aggs[n][i]) for n in aggs) for i in range(len(prompts))]
+        for name in self.carried:
+            aggs[name] = carried[f"probe/{name}/score"].to_pylist()
+        nonfinite = [not all(v is not None and math.isfinite(v) for v in (aggs[n][i] for n in aggs))
+                     for i in range(len(prompts))]
         table = rollouts.append_column(self.schema.field("ref_logprobs"), pa.array(ref, pa.list_(pa.float32())))
         table = table.append_column(self.schema.field("nonfinite_score"), pa.array(nonfinite, pa.bool_()))
         for name in self.probe_names:
             table = table.append_column(self.schema.field(f"probe/{name}/tokens"), pa.array(tokens[name], pa.list_(pa.float32())))
             table = table.append_column(self.schema.field(f"probe/{name}/score"), pa.array(aggs[name], pa.float32()))
+        for name in self.carried:
+            for kind in ("tokens", "score"):
+                table = table.append_column(self.schema.field(f"probe/{name}/{kind}"), carried[f"probe/{name}/{kind}"])
         stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite),
                            1 - num_tokens / padded if padded else 0.0, start_time)
         return table, stats

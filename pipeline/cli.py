@@ -158,6 +158,8 @@ def _add_analysis_parsers(sub) -> None:
     pf.add_argument("--repeats", type=int, default=2, help="A B pairs per KL setting")
     pf.add_argument("--kl", choices=["on", "off", "both"], default="both", help="with a KL term, without, or both")
     pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
+    pf.add_argument("--live", action="store_true", help="also the live readings: the probes on a live scorer copy "
+                    "(a second pass) and inside the generators' sampling pass (none)")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
     rp.add_argument("dir", help="experiment output directory")
 
@@ -332,7 +334,7 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.profile import profile
 
     try:
-        profile(args.config, rest, args.repeats, args.kl, args.out)
+        profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live)
     except ValueError as e:
         print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2

@@ -262,7 +262,7 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
-    rewarder, scaler = Rewarder(cfg, world), ScorerScaler(fleet, log)
+    rewarder, scaler = Rewarder(cfg, world, loop.sink.rows), ScorerScaler(fleet, log)
     retrainer = loop.retrainer = ProbeRetrainer(cfg, fleet)
     eval_start = greedy_accuracy(cfg, world, fleet)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
@@ -471,10 +471,15 @@ class ProbeRetrainer:
         if labels.min() == labels.max():
             return {"scorer/retrain_skipped": 1.0}  # one class only: nothing to fit
         fleet = self.fleet
-        name = self.cfg.shaping.probe or fleet.world.probe_names[0]
+        name = self.cfg.shaping.probe or fleet.world.column_names[0]
+        # A probe read on the generators is refit on its scorer twin's activations; every reading of the probe
+        # (scorers' and generators') takes the result.
+        on_scorer = next((g.twin for g in fleet.world.generator_probes if g.name == name), None) or name
+        readings = {on_scorer} | {g.name for g in fleet.world.generator_probes if g.twin == on_scorer or g.name == name}
         t = self.cfg.pipeline.timeout_s
-        tensors, metrics = wait(fleet.scorers[0].refit_probe.remote(name, table, labels.tolist()), "scorer (refit)", t)
-        fleet.set_probes({**fleet.probe_overrides, name: tensors})
+        tensors, metrics = wait(fleet.scorers[0].refit_probe.remote(on_scorer, table, labels.tolist()),
+                                "scorer (refit)", t)
+        fleet.set_probes({**fleet.probe_overrides, **{r: {k: v.clone() for k, v in tensors.items()} for r in readings}})
         return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
 
 

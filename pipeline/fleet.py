@@ -91,7 +91,7 @@ class Fleet:
             from actors.evaluator import ProbeEvaluator
 
             fleet.evaluator = fleet._make(ProbeEvaluator, "evaluator", cfg.eval, 0, dict(
-                model_path=world.model_path, probe_paths=world.probe_paths, labelled=world.eval_labelled,
+                model_path=world.model_path, probe_paths=world.evaluated_probes(), labelled=world.eval_labelled,
                 dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
         fleet.await_started("scorer", fleet.scorers, fleet.new_scorer)
@@ -153,14 +153,15 @@ class Fleet:
         cfg = self.cfg
         return self._make(Generator, "generator", cfg.generator, i, dict(
             model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.model.dtype,
-            seed=cfg.pipeline.seed + i, ablation=self.ablation()))
+            seed=cfg.pipeline.seed + i, ablation=self.ablation(),
+            probes=[(g.name, g.stem, g.aggregation) for g in self.world.generator_probes]))
 
     def shaping_probe(self) -> tuple[str, str | None] | None:
         """(stem, aggregation) of the probe that shapes training, if any."""
         w = self.world
-        if not w.probe_paths:
+        if not w.column_names:
             return None
-        return w.probe_paths[w.probe_names.index(self.cfg.shaping.probe) if self.cfg.shaping.probe else 0]
+        return w.probe_stem(self.cfg.shaping.probe or w.column_names[0])
 
     def ablation(self) -> tuple[int, list[float]] | None:
         """shaping.kind = "ablate": (layer, unit direction) of the shaping probe, for generators to project out."""
@@ -179,7 +180,7 @@ class Fleet:
         return self._make(Scorer, "scorer", cfg.scorer, i, dict(
             model_path=self.world.model_path, probe_paths=self.world.probe_paths, cfg=cfg.scorer,
             compute_ref=cfg.learner.kl_coef > 0, dtype=cfg.model.dtype, pad_id=self.world.pad_id,
-            weight_backend=self.backend))
+            weight_backend=self.backend, carried=[g.name for g in self.world.generator_probes]))
 
     def start_learners(self) -> None:
         """Start every rank, then let them meet at rank 0's node (so ranks may sit on different nodes)."""
@@ -416,24 +417,38 @@ class Fleet:
         """What a started worker needs before it gets work: the probes refit during the run."""
         from pipeline.remote import wait
 
+        if kind in ("scorer", "generator"):
+            reads = self.reads(kind)
+            wait([actor.set_probe.remote(name, tensors) for name, tensors in self.probe_overrides.items()
+                  if name in reads], f"{kind} {index} (refit probes)", self.timeout)
+
+    def reads(self, kind: str) -> set[str]:
+        """The probe readings a role holds by name: scorers their own, generators theirs, the evaluator every
+        distinct probe (a generator reading with a scorer twin is the twin's probe)."""
+        w = self.world
+        own = {g.name for g in w.generator_probes}
+        if kind == "generator":
+            return own
         if kind == "scorer":
-            wait([actor.set_probe.remote(name, tensors) for name, tensors in self.probe_overrides.items()],
-                 f"scorer {index} (refit probes)", self.timeout)
+            return set(w.probe_names)
+        return set(w.probe_names) | {g.name for g in w.generator_probes if g.twin is None}
 
     def set_probes(self, overrides: dict[str, dict]) -> None:
-        """Every scorer (and the evaluator) reads the probes in `overrides` (name -> {"weight", "bias"}: refit during
-        the run), and the world's own probe for a name refit before but not in `overrides` (after a restart to a
+        """Every scorer, generator and the evaluator reads the probes in `overrides` it holds (name -> {"weight",
+        "bias"}: refit during the run; generators copy them in place into vLLM's compiled forward), and the world's
+        own probe for a name refit before but not in `overrides` (after a restart to a
         checkpoint taken before that refit)."""
         from pipeline.remote import wait
         from probes.probe import load_probe
 
         send = dict(overrides)
         for name in set(self.probe_overrides) - set(overrides):
-            probe = load_probe(self.world.probe_paths[self.world.probe_names.index(name)][0])
+            probe = load_probe(self.world.probe_stem(name)[0])
             send[name] = {"weight": probe.weight, "bias": probe.bias}
-        targets = self.scorers + ([self.evaluator] if self.evaluator else [])
-        wait([a.set_probe.remote(name, tensors) for a in targets for name, tensors in send.items()],
-             "scorer (set probe)", self.timeout)
+        targets = [(a, "scorer") for a in self.scorers] + [(a, "generator") for a in self.generators]
+        targets += [(self.evaluator, "evaluator")] if self.evaluator else []
+        wait([a.set_probe.remote(name, tensors) for a, kind in targets for name, tensors in send.items()
+              if name in self.reads(kind)], "scorer (set probe)", self.timeout)
         self.probe_overrides = dict(overrides)
 
     # --- helpers for the loop ------------------------------------------------------------------------------

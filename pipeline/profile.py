@@ -21,7 +21,9 @@ from pipeline.config import Config, _merge, load_config
 STAGES = ("wait_rollouts", "reward", "learn", "sync", "probe_retrain")
 
 
-def arms_of(base: Config, kl: str) -> dict[str, Config]:
+def arms_of(base: Config, kl: str, live: bool = False) -> dict[str, Config]:
+    """plain-<tag> and probes-<tag> (tag: kl, nokl); with `live` also live-<tag> (the probes on a live scorer copy:
+    a second pass) and gen-<tag> (the probes read inside the generators' own sampling pass)."""
     if not base.scorer.probes:
         raise ValueError("profile compares plain RLHF with probes: the config needs scorer.probes")
     shaping = base.shaping.model_dump() if base.shaping.kind != "none" else {"kind": "penalty", "coef": 1.0}
@@ -35,17 +37,21 @@ def arms_of(base: Config, kl: str) -> dict[str, Config]:
             continue
         arms[f"plain-{tag}"] = Config.model_validate(_merge(plain, {"learner": {"kl_coef": coef}}))
         arms[f"probes-{tag}"] = Config.model_validate(_merge(probes_on, {"learner": {"kl_coef": coef}}))
+        if live:
+            for arm, where in (("live", "live"), ("gen", "generator")):
+                arms[f"{arm}-{tag}"] = Config.model_validate(_merge(probes_on, {
+                    "learner": {"kl_coef": coef}, "scorer": {"model": where, "retrain_every": 0}}))
     return arms
 
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
-            log=print) -> Path:
+            log=print, live: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
     from pipeline.driver import restart_run_dir
 
     base = load_config(config, overrides)
-    arms = arms_of(base, kl)
+    arms = arms_of(base, kl, live)
     root = Path(out or Path(base.run.output_dir) / "profile")
     root.mkdir(parents=True, exist_ok=True)
     plan = []  # (repeat, arm, its config, done already)
@@ -86,14 +92,18 @@ class _Session:
         from pipeline.driver import init_ray
         from pipeline.world import build_world
 
-        self.world_plain = build_world(next(a for n, a in arms.items() if n.startswith("plain")), log)
-        self.world_probes = build_world(next(a for n, a in arms.items() if n.startswith("probes")), log)
-        init_ray(max(arms.values(), key=lambda c: c.scorer.num_workers))
+        # one world per kind of arm (plain, probes, live, gen): they differ in where the probes are read
+        self.worlds = {}
+        for name, cfg in arms.items():
+            kind = name.split("-")[0]
+            if kind not in self.worlds:
+                self.worlds[kind] = build_world(cfg, log)
+        init_ray(max(arms.values(), key=lambda c: c.reserved_cpus()))
 
     def run(self, name: str, cfg: Config, run_dir: Path) -> None:
         from pipeline.driver import run
 
-        run(cfg, run_dir, self.world_probes if name.startswith("probes") else self.world_plain, log=lambda *_: None)
+        run(cfg, run_dir, self.worlds[name.split("-")[0]], log=lambda *_: None)
 
     def close(self) -> None:
         import ray
@@ -162,10 +172,11 @@ def _timeline(row: dict, path: Path) -> None:
     path.write_text(json.dumps(events))
 
 
-def overhead(results: dict[str, list[dict]], tag: str, key: str = "step_s") -> tuple[float, float, float] | None:
-    """Median, min and max over repeats of key(probes) / key(plain), paired by repeat (key: step_s, the wall
-    time; busy_total, the resource-seconds)."""
-    a, b = results.get(f"probes-{tag}"), results.get(f"plain-{tag}")
+def overhead(results: dict[str, list[dict]], tag: str, key: str = "step_s",
+             arm: str = "probes") -> tuple[float, float, float] | None:
+    """Median, min and max over repeats of key(arm) / key(plain), paired by repeat (key: step_s, the wall
+    time; busy_total, the resource-seconds; busy_generator, the generators' busy seconds)."""
+    a, b = results.get(f"{arm}-{tag}"), results.get(f"plain-{tag}")
     if not a or not b:
         return None
     ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True) if y[key] > 0]
@@ -208,6 +219,21 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
         if wall and busy:
             lines.append(f"- {label}: wall time **{wall[0]:.3f}** ({wall[1]:.3f}-{wall[2]:.3f}); busy "
                          f"resource-seconds **{busy[0]:.3f}** ({busy[1]:.3f}-{busy[2]:.3f})")
+    live_rows = [(arm, tag) for tag in ("kl", "nokl") for arm in ("probes", "live", "gen")
+                 if f"live-{tag}" in results and f"{arm}-{tag}" in results]
+    if live_rows:
+        lines += ["", "## Reading the probes live", "",
+                  "*probes*: on the frozen scorer copy; *live*: on a live scorer copy that takes every weight version "
+                  "(a second pass); *gen*: inside the generators' own sampling pass (no extra pass, "
+                  "pipeline/vllm_probes.py). Ratios to plain, per repeat pair: median (min-max).", "",
+                  "| arm | generator busy s / plain | scorer busy s / plain | busy total / plain | wall / plain |",
+                  "|---|---|---|---|---|"]
+        for arm, tag in live_rows:
+            cells = []
+            for key in ("busy_generator", "busy_scorer", "busy_total", "step_s"):
+                o = overhead(results, tag, key, arm)
+                cells.append(f"**{o[0]:.3f}** ({o[1]:.3f}-{o[2]:.3f})" if o else "- (plain has none)")
+            lines.append(f"| {arm}-{tag} | " + " | ".join(cells) + " |")
     share = truncated_share(results)
     if share is not None:
         # the toy's probes read toy.probe_layer; other models' probe layers are in their files, not the config

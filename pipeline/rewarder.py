@@ -14,11 +14,18 @@ from pipeline.world import World
 
 
 class Rewarder:
-    def __init__(self, cfg: Config, world: World) -> None:
+    def __init__(self, cfg: Config, world: World, history: list[dict] | None = None) -> None:
+        """`history`: the run's metric rows so far (a resumed run keeps its first step's obfuscation baseline)."""
+        from probes.probe import load_probe
+
         self.shaping = cfg.shaping
         self.world = world
-        self.probe_names = world.probe_names
-        self.shaping_probe = cfg.shaping.probe or (world.probe_names[0] if world.probe_names else None)
+        self.probe_names = world.column_names
+        self.shaping_probe = cfg.shaping.probe or (self.probe_names[0] if self.probe_names else None)
+        # generator readings with a scorer twin: (reading, twin, aggregation) for the obfuscation decomposition
+        self.pairs = [(g.name, g.twin, g.aggregation or load_probe(g.stem).aggregation)
+                      for g in world.generator_probes if g.twin is not None]
+        self.history = history if history is not None else []
 
     def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float], np.ndarray | None]:
         """(train table, metrics, ground-truth class of each row or None when the task has no ground truth)."""
@@ -56,6 +63,8 @@ class Rewarder:
                 metrics[f"rollout/{cls}_rate"] = float((truth == cls).mean())
             if score is not None:  # hacks the shaping probe (or the only probe) misses, whatever the shaping kind
                 metrics["rollout/evasion_rate"] = evasion_rate(score, truth, self.shaping.threshold)
+        for live, frozen, how in self.pairs:
+            metrics.update(self.decomposition(scored, live, frozen, how))
         for name in self.probe_names:
             s = scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False)
             metrics[f"scorer/{name}_mean"] = _nanmean(s)
@@ -63,6 +72,36 @@ class Rewarder:
                 for cls in GROUND_TRUTH:
                     metrics[f"scorer/{name}_mean_{cls}"] = _nanmean(s[truth == cls])
         return table, metrics, truth
+
+    def decomposition(self, scored: pa.Table, live: str, frozen: str, how: str) -> dict[str, float]:
+        """The change of a probe's score since the run's first step, split the way the obfuscation literature
+        splits it: `representation` = live reading minus frozen reading on this step's completions (the same
+        tokens: the frozen copy's scores of completion tokens 0..T-2, the positions the generator reads);
+        `behaviour` = the frozen reading now minus at the first step (what changed in the completions themselves);
+        `total` = their sum, the live reading now minus the frozen reading at the first step."""
+        import torch
+
+        from probes.probe import aggregate
+
+        live_s = scored.column(f"probe/{live}/score").to_numpy(zero_copy_only=False).astype(np.float64)
+        rows = scored.column(f"probe/{frozen}/tokens").to_pylist()
+        same = [r[:-1] for r in rows]  # the positions the generator reads: all but the last completion token
+        width = max([len(r) for r in same] + [1])
+        values = torch.zeros((len(same), width))
+        mask = torch.zeros((len(same), width), dtype=torch.bool)
+        for i, r in enumerate(same):
+            values[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+            mask[i, :len(r)] = True
+        frozen_s = aggregate(values, mask, how).double().numpy()
+        ok = np.isfinite(live_s) & np.isfinite(frozen_s)
+        key = f"obfuscation/{live}"
+        if not ok.any():
+            return {}
+        frozen_mean, live_mean = float(frozen_s[ok].mean()), float(live_s[ok].mean())
+        base = next((r[f"{key}/frozen"] for r in self.history if r.get(f"{key}/frozen") is not None), frozen_mean)
+        return {f"{key}/live": live_mean, f"{key}/frozen": frozen_mean,
+                f"{key}/representation": live_mean - frozen_mean, f"{key}/behaviour": frozen_mean - base,
+                f"{key}/total": live_mean - base}
 
     def sample(self, batch: pa.Table, num: int, step: int) -> pa.Table:
         """The first `num` rows of a train batch with step and decoded text, for rollouts.parquet."""

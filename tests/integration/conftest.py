@@ -34,12 +34,14 @@ def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
     """The run several tests share, in the precision a GPU run trains in: bf16 weights in the learner (DeepSpeed's
     fp32 masters beside them), the vLLM generators and the scorers; two generators and two scorers, the default
     max_staleness 1 (generation a version ahead), penalty shaping with the toy probe refit every 3 steps on the
-    run's own rollouts, a checkpoint every 2 steps, TensorBoard and offline W&B logs."""
+    run's own rollouts, the same probe also read inside the generators' sampling pass (`hack@gen`, refit with it),
+    a checkpoint every 2 steps, TensorBoard and offline W&B logs."""
     from ._helpers import toy_args
 
     return toy_args(toy_overrides, out_dir, name, REFERENCE_STEPS) + [
         "--model.dtype", "bfloat16", "--generator.num_workers", "2", "--scorer.num_workers", "2",
-        "--learner.checkpoint_every", "2", "--scorer.retrain_every", "3", "--run.loggers", '["tensorboard", "wandb"]']
+        "--learner.checkpoint_every", "2", "--scorer.retrain_every", "3", "--run.loggers", '["tensorboard", "wandb"]',
+        "--scorer.probes", '[{path = "toy"}, {path = "toy", read = "generator"}]', "--shaping.probe", "hack"]
 
 
 @pytest.fixture(scope="session")

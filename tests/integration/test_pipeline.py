@@ -39,6 +39,16 @@ def test_pipeline_runs_end_to_end(reference_run):
         assert r["sync/bytes"] == metrics[0]["sync/bytes"] > 0 and r["sync/buckets"] >= 1
         # penalty shaping: shaped = task - 0.5 * score, on average too
         assert r["rollout/shaped_reward"] == pytest.approx(r["rollout/task_reward"] - 0.5 * r["scorer/hack_mean"], abs=1e-4)
+    # the probe read inside the generators' sampling pass (`hack@gen`) beside the frozen copy's: on the rows
+    # of version 0 the two readings are of the same weights (bf16 in vLLM's kernels and in transformers'), so
+    # the decomposition's representation term is ~0; later it is what training did to the representation
+    for r in metrics:
+        o = {k.split("/")[-1]: v for k, v in r.items() if k.startswith("obfuscation/hack@gen/")}
+        assert o["representation"] == pytest.approx(o["live"] - o["frozen"])
+        assert o["total"] == pytest.approx(o["representation"] + o["behaviour"])
+        if r["step"] <= 2:
+            assert abs(o["representation"]) < 0.01
+    assert metrics[0]["obfuscation/hack@gen/behaviour"] == 0.0  # the first step is the baseline
     assert metrics[0]["learner/kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts from the reference
     assert all(r["learner/kl"] > 0 for r in metrics[1:])  # and the policy moves away from it
 
@@ -48,6 +58,12 @@ def test_pipeline_runs_end_to_end(reference_run):
         assert x["shaped_reward"] == pytest.approx(x["task_reward"] - 0.5 * x["probe/hack/score"], abs=1e-6)
         assert len(x["probe/hack/tokens"]) == len(x["ref_logprobs"]) == len(x["completion_ids"])
         assert x["probe/hack/score"] == pytest.approx(np.mean(x["probe/hack/tokens"]), abs=1e-6)  # mean-pooled
+        # the generator reading covers completion tokens 0..T-2 (the last is never fed back), mean-pooled too
+        assert len(x["probe/hack@gen/tokens"]) == len(x["completion_ids"]) - 1
+        if len(x["completion_ids"]) > 1:
+            assert x["probe/hack@gen/score"] == pytest.approx(np.mean(x["probe/hack@gen/tokens"]), abs=1e-6)
+        if x["policy_version"] == 0:  # the same weights as the frozen copy: the same scores, to bf16 kernels
+            assert np.allclose(x["probe/hack@gen/tokens"], x["probe/hack/tokens"][:-1], atol=0.06)
 
     # checkpoints every 2 steps, the newest 3 kept, each beside the rollouts launched before it
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
@@ -106,20 +122,21 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
 
 
 def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, toy_world, tmp_path):
-    """`probe-rl profile`, one A B pair with KL on the toy world: each arm's figures in profile.md are the means of
-    its own run's metrics after warm-up, and the overheads are their ratios."""
+    """`probe-rl profile --live`, one repeat with KL on the toy world: plain, probes on the frozen scorers, on a live
+    scorer, and on the generators; each arm's figures in profile.md are the means of its own run's metrics after
+    warm-up, and the overheads are their ratios."""
     from pipeline.profile import _summarise
 
     from ._helpers import cli, toy_args
 
     out_dir = tmp_path / "profile"
     args = toy_args(toy_overrides, tmp_path, "unused", 3)[1:]  # profile names each arm's run itself
-    done = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args])
+    done = cli(["profile", "--repeats", "1", "--kl", "on", "--live", "--out", str(out_dir), *args])
     assert done.returncode == 0, done.stderr[-3000:]
     text = (out_dir / "profile.md").read_text()
     base = load_config(None, args)
     summary = {}
-    for arm in ("plain-kl", "probes-kl"):
+    for arm in ("plain-kl", "probes-kl", "live-kl", "gen-kl"):
         rows = pq.read_table(out_dir / f"{arm}-r0" / "metrics.parquet").to_pylist()
         assert len(rows) == 3
         m = summary[arm] = _summarise(rows[2:], base)  # warm-up: the first two steps; both arms hold the same
@@ -131,10 +148,18 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     busy = summary["probes-kl"]["busy_total"] / summary["plain-kl"]["busy_total"]
     assert f"wall time **{wall:.3f}**" in text and f"busy resource-seconds **{busy:.3f}**" in text
     assert (out_dir / "timeline-probes-kl.json").is_file()
+    for arm in ("probes", "live", "gen"):  # the live-reading table: generator and scorer busy seconds against plain
+        gen = summary[f"{arm}-kl"]["busy_generator"] / summary["plain-kl"]["busy_generator"]
+        score = summary[f"{arm}-kl"]["busy_scorer"] / summary["plain-kl"]["busy_scorer"]
+        assert f"| {arm}-kl | **{gen:.3f}** ({gen:.3f}-{gen:.3f}) | **{score:.3f}** ({score:.3f}-{score:.3f}) |" in text
+    gen_rows = pq.read_table(out_dir / "gen-kl-r0" / "rollouts.parquet")
+    assert "probe/hack/tokens" in gen_rows.column_names  # the gen arm's probe was read on the generators
+    assert [len(t) for t in gen_rows.column("probe/hack/tokens").to_pylist()] == \
+        [len(c) - 1 for c in gen_rows.column("completion_ids").to_pylist()]
     # Again into the same folder: both runs are complete there, so they are read back (no run, no Ray) and the
     # report is the same; with another config the folder is refused rather than mixed.
-    again = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args])
-    assert again.returncode == 0 and "2 of 2 runs are complete" in again.stdout, again.stderr[-3000:]
+    again = cli(["profile", "--repeats", "1", "--kl", "on", "--live", "--out", str(out_dir), *args])
+    assert again.returncode == 0 and "4 of 4 runs are complete" in again.stdout, again.stderr[-3000:]
     assert (out_dir / "profile.md").read_text() == text
     other = cli(["profile", "--repeats", "1", "--kl", "on", "--out", str(out_dir), *args, "--learner.lr", "1e-3"])
     assert other.returncode == 2 and "holds a run of another config" in other.stderr
