@@ -108,8 +108,9 @@ class Scorer:
                 for name in tokens:
                     tokens[name][i] = t[name][k]
                     aggs[name][i] = a[name][k]
-        for name in self.carried:
-            aggs[name] = carried[f"probe/{name}/score"].to_pylist()
+        for name in self.carried:  # a generator reading of a one-token completion is empty: nothing to score there
+            aggs[name] = [0.0 if not t else v for t, v in zip(carried[f"probe/{name}/tokens"].to_pylist(),
+                                                              carried[f"probe/{name}/score"].to_pylist(), strict=True)]
         nonfinite = [not all(v is not None and math.isfinite(v) for v in (aggs[n][i] for n in aggs))
                      for i in range(len(prompts))]
         table = rollouts.append_column(self.schema.field("ref_logprobs"), pa.array(ref, pa.list_(pa.float32())))
