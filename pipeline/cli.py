@@ -348,6 +348,7 @@ def _cost(args: argparse.Namespace) -> int:
     if unknown:
         print(f"probe-rl cost: unknown model {unknown}; presets: {sorted(PRESETS)}", file=sys.stderr)
         return 2
+    archs, works = [], []
     for kl in (True, False):
         costs = []
         for m in args.model:
@@ -356,10 +357,18 @@ def _cost(args: argparse.Namespace) -> int:
             work = Workload(args.prompts, args.group, args.prompt_len, args.completion_len, (layer,),
                             args.num_probes, kl)
             costs.append(step_cost(arch, work))
+            if kl:
+                archs.append(arch)
+                works.append(work)
         print(f"\n{'With' if kl else 'Without'} a KL term ({args.prompts} prompts x {args.group} completions, "
               f"{args.prompt_len}+{args.completion_len} tokens, {args.num_probes} probe(s)):\n")
         print(format_table(costs))
-    from pipeline.cost import Utilisation
+    from pipeline.cost import Utilisation, format_live_table
+
+    print("\nReading the probes on the live policy (KL on): a live scorer copy runs the policy again up to the "
+          "deepest probe and takes every weight version; a generator read adds only the probes' dot products to "
+          "the generators' own pass:\n")
+    print(format_live_table(archs, works))
 
     u = Utilisation()
     print(f"\nEstimated time uses per-stage utilisation (decode {u.decode:.0%}, prefill {u.prefill:.0%}, score "

@@ -132,6 +132,41 @@ def step_cost(a: Arch, w: Workload, util: Utilisation = Utilisation(), peak_flop
     return c
 
 
+def live_read_cost(a: Arch, w: Workload) -> dict[str, float]:
+    """FLOPs per step of reading the probes on the *live* policy, two ways, and what plain RLHF spends:
+
+    - `live_scorer`: a live scorer copy runs the policy again over every prompt + completion, truncated after
+      the deepest probed layer (it cannot share the frozen reference pass), plus the probes' dot products; and
+      every weight version travels to it too (`live_scorer_bytes`, per sync);
+    - `generator`: the dot products alone, on every token the generators' own sampling pass computes (prompts
+      prefilled once per group, completion tokens 0..T-2), with no extra pass and no extra weights moved;
+    - `plain`: the plain RLHF step (generation, learning, and the reference pass when there is a KL term)."""
+    n, tp, tc = w.sequences, w.prompt_len, w.completion_len
+    t = tp + tc
+    deepest = max(w.probe_layers) if w.probe_layers else a.layers // 2
+    dots_per_token = 2 * a.hidden * w.num_probes
+    base = step_cost(a, w).flops
+    return {
+        "plain": base["generate"] + base["learn"] + base["reference"],
+        "generate": base["generate"],
+        "live_scorer": n * t * forward_flops_per_token(a, t / 2, layers=deepest + 1, lm_head=False)
+        + n * tc * dots_per_token,
+        "live_scorer_bytes": a.params * w.bytes_per_param,
+        "generator": (w.prompts * tp + n * (tc - 1)) * dots_per_token,
+    }
+
+
+def format_live_table(archs: list[Arch], works: list[Workload]) -> str:
+    lines = ["| model | live scorer: FLOPs | of plain step | weights to it per sync | generator read: FLOPs | "
+             "of plain step | of generation |", "|---|---|---|---|---|---|---|"]
+    for a, w in zip(archs, works, strict=True):
+        c = live_read_cost(a, w)
+        lines.append(f"| {a.name} | {_si(c['live_scorer'], 'FLOP')} | {_pct(c['live_scorer'] / c['plain'])} | "
+                     f"{_si(c['live_scorer_bytes'], 'B')} | {_si(c['generator'], 'FLOP')} | "
+                     f"{_pct(c['generator'] / c['plain'])} | {_pct(c['generator'] / c['generate'])} |")
+    return "\n".join(lines)
+
+
 def _si(x: float, unit: str) -> str:
     for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
