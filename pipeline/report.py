@@ -29,7 +29,11 @@ METHODS = [
      "the policy is pushed to representations that are hard to probe: refit AUROC falls"),
     ("frozen scorer copy vs live policy (5th axis)", "live_scorer",
      "a live scorer can be evaded by moving activations; the frozen copy only by changing behaviour"),
+    ("1. with the score read on the live policy in the generators' own sampling pass", "probe_penalty_live",
+     "like the live scorer, at no extra forward: evadable by moving activations as well as by changing behaviour"),
 ]
+
+DECOMPOSITION = "obfuscation/hack@gen"  # the generators' reading of the toy probe beside the frozen copy's
 
 
 def _series(rows: list[dict], key: str) -> np.ndarray:
@@ -84,6 +88,8 @@ def arm_table(data: dict[str, list[dict]], probe: str = "hack") -> list[dict]:
             key = f"eval/{probe}_{what}"
             row[what] = [r["eval"][-1].get(key, math.nan) if r["eval"] else math.nan for r in runs]
             row[what + "_start"] = [r["eval"][0].get(key, math.nan) if r["eval"] else math.nan for r in runs]
+        for part in ("representation", "behaviour", "total"):
+            row[f"obf_{part}"] = [_window_mean(_series(r["metrics"], f"{DECOMPOSITION}/{part}"), END) for r in runs]
         rows.append(row)
     return rows
 
@@ -230,6 +236,20 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
         lines.append(f"| {r['arm']} | {_fmt(r['auroc_live_start'])} → {_fmt(r['auroc_live'])} | "
                      f"{_fmt(r['auroc_frozen'])} | {_fmt(r['auroc_retrained'])} | {_fmt(r['detect_live_start'])} → "
                      f"{_fmt(r['detect_live'])} | {_fmt(r['detect_frozen'])} | {_fmt(r['score_gap'])} |")
+    decomposed = [r for r in table if any(np.isfinite(v) for v in r["obf_total"])]
+    if decomposed:
+        lines += [
+            "", "## The score's change, decomposed (the live reading on the generators against the frozen copy's)", "",
+            "Every step the toy probe is read twice on the same completions: on the frozen initial copy (the scorers) "
+            "and on the live policy inside the generators' own sampling pass (`hack@gen`, no extra forward), both over "
+            "completion tokens 0..T-2. *representation*: live minus frozen on the step's completions (what training "
+            "did to the activations); *behaviour*: the frozen reading now minus at the first step (what changed in "
+            "the completions themselves); *total*: their sum. Means over the last 10 steps (`obfuscation/hack@gen/*` "
+            "in the metrics).", "",
+            "| arm | representation (live − frozen) | behaviour (frozen − first step) | total |", "|---|---|---|---|"]
+        for r in decomposed:
+            lines.append(f"| {r['arm']} | {_fmt(r['obf_representation'])} | {_fmt(r['obf_behaviour'])} | "
+                         f"{_fmt(r['obf_total'])} |")
     lines += _methods_section(table)
     lines += ["", "![hack rate](hack_rate.png)", "", "![evasion rate](evasion_rate.png)", "",
               "![correct rate](correct_rate.png)", "", "![probe AUROC](probe_auroc.png)", "",
