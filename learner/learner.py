@@ -43,6 +43,7 @@ class TrainStats:
     probe_score: float = float("nan")  # shaping.kind = "loss": mean probe score on this rank's own forward pass
     num_rows: int = 0  # rows that carried a gradient on this rank
     nonfinite_rows: int = 0  # rows of the whole step dropped for a non-finite behaviour or reference log-prob
+    mismatch: dict | None = None  # learner.losses.mismatch_sums over this rank's shard (mismatch_metrics combines)
 
 
 class Learner:
@@ -175,7 +176,7 @@ class Learner:
         """One optimizer step on this rank's shard of the train table; returns the new version."""
         import torch
 
-        from learner.losses import ppo_loss
+        from learner.losses import combine_sums, mismatch_sums, ppo_loss
         from pipeline.batching import finite_rows, pack
         from pipeline.logprobs import model_logprobs
 
@@ -198,6 +199,9 @@ class Learner:
         denom = max(global_tokens, 1) / (self.grad_accum * self.world_size)
         row_denom = max(global_rows, 1) / (self.grad_accum * self.world_size)
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "probe": 0.0}
+        corr = self.cfg.rollout_correction
+        mismatch: list[dict[str, float]] = []
+        shard_finite = finite[self.rank * self.rows_per_rank:(self.rank + 1) * self.rows_per_rank]
         local_tokens, local_rows, grad_norm = 0, 0, None
         self.engine.train()
         for m in range(self.grad_accum):
@@ -209,11 +213,18 @@ class Learner:
                 logp = model_logprobs(self.engine.module, ids, batch.attention_mask.to(device),
                                       forward=self.engine)  # (B, T-1)
             behavior = batch.completion_targets(mb.column("behavior_logprobs").to_pylist()).to(device)
+            # The mismatch, from this very pass (every micro-step runs at the version the step trains): on every
+            # completion token of a row with finite log-probs, whatever its advantage or shaping mask.
+            measured = batch.completion_mask[:, 1:].to(device) & torch.as_tensor(
+                shard_finite[m * self.cfg.micro_batch_size:][:mb.num_rows], device=device)[:, None]
+            staleness = self.version - torch.as_tensor(mb.column("policy_version").to_numpy(), device=device)
+            mismatch.append(mismatch_sums(logp, behavior, measured, staleness, corr.threshold, corr.low))
             ref = batch.completion_targets(mb.column("ref_logprobs").to_pylist()).to(device) if use_ref else None
             loss_mask = torch.as_tensor(mb.column("loss_mask").to_numpy(zero_copy_only=False), device=device)
             token_mask = batch.completion_mask[:, 1:].to(device) & loss_mask[:, None]
             adv = torch.tensor(mb.column("advantage").to_numpy(), dtype=torch.float32, device=device)
-            parts = ppo_loss(logp, behavior, adv, token_mask, self.cfg.clip_eps, ref, self.cfg.kl_coef, num_tokens=denom)
+            parts = ppo_loss(logp, behavior, adv, token_mask, self.cfg.clip_eps, ref, self.cfg.kl_coef, num_tokens=denom,
+                             correction=corr.mode, threshold=corr.threshold, low=corr.low)
             loss = parts.loss
             if cap is not None:  # shaping.kind = "loss": coef x the probe's score on this very pass
                 from probes.probe import probe_loss
@@ -241,7 +252,7 @@ class Learner:
             self.version, mean["loss"], mean["policy_loss"], mean["kl"], mean["clip_frac"],
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
             sums["probe"] / local_rows if self.shaping is not None and self.shaping.kind == "loss" and local_rows
-            else math.nan, local_rows, nonfinite,
+            else math.nan, local_rows, nonfinite, combine_sums(mismatch),
         )
 
     def _on_activations(self):

@@ -148,6 +148,9 @@ class GeneratorConfig(RoleResources):
     """Where vLLM runs its engine core: in a separate process (vLLM's default, and what "auto" picks on GPUs)
     or inside the generator actor's process ("auto" on CPU, where the separate process is ~80x slower for small
     batches). Weights reach the engine the same way in both."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The generators' dtype, if not model.dtype: e.g. bf16 sampling against a float32 learner, the mismatch of
+    mixed-precision RL (logged under mismatch/, corrected by learner.rollout_correction)."""
     enable_prefix_caching: bool = False
     """vLLM's prefix caching: a group's completions share their prompt's KV blocks (reset at every weight update)."""
     max_num_batched_tokens: PositiveInt | None = None
@@ -228,6 +231,37 @@ class ShapingConfig(_Strict):
     (the `rollout/evasion_rate` metric)."""
 
 
+class RolloutCorrection(_Strict):
+    """Correction of the rollout/training mismatch (learner/losses.py: `correction_weights`). With w_t = the
+    learner's own probability of token t (at the version it trains, no gradient) over the generator's (the
+    behaviour log-prob), every mode but "off" takes the PPO ratio against the learner's own log-probs and
+    multiplies the token's surrogate by a weight:
+
+    - off: today's objective: the PPO ratio against the behaviour log-probs, no weight.
+    - tis: min(w_t, threshold): token-level truncated importance sampling (Yao et al. 2025, as in veRL's
+      token-level IS, slime's and ms-swift's TIS).
+    - mis_token: w_t where lower <= w_t <= threshold, else 0: token-level masked IS (slime, ms-swift MIS).
+    - mis_sequence: the row's product of w_t where it lies in [lower, threshold], else the row is masked:
+      sequence-level IS with rejection (NeMo-RL's masked sequence-level correction; veRL's sequence IS + RS).
+    - geometric: the row's geometric mean of w_t (exp of the mean log-ratio, length-independent) where it lies
+      in [lower, threshold], else the row is masked: geometric-mean rejection (veRL's geometric RS). Geometric
+      means sit near 1: thresholds such as 1.01 and 0.99 suit it.
+    - decoupled: w_t where w_t <= threshold, else 0 (AReaL's decoupled PPO objective, its behaviour-weight cap):
+      the proximal policy is the learner's own at the version it trains (one update per batch here).
+
+    Tokens a correction zeroes still count in the token-mean normaliser (it is global, fixed before the pass)."""
+
+    mode: Literal["off", "tis", "mis_token", "mis_sequence", "geometric", "decoupled"] = "off"
+    threshold: float = Field(2.0, gt=1.0)
+    """Upper bound on the importance weight (truncation for tis, rejection otherwise)."""
+    lower: float | None = Field(None, gt=0.0, lt=1.0)
+    """Lower bound for the masking modes; None: 1 / threshold."""
+
+    @property
+    def low(self) -> float:
+        return self.lower if self.lower is not None else 1.0 / self.threshold
+
+
 class LearnerConfig(RoleResources):
     num_ranks: PositiveInt = 1
     """DeepSpeed data-parallel ranks, one Ray actor each; they meet at rank 0's node, so they may span nodes."""
@@ -245,6 +279,9 @@ class LearnerConfig(RoleResources):
     """Weight of the k3 KL estimate to the reference (frozen initial) policy; 0 disables the reference pass."""
     clip_eps: PositiveFloat = 0.2
     """PPO ratio clip."""
+    rollout_correction: RolloutCorrection = RolloutCorrection()
+    """Correct the mismatch between the generator's and the learner's log-probs (precision, kernels, staleness);
+    the mismatch itself is logged every step under mismatch/ whatever the mode."""
     grad_clip: PositiveFloat = 1.0
     """Max global gradient norm."""
     micro_batch_size: PositiveInt = 64

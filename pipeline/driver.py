@@ -518,6 +518,8 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
     loop); `time/stage/<stage>_s` the driver's time in each stage of it; `time/generate_wall_s` the step's
     generation wall time (first chunk's start to last chunk's end, on the generators); `time/score_busy_s`
     the scorers' summed busy time on this step; `time/learn_compute_s` the slowest learner rank's step."""
+    from learner.losses import mismatch_metrics
+
     tokens = sum(s.num_tokens for s in gen_stats)
     gen_wall = max(s.end_time for s in gen_stats) - min(s.end_time - s.seconds for s in gen_stats)
     n_tok = sum(s.num_tokens for s in train_stats)
@@ -532,6 +534,7 @@ def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stat
            "learner/grad_norm": train_stats[0].grad_norm,
            "learner/probe_score": _row_mean(train_stats, "probe_score"),
            "learner/nonfinite_rows": train_stats[0].nonfinite_rows,
+           **mismatch_metrics([s.mismatch for s in train_stats if s.mismatch]),
            "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
            "time/generate_wall_s": gen_wall, "time/generate_busy_s": sum(s.seconds for s in gen_stats),

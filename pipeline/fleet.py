@@ -152,7 +152,7 @@ class Fleet:
 
         cfg = self.cfg
         return self._make(Generator, "generator", cfg.generator, i, dict(
-            model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.model.dtype,
+            model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.generator.dtype or cfg.model.dtype,
             seed=cfg.pipeline.seed + i, ablation=self.ablation(),
             probes=[(g.name, g.stem, g.aggregation) for g in self.world.generator_probes]))
 
