@@ -16,7 +16,9 @@ same way in both, since the receiving engine lives in vLLM's workers and is regi
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -120,6 +122,13 @@ class Generator:
         self.weight_backend = weight_backend
         self.version = 0
         self.updating = False  # a weight update session is open (start_weight_update without its finish yet)
+        self.in_flight = cfg.update_mode == "in_flight"
+        self.separate = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+        # In-flight updates in an in-process engine: the generate loop and the weight calls (another thread) take
+        # turns at the engine, one decoding step at a time; an open update session holds the steps back.
+        self._turn = threading.Condition()
+        self._stepping, self._holders, self._calls = False, 0, 0
+        self.llm.llm_engine.set_weight_version("0")
         self.ablation = ablation
         if ablation is not None:
             self._ablate(True)
@@ -134,7 +143,6 @@ class Generator:
         """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
         samples with its own seed (`request_seed`); `seed` None samples unseeded."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
@@ -143,9 +151,7 @@ class Generator:
         rows = prompts.to_pydict()
         params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
                                  seed=None if seed is None else request_seed(seed, g), detokenize=False) for g in rows["group_id"]]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in rows["prompt_ids"]], params, use_tqdm=False
-        )
+        outputs = self._run(rows["prompt_ids"], params)
         cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         num_tokens = 0
         keys = [read_key(out.request_id, comp.index, n) for out in outputs for comp in out.outputs]
@@ -164,13 +170,66 @@ class Generator:
                 cols["prompt_ids"].append(rows["prompt_ids"][i])
                 cols["completion_ids"].append(token_ids)
                 cols["behavior_logprobs"].append(logprobs)
-                cols["policy_version"].append(self.version)
+                versions = token_versions(comp.weight_versions, len(token_ids), self.version)
+                cols["behavior_versions"].append(versions)
+                cols["policy_version"].append(min(versions, default=self.version))
                 cols["answer"].append(rows["answer"][i])
                 num_tokens += len(token_ids)
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
         if self.probes:
             table = self._with_probe_columns(table, tokens)
-        return table, GenerateStats(time.perf_counter() - start, num_tokens, self.version, time.time())
+        return table, GenerateStats(time.perf_counter() - start, num_tokens, min(cols["policy_version"],
+                                                                                 default=self.version), time.time())
+
+    def _run(self, prompt_ids: list[list[int]], params: list) -> list:
+        """vLLM's outputs for these prompts, in their order: LLM.generate's loop, with a turn at the engine per
+        decoding step so that an in-flight weight update lands between two steps."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        self._calls += 1
+        ids = [f"c{self._calls}-{i}" for i in range(len(prompt_ids))]
+        for rid, prompt, sp in zip(ids, prompt_ids, params, strict=True):
+            sp.output_kind = RequestOutputKind.FINAL_ONLY
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), sp)
+        done = {}
+        while engine.has_unfinished_requests():
+            with self._step_turn():
+                outs = engine.step()
+            for out in outs:
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]
+
+    @contextmanager
+    def _step_turn(self):
+        """One decoding step of an in-process engine, never while a weight call holds it or a session is open."""
+        if self.separate:
+            yield  # vLLM's engine process steps on its own; an update session pauses its scheduler instead
+            return
+        with self._turn:
+            self._turn.wait_for(lambda: self._holders == 0 and not self.updating)
+            self._stepping = True
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._stepping = False
+                self._turn.notify_all()
+
+    @contextmanager
+    def _weights_turn(self):
+        """A weight call (another thread when updates are in flight): waits for the decoding step under way."""
+        with self._turn:
+            self._holders += 1
+            self._turn.wait_for(lambda: not self._stepping)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._holders -= 1
+                self._turn.notify_all()
 
     # --- probes read in the sampling pass --------------------------------------------------------------------
 
@@ -203,7 +262,8 @@ class Generator:
         probe = next(p for p in self.probes if p.name == name)
         assert tensors["weight"].shape == probe.weight.shape
         probe.weight, probe.bias = tensors["weight"].float(), tensors["bias"].float().reshape(1)
-        self.llm.collective_rpc("probe_rl_set_read_probes", args=self._probe_tensors())
+        with self._weights_turn():
+            self.llm.collective_rpc("probe_rl_set_read_probes", args=self._probe_tensors())
 
     @property
     def probe_names(self) -> list[str]:
@@ -212,32 +272,49 @@ class Generator:
     # --- vLLM's weight-transfer protocol, called by the learner's trainer-side engine ----------------------
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        with self._weights_turn():
+            self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def shutdown_weight_transfer_engine(self) -> None:
-        self.llm.shutdown_weight_transfer_engine()
+        with self._weights_turn():
+            self.llm.shutdown_weight_transfer_engine()
 
     def start_weight_update(self) -> None:
-        if self.updating:
-            # The last send stopped part-way (another receiver or the sender died) and is being resent whole:
-            # close the abandoned session (vLLM refuses to open a second one), keeping the version it held.
-            self.llm.finish_weight_update(str(self.version))
-        self.llm.start_weight_update()
-        self.updating = True
+        with self._weights_turn():
+            if self.updating:
+                # The last send stopped part-way (another receiver or the sender died) and is being resent whole:
+                # close the abandoned session (vLLM refuses to open a second one), keeping the version it held.
+                self.llm.finish_weight_update(str(self.version))
+            elif self.in_flight and self.separate:
+                # vLLM's engine process steps by itself: freeze its requests where they are for the update
+                self.llm.llm_engine.engine_core.call_utility("pause_scheduler", "keep", False)
+            self.llm.start_weight_update()
+            self.updating = True
 
     def update_weights(self, update_info: dict) -> None:
-        try:
-            self.llm.update_weights({"update_info": update_info})
-        except BaseException:
-            self.updating = False  # vLLM closes a session whose update failed
-            raise
+        with self._weights_turn():
+            try:
+                self.llm.update_weights({"update_info": update_info})
+            except BaseException:
+                self._session_closed()  # vLLM closes a session whose update failed
+                raise
 
     def finish_weight_update(self, weight_version: str) -> int:
-        self.llm.finish_weight_update(weight_version)
-        self.updating = False
-        self.llm.reset_prefix_cache()
-        self.version = int(weight_version)
-        return self.version
+        with self._weights_turn():
+            self.llm.finish_weight_update(weight_version)
+            # Unfinished sequences (in-flight updates) are preempted and re-prefilled under the new weights, so
+            # the log-prob of every token sampled from here on is the new version's, prefix included.
+            self.llm.reset_prefix_cache(reset_running_requests=self.in_flight)
+            self.version = int(weight_version)
+            self._session_closed()
+            return self.version
+
+    def _session_closed(self) -> None:
+        if self.in_flight and self.separate and self.updating:
+            self.llm.llm_engine.engine_core.call_utility("resume_scheduler")
+        with self._turn:
+            self.updating = False
+            self._turn.notify_all()
 
     def load_weights(self, weights, version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
@@ -261,14 +338,13 @@ class Generator:
         """Greedy completions (token ids), for evaluation and the weight-sync check: of the policy itself, without
         the training-time ablation unless `ablated`."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
         lift = self.ablation is not None and not ablated  # evaluate the policy itself, not its ablated twin
         if lift:
             self._ablate(False)
         try:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+            outs = self._run(prompt_ids, [params.clone() for _ in prompt_ids])
         finally:
             if lift:
                 self._ablate(True)
@@ -321,6 +397,18 @@ class Generator:
         if self._engine_dead():
             _exit("its vLLM engine is dead")
         return os.getpid()
+
+
+def token_versions(spans, num_tokens: int, current: int) -> list[int]:
+    """The weight version of each of a completion's tokens from vLLM's version spans (labels set by
+    `finish_weight_update`); without spans, every token is of the `current` version."""
+    if not spans:
+        return [current] * num_tokens
+    out = [current] * num_tokens
+    for span in spans:
+        for t in range(span.start, min(span.end, num_tokens)):
+            out[t] = int(span.version)
+    return out
 
 
 def read_key(request_id: str, index: int, n: int) -> str:

@@ -35,16 +35,14 @@ def train_table(rows: int, tokens: int, vocab: int, seed: int):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, ROLLOUT_SCHEMA
+    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
 
     rng = np.random.default_rng(seed)
     prompt_len = max(1, tokens // 4)
     prompts = rng.integers(4, vocab, (rows, prompt_len)).tolist()
     comps = rng.integers(4, vocab, (rows, tokens - prompt_len)).tolist()
     behavior = [[-float(np.log(vocab))] * len(c) for c in comps]
-    table = pa.Table.from_pydict({"prompt_id": list(range(rows)), "group_id": [i // 4 for i in range(rows)],
-                                  "prompt_ids": prompts, "completion_ids": comps, "behavior_logprobs": behavior,
-                                  "policy_version": [0] * rows, "answer": [""] * rows}, schema=ROLLOUT_SCHEMA)
+    table = rollout_table(prompts, comps, behavior, groups=[i // 4 for i in range(rows)])
     table = table.append_column(REF_LOGPROBS, pa.array(behavior, REF_LOGPROBS.type))
     table = table.append_column(NONFINITE, pa.array([False] * rows))
     reward = rng.random(rows).astype(np.float32)

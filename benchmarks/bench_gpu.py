@@ -56,17 +56,14 @@ def build_model(key: str, arch: Arch, dtype: str, device: str) -> Path:
 
 def rollouts(seqs: int, tokens: int, vocab: int):
     """`seqs` rows of `tokens` tokens (a quarter prompt, the rest completion), random ids."""
-    import pyarrow as pa
 
-    from pipeline.schema import ROLLOUT_SCHEMA
+    from pipeline.schema import rollout_table
 
     gen = torch.Generator().manual_seed(0)
     prompt_len = max(1, tokens // 4)
     ids = torch.randint(4, vocab, (seqs, tokens), generator=gen).tolist()
     prompts, comps = [r[:prompt_len] for r in ids], [r[prompt_len:] for r in ids]
-    return pa.Table.from_pydict({"prompt_id": list(range(seqs)), "group_id": list(range(seqs)), "prompt_ids": prompts,
-                                 "completion_ids": comps, "behavior_logprobs": [[-1.0] * len(c) for c in comps],
-                                 "policy_version": [0] * seqs, "answer": [""] * seqs}, schema=ROLLOUT_SCHEMA)
+    return rollout_table(prompts, comps)
 
 
 def _sync(device: str) -> None:

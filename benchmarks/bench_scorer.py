@@ -20,14 +20,12 @@ from _common import interleaved, random_llama, ratio, summary
 
 
 def rollouts(n: int, vocab: int, seed: int) -> pa.Table:
-    from pipeline.schema import ROLLOUT_SCHEMA
+    from pipeline.schema import rollout_table
 
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(4, vocab) for _ in range(rng.randint(8, 24))] for _ in range(n)]
     comps = [[rng.randrange(4, vocab) for _ in range(rng.randint(4, 48))] for _ in range(n)]
-    return pa.Table.from_pydict({"prompt_id": list(range(n)), "group_id": list(range(n)), "prompt_ids": prompts,
-                                 "completion_ids": comps, "behavior_logprobs": [[-1.0] * len(c) for c in comps],
-                                 "policy_version": [0] * n, "answer": [""] * n}, schema=ROLLOUT_SCHEMA)
+    return rollout_table(prompts, comps)
 
 
 def main() -> None:

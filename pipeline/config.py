@@ -151,6 +151,12 @@ class GeneratorConfig(RoleResources):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """The generators' dtype, if not model.dtype: e.g. bf16 sampling against a float32 learner, the mismatch of
     mixed-precision RL (logged under mismatch/, corrected by learner.rollout_correction)."""
+    update_mode: Literal["between_steps", "in_flight"] = "between_steps"
+    """When a new weight version reaches a generator. between_steps: after the generate call it is serving (its
+    rollouts come from one version). in_flight: between two of vLLM's decoding steps, mid-generation; unfinished
+    sequences go on under the new weights with their KV cache recomputed under them (vLLM preempts and
+    re-prefills them), so every token's behaviour log-prob is exactly that of the version that sampled it; each
+    token's version is in the rollout table (`behavior_versions`), `policy_version` is the oldest."""
     enable_prefix_caching: bool = False
     """vLLM's prefix caching: a group's completions share their prompt's KV blocks (reset at every weight update)."""
     max_num_batched_tokens: PositiveInt | None = None

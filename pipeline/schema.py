@@ -25,10 +25,26 @@ ROLLOUT_FIELDS = [
     pa.field("prompt_ids", pa.list_(pa.int32())),  # (B, T_p) prompt token ids
     pa.field("completion_ids", pa.list_(pa.int32())),  # (B, T_c) sampled token ids, EOS included if emitted
     pa.field("behavior_logprobs", pa.list_(pa.float32())),  # (B, T_c) log p of each sampled token under the generator
-    pa.field("policy_version", pa.int64()),  # (B,) weight version that generated the row
+    pa.field("policy_version", pa.int64()),  # (B,) weight version that generated the row (the oldest of its tokens')
+    pa.field("behavior_versions", pa.list_(pa.int64())),  # (B, T_c) weight version that sampled each token
     pa.field("answer", pa.string()),  # (B,) reference answer handed to the reward function
 ]
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+
+
+
+def rollout_table(prompts: list[list[int]], completions: list[list[int]], behavior: list[list[float]] | None = None,
+                  groups: list[int] | None = None, version: int = 0, answers: list[str] | None = None) -> pa.Table:
+    """A rollout table of these token ids (benchmarks, tests): behaviour log-probs -1.0 unless given, every token
+    of weight version `version`, a group per row unless given."""
+    n = len(prompts)
+    return pa.Table.from_pydict(
+        {"prompt_id": list(range(n)), "group_id": groups if groups is not None else list(range(n)),
+         "prompt_ids": prompts, "completion_ids": completions,
+         "behavior_logprobs": behavior if behavior is not None else [[-1.0] * len(c) for c in completions],
+         "policy_version": [version] * n, "behavior_versions": [[version] * len(c) for c in completions],
+         "answer": answers if answers is not None else [""] * n}, schema=ROLLOUT_SCHEMA)
+
 
 REF_LOGPROBS = pa.field("ref_logprobs", pa.list_(pa.float32()))  # (B, T_c) frozen reference policy; empty if no KL
 NONFINITE = pa.field("nonfinite_score", pa.bool_())  # (B,) some probe score was NaN/inf: excluded from the gradient

@@ -30,7 +30,7 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
     from transformers import AutoModelForCausalLM
 
     from pipeline.batching import pack
-    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, ROLLOUT_SCHEMA
+    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
 
     rng = np.random.default_rng(seed)
     prompts = [[1, *rng.integers(4, 14, 3).tolist(), 14, *rng.integers(4, 14, 2).tolist(), 17] for _ in range(rows)]
@@ -41,9 +41,7 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
     behavior = [v.tolist() for v in b.completion_values(lp, shift=1)]
-    table = pa.Table.from_pydict({"prompt_id": list(range(rows)), "group_id": [i // 4 for i in range(rows)],
-                                  "prompt_ids": prompts, "completion_ids": comps, "behavior_logprobs": behavior,
-                                  "policy_version": [0] * rows, "answer": [""] * rows}, schema=ROLLOUT_SCHEMA)
+    table = rollout_table(prompts, comps, behavior, groups=[i // 4 for i in range(rows)])
     table = table.append_column(REF_LOGPROBS, pa.array(behavior, REF_LOGPROBS.type))
     table = table.append_column(NONFINITE, pa.array([False] * rows))
     reward = rng.random(rows).astype(np.float32)

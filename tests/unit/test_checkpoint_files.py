@@ -82,6 +82,7 @@ def test_refit_probes_and_window_round_trip_beside_a_checkpoint(tmp_path):
                                      "prompt_ids": [rng.integers(4, 20, 3).tolist() for _ in range(n)],
                                      "completion_ids": [rng.integers(4, 20, 2).tolist() for _ in range(n)],
                                      "behavior_logprobs": [[-1.5, -0.5]] * n, "policy_version": [seed] * n,
+                                     "behavior_versions": [[seed, seed]] * n,
                                      "answer": ["7"] * n}, schema=ROLLOUT_SCHEMA)
 
     (tmp_path / "checkpoints").mkdir()

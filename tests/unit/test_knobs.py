@@ -18,7 +18,8 @@ def _rollouts(prompts, completions, groups):
     n = len(prompts)
     return pa.Table.from_pydict(
         {"prompt_id": list(range(n)), "group_id": groups, "prompt_ids": prompts, "completion_ids": completions,
-         "behavior_logprobs": [[-1.0] * len(c) for c in completions], "policy_version": [0] * n, "answer": ["0"] * n},
+         "behavior_logprobs": [[-1.0] * len(c) for c in completions], "policy_version": [0] * n,
+         "behavior_versions": [[0] * len(c) for c in completions], "answer": ["0"] * n},
         schema=ROLLOUT_SCHEMA)
 
 

@@ -22,6 +22,7 @@ def rollouts() -> pa.Table:
     return pa.Table.from_pydict(
         {"prompt_id": list(range(n)), "group_id": [0, 0, 1], "prompt_ids": PROMPTS, "completion_ids": COMPLETIONS,
          "behavior_logprobs": [[-1.0] * len(c) for c in COMPLETIONS], "policy_version": [0] * n,
+         "behavior_versions": [[0] * len(c) for c in COMPLETIONS],
          "answer": ["1", "2", "3"]},
         schema=ROLLOUT_SCHEMA,
     )
