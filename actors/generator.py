@@ -53,6 +53,11 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False
         # an engine reading probes must neither load a graph compiled without them nor leave one for an engine
         # without them. It compiles afresh at every start (Inductor's own cache, keyed by graph, still applies).
         os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    # vLLM caches what it read from the environment once an engine started; a process that builds another engine
+    # (tests, benchmarks) must have these values read afresh.
+    from vllm import envs
+
+    envs.disable_envs_cache()
     if not on_gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # actors share cores; let the OS place threads
@@ -123,12 +128,15 @@ class Generator:
         self.version = 0
         self.updating = False  # a weight update session is open (start_weight_update without its finish yet)
         self.in_flight = cfg.update_mode == "in_flight"
-        self.separate = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+        self.separate = type(self.llm.llm_engine.engine_core).__name__ != "InprocClient"  # vLLM's engine process
         # In-flight updates in an in-process engine: the generate loop and the weight calls (another thread) take
         # turns at the engine, one decoding step at a time; an open update session holds the steps back.
         self._turn = threading.Condition()
         self._stepping, self._holders, self._calls = False, 0, 0
+        self.steps = 0  # decoding steps run (engine.step calls)
         self.llm.llm_engine.set_weight_version("0")
+        if self.separate and "decode_step" in os.environ.get("PROBE_RL_SLOW", ""):
+            self.llm.collective_rpc("probe_rl_slow_steps")  # tests: vLLM's engine process steps by itself
         self.ablation = ablation
         if ablation is not None:
             self._ablate(True)
@@ -195,8 +203,11 @@ class Generator:
             engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), sp)
         done = {}
         while engine.has_unfinished_requests():
+            if not self.separate:
+                maybe_slow_down("decode_step")  # tests: decoding steps as slow as a large model's
             with self._step_turn():
                 outs = engine.step()
+            self.steps += 1
             for out in outs:
                 if out.finished:
                     done[out.request_id] = out

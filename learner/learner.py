@@ -217,7 +217,7 @@ class Learner:
             # completion token of a row with finite log-probs, whatever its advantage or shaping mask.
             measured = batch.completion_mask[:, 1:].to(device) & torch.as_tensor(
                 shard_finite[m * self.cfg.micro_batch_size:][:mb.num_rows], device=device)[:, None]
-            staleness = self.version - torch.as_tensor(mb.column("policy_version").to_numpy(), device=device)
+            staleness = self.version - torch.tensor(mb.column("policy_version").to_pylist(), device=device)
             mismatch.append(mismatch_sums(logp, behavior, measured, staleness, corr.threshold, corr.low))
             ref = batch.completion_targets(mb.column("ref_logprobs").to_pylist()).to(device) if use_ref else None
             loss_mask = torch.as_tensor(mb.column("loss_mask").to_numpy(zero_copy_only=False), device=device)

@@ -160,6 +160,8 @@ def _add_analysis_parsers(sub) -> None:
     pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
     pf.add_argument("--live", action="store_true", help="also the live readings: the probes on a live scorer copy "
                     "(a second pass) and inside the generators' sampling pass (none)")
+    pf.add_argument("--in-flight", action="store_true", help="also the probes arm with weights reaching generators "
+                    "mid-generation (generator.update_mode = in_flight)")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
     rp.add_argument("dir", help="experiment output directory")
 
@@ -334,7 +336,7 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.profile import profile
 
     try:
-        profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live)
+        profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live, in_flight=args.in_flight)
     except ValueError as e:
         print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@
 that its replacement, and every other process, carries on. Several specs are separated by commas.
 `PROBE_RL_FAIL_AT_STEP=3` makes the learner raise when it is asked for step 3.
 `PROBE_RL_SLOW="scorer:1.5:/tmp/switch"` makes every scorer call take 1.5 s longer while /tmp/switch exists
-(a slow scorer made fast again by deleting the file); roles "generator" (each generate call) and "receiver"
-(each weight bucket a receiver loads) too; several specs are separated by commas. These only stretch time,
+(a slow scorer made fast again by deleting the file); roles "generator" (each generate call), "decode_step"
+(each of vLLM's decoding steps in a generator) and "receiver" (each weight bucket a receiver loads) too; several
+specs are separated by commas. These only stretch time,
 so that a test can fault a process from outside at a chosen moment.
 Unset, each costs one dict lookup.
 """

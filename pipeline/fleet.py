@@ -198,9 +198,11 @@ class Fleet:
     # --- weights -----------------------------------------------------------------------------------------
 
     def receivers(self) -> list[Any]:
-        from pipeline.remote import Receiver
+        from pipeline.remote import WEIGHTS, Receiver
 
-        out = [Receiver(f"generator {i}", a, self.cfg.generator.tensor_parallel_size)
+        # generators taking weights mid-generation get them in a concurrency group of their own
+        group = WEIGHTS if self.cfg.generator.update_mode == "in_flight" else None
+        out = [Receiver(f"generator {i}", a, self.cfg.generator.tensor_parallel_size, group)
                for i, a in enumerate(self.generators)]
         if self.cfg.scorer.model == "live":
             out += [Receiver(f"scorer {i}", a) for i, a in enumerate(self.scorers)]
@@ -224,7 +226,7 @@ class Fleet:
         wire = self._learner_call([lr.get_weights.remote() for lr in self.learners], f"weights version {version}")[0]
         assert wire.version == version, (wire.version, version)
         self.weights_ref = ray.put(wire)
-        self.pending_loads = [r.actor.load_weights.remote(self.weights_ref, version) for r in self.receivers()]
+        self.pending_loads = [r.call("load_weights").remote(self.weights_ref, version) for r in self.receivers()]
         self.version = version
 
     def settle_loads(self) -> None:
@@ -288,7 +290,7 @@ class Fleet:
         if self.cfg.weights.transport == "object_store":
             if self.weights_ref is None or force:
                 self._publish(self.version)
-            wait([r.actor.load_weights.remote(self.weights_ref, self.version) for r in self.receivers()],
+            wait([r.call("load_weights").remote(self.weights_ref, self.version) for r in self.receivers()],
                  f"receivers (catching up to weights version {self.version})", self.timeout)
             self.pending_loads = []
         else:
@@ -419,8 +421,16 @@ class Fleet:
 
         if kind in ("scorer", "generator"):
             reads = self.reads(kind)
-            wait([actor.set_probe.remote(name, tensors) for name, tensors in self.probe_overrides.items()
+            wait([self._set_probe(actor, kind).remote(name, tensors) for name, tensors in self.probe_overrides.items()
                   if name in reads], f"{kind} {index} (refit probes)", self.timeout)
+
+    def _set_probe(self, actor, kind: str):
+        """An actor's `set_probe`; a generator taking weights mid-generation takes probes the same way."""
+        from pipeline.remote import WEIGHTS
+
+        if kind == "generator" and self.cfg.generator.update_mode == "in_flight":
+            return actor.set_probe.options(concurrency_group=WEIGHTS)
+        return actor.set_probe
 
     def reads(self, kind: str) -> set[str]:
         """The probe readings a role holds by name: scorers their own, generators theirs, the evaluator every
@@ -447,7 +457,7 @@ class Fleet:
             send[name] = {"weight": probe.weight, "bias": probe.bias}
         targets = [(a, "scorer") for a in self.scorers] + [(a, "generator") for a in self.generators]
         targets += [(self.evaluator, "evaluator")] if self.evaluator else []
-        wait([a.set_probe.remote(name, tensors) for a, kind in targets for name, tensors in send.items()
+        wait([self._set_probe(a, kind).remote(name, tensors) for a, kind in targets for name, tensors in send.items()
               if name in self.reads(kind)], "scorer (set probe)", self.timeout)
         self.probe_overrides = dict(overrides)
 

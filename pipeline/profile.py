@@ -21,9 +21,10 @@ from pipeline.config import Config, _merge, load_config
 STAGES = ("wait_rollouts", "reward", "learn", "sync", "probe_retrain")
 
 
-def arms_of(base: Config, kl: str, live: bool = False) -> dict[str, Config]:
+def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False) -> dict[str, Config]:
     """plain-<tag> and probes-<tag> (tag: kl, nokl); with `live` also live-<tag> (the probes on a live scorer copy:
-    a second pass) and gen-<tag> (the probes read inside the generators' own sampling pass)."""
+    a second pass) and gen-<tag> (the probes read inside the generators' own sampling pass); with `in_flight`
+    also inflight-<tag> (the probes arm with weights reaching generators mid-generation)."""
     if not base.scorer.probes:
         raise ValueError("profile compares plain RLHF with probes: the config needs scorer.probes")
     shaping = base.shaping.model_dump() if base.shaping.kind != "none" else {"kind": "penalty", "coef": 1.0}
@@ -41,17 +42,20 @@ def arms_of(base: Config, kl: str, live: bool = False) -> dict[str, Config]:
             for arm, where in (("live", "live"), ("gen", "generator")):
                 arms[f"{arm}-{tag}"] = Config.model_validate(_merge(probes_on, {
                     "learner": {"kl_coef": coef}, "scorer": {"model": where, "retrain_every": 0}}))
+        if in_flight:
+            arms[f"inflight-{tag}"] = Config.model_validate(_merge(probes_on, {
+                "learner": {"kl_coef": coef}, "generator": {"update_mode": "in_flight"}}))
     return arms
 
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
-            log=print, live: bool = False) -> Path:
+            log=print, live: bool = False, in_flight: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
     from pipeline.driver import restart_run_dir
 
     base = load_config(config, overrides)
-    arms = arms_of(base, kl, live)
+    arms = arms_of(base, kl, live, in_flight)
     root = Path(out or Path(base.run.output_dir) / "profile")
     root.mkdir(parents=True, exist_ok=True)
     plan = []  # (repeat, arm, its config, done already)
@@ -158,6 +162,8 @@ def _summarise(rows: list[dict], cfg: Config) -> dict[str, float]:
     out["busy_scorer"] = out["score_s"] * per(sc)
     out["busy_learner"] = out["learn_compute_s"] * lr.num_ranks * per(lr)
     out["busy_total"] = out["busy_generator"] + out["busy_scorer"] + out["busy_learner"]
+    # generator processors held through the step but not generating (waiting for weights, or for work)
+    out["idle_generator"] = out["step_s"] * g.num_workers * per(g) - out["busy_generator"]
     held = sum(n * per(r) for _, n, r in cfg.roles())
     out["held_total"] = held * out["step_s"]
     return out
@@ -234,6 +240,27 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
                 o = overhead(results, tag, key, arm)
                 cells.append(f"**{o[0]:.3f}** ({o[1]:.3f}-{o[2]:.3f})" if o else "- (plain has none)")
             lines.append(f"| {arm}-{tag} | " + " | ".join(cells) + " |")
+    flight_rows = [tag for tag in ("kl", "nokl") if f"inflight-{tag}" in results and f"probes-{tag}" in results]
+    if flight_rows:
+        lines += ["", "## Weights mid-generation", "",
+                  "*inflight*: the probes arm with `generator.update_mode = \"in_flight\"` (a new version reaches a "
+                  "generator between two decoding steps; unfinished sequences are re-prefilled under it) against the "
+                  "same arm with updates between generate calls. Per repeat pair: median (min-max).", "",
+                  "| arm | s/step (inflight / between) | steps/s inflight | steps/s between | generator idle s/step "
+                  "inflight | generator idle s/step between |", "|---|---|---|---|---|---|"]
+        for tag in flight_rows:
+            a, b = results[f"inflight-{tag}"], results[f"probes-{tag}"]
+            ratios = sorted(x["step_s"] / y["step_s"] for x, y in zip(a, b, strict=True))
+            med = statistics.median(ratios)
+
+            def per_s(reps):
+                return statistics.median(1 / r["step_s"] for r in reps)
+
+            def idle(reps):
+                return statistics.median(r["idle_generator"] for r in reps)
+
+            lines.append(f"| {tag} | **{med:.3f}** ({ratios[0]:.3f}-{ratios[-1]:.3f}) | {per_s(a):.4f} | "
+                         f"{per_s(b):.4f} | {idle(a):.2f} | {idle(b):.2f} |")
     share = truncated_share(results)
     if share is not None:
         # the toy's probes read toy.probe_layer; other models' probe layers are in their files, not the config

@@ -25,6 +25,7 @@ class Frozen(RoleTimeout):
 
 
 HEALTH = "health"  # every actor's concurrency group for health pings: a thread of its own, never behind work
+WEIGHTS = "weights"  # weight calls to a generator whose updates land mid-generation (generator.update_mode)
 
 
 def ping(actor):
@@ -98,9 +99,10 @@ def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, 
                resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
                placement: tuple[Placement, int] | None = None, **kwargs: Any):
     """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
-    # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own.
+    # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own, and so do weight
+    # calls that must reach a generator while it generates (the generator itself lets them in between steps).
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1,
-                            "concurrency_groups": {HEALTH: 1}}
+                            "concurrency_groups": {HEALTH: 1, WEIGHTS: 1}}
     if memory_gib:
         opts["memory"] = memory_gib * 2**30
     if resources:
@@ -230,6 +232,12 @@ class Receiver:
     name: str
     actor: Any
     num_ranks: int = 1
+    group: str | None = None  # the concurrency group its weight calls go to (None: behind its work)
+
+    def call(self, method: str):
+        """The actor's method `method`, in the receiver's concurrency group."""
+        m = getattr(self.actor, method)
+        return m.options(concurrency_group=self.group) if self.group else m
 
 
 class ReceiverClient:
@@ -253,8 +261,7 @@ class ReceiverClient:
         return sum(r.num_ranks for r in self.receivers)
 
     def _all(self, method: str, *per_receiver_args) -> list[Any]:
-        refs = [getattr(r.actor, method).remote(*(args[i] for args in per_receiver_args))
-                for i, r in enumerate(self.receivers)]
+        refs = [r.call(method).remote(*(args[i] for args in per_receiver_args)) for i, r in enumerate(self.receivers)]
         names = [r.name for r in self.receivers]
         self._pending = list(zip(names, refs, strict=True))
         return wait_each(refs, names, f"{method} (weights version {self.version})", self.timeout_s,

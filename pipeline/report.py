@@ -250,6 +250,7 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
         for r in decomposed:
             lines.append(f"| {r['arm']} | {_fmt(r['obf_representation'])} | {_fmt(r['obf_behaviour'])} | "
                          f"{_fmt(r['obf_total'])} |")
+    lines += _mismatch_section(data)
     lines += _methods_section(table)
     lines += ["", "![hack rate](hack_rate.png)", "", "![evasion rate](evasion_rate.png)", "",
               "![correct rate](correct_rate.png)", "", "![probe AUROC](probe_auroc.png)", "",
@@ -257,6 +258,33 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _mismatch_section(data: dict[str, list[dict]]) -> list[str]:
+    """Per arm and staleness group, the rollout/training mismatch over the run's steps (learner/losses.py), and
+    the task reward at the start and the end: what a correction (learner.rollout_correction) changed."""
+    rows = []
+    for arm, runs in data.items():
+        groups = sorted({k.rsplit("/", 1)[0] for r in runs for m in r["metrics"] for k in m
+                         if k.startswith("mismatch/") and k.endswith("/k3") or k == "mismatch/k3"})
+        for g in groups:
+            def mean(key: str, g: str = g, runs: list = runs) -> list[float]:
+                return [_window_mean(_series(r["metrics"], f"{g}/{key}"), slice(None)) for r in runs]
+
+            label = "fresh (staleness 0)" if g == "mismatch" else g.split("/")[1].replace("stale", "staleness ")
+            rows.append(f"| {arm} | {label} | {_fmt(mean('log_ratio_abs_mean'))} | {_fmt(mean('log_ratio_abs_max'))} | "
+                        f"{_fmt(mean('k3'))} | {_fmt(mean('seq_log_ratio_abs_mean'))} | {_fmt(mean('beyond_threshold'))} | "
+                        f"{_fmt([_window_mean(_series(r['metrics'], 'rollout/task_reward'), START) for r in runs])} → "
+                        f"{_fmt([_window_mean(_series(r['metrics'], 'rollout/task_reward'), END) for r in runs])} |")
+    if not rows:
+        return []
+    return ["", "## Rollout/training mismatch (generator's log-probs against the learner's on the same tokens)", "",
+            "Means over each run's steps of the `mismatch/` metrics, by how stale the rows were: |log-ratio| per token "
+            "(mean, and the mean over steps of each step's max), k3 KL(behaviour ‖ learner) per token, |sequence "
+            "log-ratio| per row, the share of tokens whose importance weight lies outside [1/2, 2]; and the task "
+            "reward (first 5 steps → last 10).", "",
+            "| arm | rows | mean abs log-ratio | max abs log-ratio | k3 | abs sequence log-ratio | beyond threshold "
+            "| task reward start → end |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _methods_section(table: list[dict]) -> list[str]:

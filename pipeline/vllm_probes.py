@@ -176,7 +176,9 @@ class StepLog:
                 if key in wanted:
                     per = found.setdefault(key, {})
                     for j in range(start, start + int(count)):
-                        per[int(positions[j - offset])] = scores[j]  # a recomputed position (preemption) repeats
+                        # A position computed again (a preempted sequence, or one re-prefilled under new weights
+                        # by an in-flight update) keeps its first reading: the pass that sampled with it.
+                        per.setdefault(int(positions[j - offset]), scores[j])
                 start += int(count)
             offset += snap.shape[0]
         out = {}

@@ -36,6 +36,20 @@ class ProbeRLWorkerExtension:
             runner.execute_model = execute_and_record
         return reads.num_probes
 
+    def probe_rl_slow_steps(self) -> None:
+        """Tests (pipeline/faults.py, role "decode_step"): every model step of this worker takes longer, as a large
+        model's would, so that a test can act between two of them."""
+        from pipeline.faults import maybe_slow_down
+
+        runner = self.model_runner
+        execute = runner.execute_model
+
+        def slow(*args, **kwargs):
+            maybe_slow_down("decode_step")
+            return execute(*args, **kwargs)
+
+        runner.execute_model = slow
+
     def probe_rl_set_read_probes(self, weights: list[list[float]], biases: list[float]) -> None:
         """Refit probes: new weights copied into the tensors the compiled hooks read."""
         self.model_runner.get_model().probe_rl_reads.set_weights(weights, biases)

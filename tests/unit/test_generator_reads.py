@@ -42,8 +42,8 @@ def test_rows_map_to_requests_and_positions_and_columns_return_to_probe_order():
     # step 2: the batch reordered; one decode token each, and a request nobody asks for (greedy evaluation)
     _step(log, ["1_7-ffff0000", "9-00000000", "0_7-abcd1234"], [3, 5, 3], [1, 1, 1],
           torch.tensor([[5.0, 15.0], [99.0, 99.0], [6.0, 16.0]]))
-    # step 3: a recomputed position (preemption) repeats with the same value
-    _step(log, ["0_7-abcd1234"], [3], [1], torch.tensor([[6.0, 16.0]]))
+    # step 3: a position computed again (re-prefilled after an in-flight update) keeps its first reading
+    _step(log, ["0_7-abcd1234"], [3], [1], torch.tensor([[66.0, 616.0]]))
     got = log.take(["0_7", "1_7"])
     assert got["0_7"] == ([0, 1, 2, 3], [[10.0, 0.0], [11.0, 1.0], [12.0, 2.0], [16.0, 6.0]])
     assert got["1_7"] == ([1, 2, 3], [[13.0, 3.0], [14.0, 4.0], [15.0, 5.0]])

@@ -1,0 +1,84 @@
+"""Weights that reach a generator mid-rollout (generator.update_mode = "in_flight"): a rollout that spans two
+versions records the version of every token, and each token's behaviour log-prob is that of the version that
+sampled it, over the whole prefix (vLLM re-prefills unfinished sequences under the new weights)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.schema import PROMPT_SCHEMA
+
+pytestmark = pytest.mark.integration
+
+
+def _logprobs(model, prompt, completion) -> list[float]:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return [float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(completion)]
+
+
+@pytest.mark.parametrize("engine_process", ["in_process", "separate"])
+def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              engine_process):
+    """In-process, the generate loop and the weight calls take turns at the engine; with vLLM's separate engine
+    process, which steps by itself, the update pauses its scheduler ("keep") and resumes it after."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.generator import Generator
+    from pipeline.config import GeneratorConfig
+
+    switch = tmp_path / "slow"
+    monkeypatch.setenv("PROBE_RL_SLOW", f"decode_step:0.05:{switch}")  # 50 ms a decoding step, while it exists
+    cfg = GeneratorConfig(max_new_tokens=24, max_model_len=64, engine_process=engine_process, enforce_eager=True,
+                          update_mode="in_flight")
+    gen = Generator(model_path=str(tiny_model_dir), cfg=cfg, weight_backend="probe_rl_inline")
+    old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14], [1, 20]]
+    table = pa.Table.from_pydict({"prompt_id": [0, 1, 2], "group_id": [0, 1, 2], "prompt_ids": prompts,
+                                  "answer": ["", "", ""]}, schema=PROMPT_SCHEMA)
+    switch.touch()
+    out: dict = {}
+
+    def update() -> None:  # version 1 arrives from another thread, as Ray's weights concurrency group delivers it
+        try:
+            while gen.steps < start + 5:  # once some tokens were sampled by version 0
+                time.sleep(0.005)
+            out["version"] = gen.load_weights({k: v.clone() for k, v in new.state_dict().items()}, 1)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out["error"] = e
+        finally:
+            switch.unlink()
+
+    start = gen.steps
+    updater = threading.Thread(target=update)
+    updater.start()
+    table, _ = gen.generate(table, 3, 11)
+    updater.join(timeout=120)
+    assert "error" not in out, out.get("error")
+    assert out["version"] == 1
+    rows = table.to_pylist()
+    spanning = 0
+    for r in rows:
+        versions = r["behavior_versions"]
+        assert len(versions) == len(r["completion_ids"]) == len(r["behavior_logprobs"])
+        assert versions == sorted(versions) and set(versions) <= {0, 1}  # 0 ... 0 1 ... 1
+        assert r["policy_version"] == min(versions)
+        cut = versions.count(0)
+        spanning += 0 < cut < len(versions)
+        want = (_logprobs(old, r["prompt_ids"], r["completion_ids"])[:cut]
+                + _logprobs(new, r["prompt_ids"], r["completion_ids"])[cut:])
+        assert np.allclose(r["behavior_logprobs"], want, atol=1e-4), (versions, r["behavior_logprobs"], want)
+    assert spanning >= 6  # most of the 9 rollouts were mid-way when the weights arrived
+    assert gen.version == 1
