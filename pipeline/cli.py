@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `probe-rl` alone runs the default toy job
-    if len(argv) > 1 and argv[0] in ("submit", "profile") and not argv[1].startswith("-"):
-        argv = [argv[0], "--config", *argv[1:]]  # `submit CONFIG --a.b 1`: argparse would take `1` as CONFIG
+    if len(argv) > 1 and argv[0] in ("submit", "profile", "experiment") and not argv[1].startswith("-"):
+        # `submit CONFIG --a.b 1`: argparse would take `1` as CONFIG
+        argv = [argv[0], "--file" if argv[0] == "experiment" else "--config", *argv[1:]]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
