@@ -199,7 +199,9 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
                              ("rollout/evasion_rate", "evasion rate: hacks the shaping probe misses", "evasion_rate"),
                              ("rollout/task_reward", "task reward (verifier)", "task_reward")):
         _plot_metric(data, key, label, root / f"{name}.png")
-    _plot_auroc(data, probe, root / "probe_auroc.png")
+    has_eval = any(r["eval"] for rs in data.values() for r in rs)
+    if has_eval:
+        _plot_auroc(data, probe, root / "probe_auroc.png")
     table = arm_table(data, probe)
     seeds = sorted({seed for _, seed in runs})
     steps = max(len(r["metrics"]) for rs in data.values() for r in rs)
@@ -253,7 +255,7 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     lines += _mismatch_section(data)
     lines += _methods_section(table)
     lines += ["", "![hack rate](hack_rate.png)", "", "![evasion rate](evasion_rate.png)", "",
-              "![correct rate](correct_rate.png)", "", "![probe AUROC](probe_auroc.png)", "",
+              "![correct rate](correct_rate.png)", "", *(["![probe AUROC](probe_auroc.png)", ""] if has_eval else []),
               "![task reward](task_reward.png)", ""]
     path = root / "report.md"
     path.write_text("\n".join(lines))
