@@ -87,7 +87,9 @@ def test_pipeline_runs_end_to_end(reference_run):
 
 def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
     """scorer.model = live, scorer.retrain_every and eval.every wired through a real run; generation in vLLM's
-    separate engine process, and weights through the object store into it and into the live scorer."""
+    separate engine process in bf16 against a float32 learner, its weights arriving mid-generation
+    (update_mode in_flight) through the object store, into it and into the live scorer; the learner corrects the
+    mismatch with truncated importance weights and logs it every step."""
     from pipeline.driver import make_run_dir, run
 
     cfg = load_config(overrides={
@@ -98,7 +100,8 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
         "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
                    "retrain_window": 4},
         "eval": {"every": 2},
-        "generator": {"engine_process": "separate"},
+        "generator": {"engine_process": "separate", "update_mode": "in_flight", "dtype": "bfloat16"},
+        "learner": {**toy_overrides["learner"], "rollout_correction": {"mode": "tis"}},
         "weights": {"transport": "object_store"},
     })
     from pipeline.world import build_world
@@ -119,6 +122,16 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
     assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
     assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
+    # the mismatch, every step: bf16 sampling against the float32 learner on fresh rows (step 1), then one version
+    # stale (max_staleness 1) on top of it
+    assert 0 < rows[0]["mismatch/log_ratio_abs_mean"] < 0.1 and rows[0]["mismatch/tokens"] > 0
+    for r in rows[1:]:
+        assert r["mismatch/stale1/log_ratio_abs_mean"] > 0 and 0 <= r["mismatch/stale1/beyond_threshold"] <= 1
+    # every token carries the version that sampled it; a row's policy_version is its oldest token's
+    sample = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
+    for x in sample:
+        assert len(x["behavior_versions"]) == len(x["completion_ids"])
+        assert x["policy_version"] == min(x["behavior_versions"]) and max(x["behavior_versions"]) < x["step"]
 
 
 def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, toy_world, tmp_path):

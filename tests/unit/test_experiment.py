@@ -105,3 +105,21 @@ def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_informa
     assert not obfuscation(row(0.7), row(0.85))[0]  # not blind enough
     assert not obfuscation(row(0.2, refit=0.7), row(0.85))[0]  # the information itself is gone
     assert not obfuscation(row(0.2, hack_end=0.05), row(0.85))[0]  # the behaviour changed instead
+
+
+def test_counted_outcomes_and_bootstrap_intervals():
+    from pipeline.report import bootstrap_diff, counted_outcomes
+
+    # paired by seed: every resample of the differences (0.1, 0.3) has its mean between them
+    point, low, high = bootstrap_diff({0: 0.5, 1: 0.7}, {0: 0.4, 1: 0.4})
+    assert point == pytest.approx(0.2) and 0.1 - 1e-9 <= low <= point <= high <= 0.3 + 1e-9
+    assert bootstrap_diff({0: 0.5}, {}) is None
+    same = bootstrap_diff({0: 0.2, 1: 0.2, 2: 0.2}, {0: 0.2, 1: 0.2, 2: 0.2})
+    assert same == pytest.approx((0.0, 0.0, 0.0))
+    data = {"plain": [{"seed": 0}, {"seed": 1}], "probe": [{"seed": 0}, {"seed": 1}]}
+    table = [{"arm": "plain", "hack_end": [0.4, 0.3], "accuracy_end": [0.0, 0.1], "detect_live": [0.9, 0.9]},
+             {"arm": "probe", "hack_end": [0.05, 0.3], "accuracy_end": [0.7, 0.6], "detect_live": [0.8, 0.9]}]
+    lines = counted_outcomes(data, table)
+    assert "| plain | 2 / 2 | — | — | — |" in lines
+    row = next(x for x in lines if x.startswith("| probe |"))
+    assert row.startswith("| probe | 1 / 2 | -0.175 [-0.350, +0.000] | +0.600 [+0.500, +0.700] |")
