@@ -235,6 +235,14 @@ class ShapingConfig(_Strict):
     threshold: float = Field(0.5, ge=0, le=1)
     """Score above which a sample is flagged (threshold, screen), and below which a hack evades the probe
     (the `rollout/evasion_rate` metric)."""
+    monitor: Literal["probe", "random_direction", "truth"] = "probe"
+    """What the in-reward kinds (penalty, threshold, screen) read. probe: the shaping probe. random_direction (a
+    control): the shaping probe with its direction replaced by a random one of the same norm (same layer, bias,
+    aggregation, threshold), fixed per world seed; read beside the real probe as `<name>_random`. truth (a
+    control): the task's ground truth as a monitor, 1 for "hack" and 0 otherwise (task.ground_truth_fn), each
+    sample's label flipped with probability 1 - truth_accuracy (seeded)."""
+    truth_accuracy: float = Field(1.0, ge=0.5, le=1.0)
+    """monitor = "truth": the share of samples whose label the monitor gets right."""
 
 
 class RolloutCorrection(_Strict):
@@ -404,7 +412,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.shaping.kind != "none" and not self.scorer.probes:
+        if self.shaping.kind != "none" and not self.scorer.probes and self.shaping.monitor != "truth":
             raise ValueError(
                 f"shaping.kind={self.shaping.kind!r} needs at least one probe in scorer.probes "
                 "(or set shaping.kind = \"none\" for plain RLHF)"
@@ -423,6 +431,15 @@ class Config(_Strict):
                 f"{g.max_model_len}, so vLLM would prefill long prompts in chunks; on CPU vLLM cannot chunk the prefill "
                 "of a seeded request (torch's CPU generator has no offset to rewind). Raise it to at least "
                 "max_model_len, or leave it unset")
+        if self.shaping.monitor != "probe" and self.shaping.kind not in ("penalty", "threshold", "screen"):
+            raise ValueError(f"shaping.monitor = {self.shaping.monitor!r} is read by the in-reward kinds only: set "
+                             "shaping.kind to penalty, threshold or screen")
+        if self.shaping.monitor == "truth" and self.task.ground_truth_fn is None:
+            raise ValueError("shaping.monitor = \"truth\" needs task.ground_truth_fn (the labels it monitors)")
+        if self.shaping.monitor == "random_direction" and self.scorer.retrain_every:
+            raise ValueError("shaping.monitor = \"random_direction\" is a fixed control: set scorer.retrain_every = 0")
+        if self.shaping.truth_accuracy < 1.0 and self.shaping.monitor != "truth":
+            raise ValueError("shaping.truth_accuracy applies to shaping.monitor = \"truth\" only")
         if self.scorer.retrain_every and (self.task.ground_truth_fn is None or not self.scorer.probes):
             raise ValueError("scorer.retrain_every needs task.ground_truth_fn (the labels) and a probe to refit")
         if self.scorer.max_workers is not None and self.scorer.max_workers < self.scorer.num_workers:

@@ -22,6 +22,10 @@ class Rewarder:
         self.world = world
         self.probe_names = world.column_names
         self.shaping_probe = cfg.shaping.probe or (self.probe_names[0] if self.probe_names else None)
+        self.seed = cfg.pipeline.seed
+        # the column the reward reads: the shaping probe's, or its random-direction control's
+        self.monitored = (f"{self.shaping_probe}_random" if cfg.shaping.monitor == "random_direction"
+                          else self.shaping_probe)
         # generator readings with a scorer twin: (reading, twin, aggregation) for the obfuscation decomposition
         self.pairs = [(g.name, g.twin, g.aggregation or load_probe(g.stem).aggregation)
                       for g in world.generator_probes if g.twin is not None]
@@ -37,8 +41,11 @@ class Rewarder:
             raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
                              f"for {scored.num_rows} completions; it must return one float per completion")
         score = None
-        if self.shaping_probe is not None:
-            score = scored.column(f"probe/{self.shaping_probe}/score").to_numpy(zero_copy_only=False)
+        if self.shaping.monitor == "truth":
+            score = truth_monitor(self.world.ground_truth_fn(texts, answers), self.shaping.truth_accuracy,
+                                  self.seed, scored.column("group_id").to_numpy())
+        elif self.shaping_probe is not None:
+            score = scored.column(f"probe/{self.monitored}/score").to_numpy(zero_copy_only=False)
         shaped, mask = shape_rewards(task, score, self.shaping.kind, self.shaping.coef, self.shaping.threshold)
         mask &= ~scored.column("nonfinite_score").to_numpy(zero_copy_only=False)  # never train on a NaN score
         finite_logprobs = finite_rows(scored, ["behavior_logprobs", "ref_logprobs"])  # nor on a NaN log-prob
@@ -109,6 +116,23 @@ class Rewarder:
         part = part.append_column("step", pa.array([step] * part.num_rows, pa.int64()))
         part = part.append_column("prompt_text", pa.array(self.world.decode(part.column("prompt_ids").to_pylist())))
         return part.append_column("completion_text", pa.array(self.world.decode(part.column("completion_ids").to_pylist())))
+
+
+def truth_monitor(truth, accuracy: float, seed: int, groups: np.ndarray) -> np.ndarray:
+    """A monitor that is the ground truth at a known accuracy: 1.0 for "hack", 0.0 otherwise, each sample's label
+    flipped with probability 1 - accuracy, by a draw fixed by the run's seed, the sample's group and its place in
+    the group (so a rerun flips the same samples)."""
+    label = (np.asarray(truth) == "hack").astype(np.float32)
+    if accuracy >= 1.0:
+        return label
+    place = np.zeros(len(groups), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(groups.tolist()):
+        place[i] = seen.get(g, 0)
+        seen[g] = place[i] + 1
+    draws = np.array([np.random.default_rng([seed, int(g), int(k)]).random() for g, k in zip(groups, place,
+                                                                                            strict=True)])
+    return np.where(draws < 1.0 - accuracy, 1.0 - label, label).astype(np.float32)
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -188,10 +188,40 @@ def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None
         raise ValueError(f"scorer.retrain_every refits the shaping probe on a scorer's activations, but probe "
                          f"{shaping_name!r} is read only on the generators: list it in scorer.probes a second time "
                          "with read = \"scorer\" (its refit then reaches both readings)")
+    if cfg.shaping.monitor == "random_direction":
+        if shaping_name not in names:
+            raise ValueError(f"shaping.monitor = \"random_direction\" replaces probe {shaping_name!r} read on the "
+                             "scorers: read it there (read = \"scorer\")")
+        stem, aggregation = probe_paths[names.index(shaping_name)]
+        control = random_direction_probe(probes[every.index(shaping_name)], cfg.toy.seed,
+                                         Path(cfg.toy.cache_dir).expanduser() / "random_probes")
+        probe_paths.append((str(control), aggregation))
+        names.append(f"{shaping_name}_random")
     if generator_probes and cfg.shaping.kind == "ablate":
         raise ValueError("shaping.kind = \"ablate\" edits the generators' residual stream, which generator-read probes "
                          "would read after the edit: read the probes on the scorers (read = \"scorer\")")
     return probe_paths, names, generator_probes
+
+
+def random_direction_probe(probe, seed: int, root: Path) -> Path:
+    """The control for `probe`: a uniformly random direction of the same norm, same layer, bias and aggregation,
+    named `<name>_random`, drawn from `seed` (the world's) and the probe's own weights, so a world always gets the
+    same one. Written once under `root`; returns its stem."""
+    import hashlib
+
+    import torch
+
+    from probes.probe import LinearProbe
+
+    digest = hashlib.sha256(probe.weight.numpy().tobytes() + probe.bias.numpy().tobytes()).hexdigest()[:12]
+    stem = root / f"{probe.name}_random-{digest}-seed{seed}"
+    if not stem.with_suffix(".json").is_file():
+        g = torch.Generator().manual_seed(int(digest[:8], 16) ^ seed)
+        direction = torch.randn(probe.hidden_size, generator=g)
+        weight = direction / direction.norm() * probe.weight.float().norm()
+        LinearProbe(f"{probe.name}_random", probe.layer, weight, probe.bias.clone(), probe.aggregation,
+                    notes={"control": "random direction", "of": probe.name, "seed": seed}).save(stem)
+    return stem
 
 
 def check_shaping_probe(kind: str, probe, model_cfg) -> None:

@@ -73,3 +73,48 @@ def test_every_shipped_experiment_file_loads():
     for path in sorted((ROOT / "configs").glob("experiment*.toml")):
         exp, runs = load_experiment(path, None, None, [])
         assert runs, path
+
+
+def test_truth_monitor_flips_its_share_of_labels_the_same_way_every_time():
+    import numpy as np
+
+    from pipeline.rewarder import truth_monitor
+
+    truth = np.array(["hack", "correct", "wrong"] * 2000)
+    groups = np.repeat(np.arange(1500), 4)
+    assert (truth_monitor(truth, 1.0, 0, groups) == (truth == "hack")).all()
+    seventy = truth_monitor(truth, 0.7, 0, groups)
+    wrong = (seventy != (truth == "hack")).mean()
+    assert 0.27 < wrong < 0.33  # 30% of labels flipped
+    assert (truth_monitor(truth, 0.7, 0, groups) == seventy).all()  # the same samples on a rerun
+    assert (truth_monitor(truth, 0.7, 1, groups) != seventy).any()  # another seed, other samples
+
+
+def test_random_direction_control_matches_the_probe_but_its_direction(tmp_path):
+    from pipeline.world import random_direction_probe
+    from probes.probe import load_probe
+
+    probe = LinearProbe("hack", 1, torch.arange(64.0) / 10, torch.tensor([0.3]), aggregation="max")
+    a = load_probe(random_direction_probe(probe, 0, tmp_path))
+    again = load_probe(random_direction_probe(probe, 0, tmp_path))
+    other = load_probe(random_direction_probe(probe, 1, tmp_path))
+    assert (a.name, a.layer, a.aggregation, float(a.bias)) == ("hack_random", 1, "max", pytest.approx(0.3))
+    assert float(a.weight.norm()) == pytest.approx(float(probe.weight.norm()), rel=1e-5)
+    assert torch.equal(a.weight, again.weight) and not torch.equal(a.weight, other.weight)
+    cos = float(a.weight @ probe.weight / (a.weight.norm() * probe.weight.norm()))
+    assert abs(cos) < 0.5  # a random direction in 64 dimensions is nearly orthogonal to the probe's
+
+
+def test_monitor_controls_are_wired_and_refused_where_they_cannot_work(tmp_path):
+    stem, _, llama = _setup(tmp_path)
+    paths, names, _ = _load({"_model": llama, "toy": {"cache_dir": str(tmp_path)}, "scorer": {"probes": [{"path": stem}]},
+                             "shaping": {"kind": "penalty", "monitor": "random_direction"}})
+    assert names == ["hack", "hack_random"] and paths[1][0].startswith(str(tmp_path / "random_probes"))
+    with pytest.raises(ConfigError, match="in-reward kinds only"):
+        load_config(overrides={"scorer": {"probes": [{"path": "toy"}]}, "shaping": {"kind": "loss", "monitor": "truth"}})
+    with pytest.raises(ConfigError, match="needs task.ground_truth_fn"):
+        load_config(overrides={"task": {"ground_truth_fn": None}, "shaping": {"kind": "penalty", "monitor": "truth"}})
+    ok = load_config(overrides={"task": {"ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"},
+                                "scorer": {"probes": []}, "eval": {"every": 0},
+                                "shaping": {"kind": "penalty", "monitor": "truth", "truth_accuracy": 0.9}})
+    assert ok.shaping.truth_accuracy == 0.9 and not ok.scorer.probes  # a truth monitor needs no probe
