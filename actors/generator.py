@@ -133,6 +133,9 @@ class Generator:
         # turns at the engine, one decoding step at a time; an open update session holds the steps back.
         self._turn = threading.Condition()
         self._stepping, self._holders, self._calls = False, 0, 0
+        # vLLM's client to a separate engine process talks over one ZeroMQ socket, which is not thread-safe:
+        # adding requests (the generate thread) and weight calls (the weights thread) take this lock.
+        self._client = threading.RLock()
         self.steps = 0  # decoding steps run (engine.step calls)
         self.llm.llm_engine.set_weight_version("0")
         if self.separate and "decode_step" in os.environ.get("PROBE_RL_SLOW", ""):
@@ -198,9 +201,10 @@ class Generator:
         engine = self.llm.llm_engine
         self._calls += 1
         ids = [f"c{self._calls}-{i}" for i in range(len(prompt_ids))]
-        for rid, prompt, sp in zip(ids, prompt_ids, params, strict=True):
-            sp.output_kind = RequestOutputKind.FINAL_ONLY
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), sp)
+        with self._client:
+            for rid, prompt, sp in zip(ids, prompt_ids, params, strict=True):
+                sp.output_kind = RequestOutputKind.FINAL_ONLY
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prompt)), sp)
         done = {}
         while engine.has_unfinished_requests():
             if not self.separate:
@@ -231,7 +235,12 @@ class Generator:
 
     @contextmanager
     def _weights_turn(self):
-        """A weight call (another thread when updates are in flight): waits for the decoding step under way."""
+        """A weight call (another thread when updates are in flight): waits for the decoding step under way (an
+        in-process engine) or holds the client's socket (vLLM's separate engine process)."""
+        if self.separate:
+            with self._client:
+                yield
+            return
         with self._turn:
             self._holders += 1
             self._turn.wait_for(lambda: not self._stepping)
