@@ -95,17 +95,7 @@ class Generator:
             if aggregation is not None:
                 probe.aggregation = aggregation
             self.probes.append(probe)
-        loader = {}
-        if self.probes:
-            from transformers import AutoConfig
-
-            from pipeline.vllm_probes import EXTRA_KEY, LOAD_FORMAT, ReadSpec
-
-            hf = AutoConfig.from_pretrained(model_path)
-            for p in self.probes:
-                p.check_fits(hf.num_hidden_layers, hf.hidden_size, model_name=model_path)
-            spec = ReadSpec([p.layer for p in self.probes], hf.hidden_size)
-            loader = {"load_format": LOAD_FORMAT, "model_loader_extra_config": {EXTRA_KEY: spec.to_dict()}}
+        loader = _probe_loader(self.probes, model_path)
         extra = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
         try:
             self.llm = LLM(
@@ -259,20 +249,12 @@ class Generator:
     def _with_probe_columns(self, table: pa.Table, tokens: list[list[list[float]]]) -> pa.Table:
         """Append `probe/<name>/tokens` (scores of completion tokens 0..T-2) and `probe/<name>/score` (their
         aggregate, the probe's own way, as the scorers aggregate) for each generator-read probe."""
-        import torch
-
         from pipeline.schema import probe_score_field, probe_token_field
-        from probes.probe import aggregate
+        from probes.probe import aggregate_ragged
 
         for k, probe in enumerate(self.probes):
             per_row = [row[k] for row in tokens]
-            width = max((len(r) for r in per_row), default=0)
-            scores = torch.zeros((len(per_row), max(width, 1)))
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-            for i, r in enumerate(per_row):
-                scores[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-                mask[i, :len(r)] = True
-            agg = aggregate(scores, mask, probe.aggregation).tolist()
+            agg = aggregate_ragged(per_row, probe.aggregation)
             table = table.append_column(probe_token_field(probe.name), pa.array(per_row, pa.list_(pa.float32())))
             table = table.append_column(probe_score_field(probe.name), pa.array(agg, pa.float32()))
         return table
@@ -417,6 +399,21 @@ class Generator:
         if self._engine_dead():
             _exit("its vLLM engine is dead")
         return os.getpid()
+
+
+def _probe_loader(probes, model_path: str) -> dict:
+    """vLLM's engine arguments that load the model with probe reads (pipeline/vllm_probes.py); {} without probes."""
+    if not probes:
+        return {}
+    from transformers import AutoConfig
+
+    from pipeline.vllm_probes import EXTRA_KEY, LOAD_FORMAT, ReadSpec
+
+    hf = AutoConfig.from_pretrained(model_path)
+    for p in probes:
+        p.check_fits(hf.num_hidden_layers, hf.hidden_size, model_name=model_path)
+    spec = ReadSpec([p.layer for p in probes], hf.hidden_size)
+    return {"load_format": LOAD_FORMAT, "model_loader_extra_config": {EXTRA_KEY: spec.to_dict()}}
 
 
 def token_versions(spans, num_tokens: int, current: int) -> list[int]:

@@ -225,42 +225,7 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
         if wall and busy:
             lines.append(f"- {label}: wall time **{wall[0]:.3f}** ({wall[1]:.3f}-{wall[2]:.3f}); busy "
                          f"resource-seconds **{busy[0]:.3f}** ({busy[1]:.3f}-{busy[2]:.3f})")
-    live_rows = [(arm, tag) for tag in ("kl", "nokl") for arm in ("probes", "live", "gen")
-                 if f"live-{tag}" in results and f"{arm}-{tag}" in results]
-    if live_rows:
-        lines += ["", "## Reading the probes live", "",
-                  "*probes*: on the frozen scorer copy; *live*: on a live scorer copy that takes every weight version "
-                  "(a second pass); *gen*: inside the generators' own sampling pass (no extra pass, "
-                  "pipeline/vllm_probes.py). Ratios to plain, per repeat pair: median (min-max).", "",
-                  "| arm | generator busy s / plain | scorer busy s / plain | busy total / plain | wall / plain |",
-                  "|---|---|---|---|---|"]
-        for arm, tag in live_rows:
-            cells = []
-            for key in ("busy_generator", "busy_scorer", "busy_total", "step_s"):
-                o = overhead(results, tag, key, arm)
-                cells.append(f"**{o[0]:.3f}** ({o[1]:.3f}-{o[2]:.3f})" if o else "- (plain has none)")
-            lines.append(f"| {arm}-{tag} | " + " | ".join(cells) + " |")
-    flight_rows = [tag for tag in ("kl", "nokl") if f"inflight-{tag}" in results and f"probes-{tag}" in results]
-    if flight_rows:
-        lines += ["", "## Weights mid-generation", "",
-                  "*inflight*: the probes arm with `generator.update_mode = \"in_flight\"` (a new version reaches a "
-                  "generator between two decoding steps; unfinished sequences are re-prefilled under it) against the "
-                  "same arm with updates between generate calls. Per repeat pair: median (min-max).", "",
-                  "| arm | s/step (inflight / between) | steps/s inflight | steps/s between | generator idle s/step "
-                  "inflight | generator idle s/step between |", "|---|---|---|---|---|---|"]
-        for tag in flight_rows:
-            a, b = results[f"inflight-{tag}"], results[f"probes-{tag}"]
-            ratios = sorted(x["step_s"] / y["step_s"] for x, y in zip(a, b, strict=True))
-            med = statistics.median(ratios)
-
-            def per_s(reps):
-                return statistics.median(1 / r["step_s"] for r in reps)
-
-            def idle(reps):
-                return statistics.median(r["idle_generator"] for r in reps)
-
-            lines.append(f"| {tag} | **{med:.3f}** ({ratios[0]:.3f}-{ratios[-1]:.3f}) | {per_s(a):.4f} | "
-                         f"{per_s(b):.4f} | {idle(a):.2f} | {idle(b):.2f} |")
+    lines += _live_section(results) + _flight_section(results)
     share = truncated_share(results)
     if share is not None:
         # the toy's probes read toy.probe_layer; other models' probe layers are in their files, not the config
@@ -293,6 +258,54 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
     path = root / "profile.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _live_section(results: dict[str, list[dict]]) -> list[str]:
+    """The live readings (profile --live) against plain: generator, scorer, total busy seconds and wall time."""
+    lines: list[str] = []
+    live_rows = [(arm, tag) for tag in ("kl", "nokl") for arm in ("probes", "live", "gen")
+                 if f"live-{tag}" in results and f"{arm}-{tag}" in results]
+    if live_rows:
+        lines += ["", "## Reading the probes live", "",
+                  "*probes*: on the frozen scorer copy; *live*: on a live scorer copy that takes every weight version "
+                  "(a second pass); *gen*: inside the generators' own sampling pass (no extra pass, "
+                  "pipeline/vllm_probes.py). Ratios to plain, per repeat pair: median (min-max).", "",
+                  "| arm | generator busy s / plain | scorer busy s / plain | busy total / plain | wall / plain |",
+                  "|---|---|---|---|---|"]
+        for arm, tag in live_rows:
+            cells = []
+            for key in ("busy_generator", "busy_scorer", "busy_total", "step_s"):
+                o = overhead(results, tag, key, arm)
+                cells.append(f"**{o[0]:.3f}** ({o[1]:.3f}-{o[2]:.3f})" if o else "- (plain has none)")
+            lines.append(f"| {arm}-{tag} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _flight_section(results: dict[str, list[dict]]) -> list[str]:
+    """Weights mid-generation (profile --in-flight) against the same arm with updates between generate calls."""
+    lines: list[str] = []
+    flight_rows = [tag for tag in ("kl", "nokl") if f"inflight-{tag}" in results and f"probes-{tag}" in results]
+    if flight_rows:
+        lines += ["", "## Weights mid-generation", "",
+                  "*inflight*: the probes arm with `generator.update_mode = \"in_flight\"` (a new version reaches a "
+                  "generator between two decoding steps; unfinished sequences are re-prefilled under it) against the "
+                  "same arm with updates between generate calls. Per repeat pair: median (min-max).", "",
+                  "| arm | s/step (inflight / between) | steps/s inflight | steps/s between | generator idle s/step "
+                  "inflight | generator idle s/step between |", "|---|---|---|---|---|---|"]
+        for tag in flight_rows:
+            a, b = results[f"inflight-{tag}"], results[f"probes-{tag}"]
+            ratios = sorted(x["step_s"] / y["step_s"] for x, y in zip(a, b, strict=True))
+            med = statistics.median(ratios)
+
+            def per_s(reps):
+                return statistics.median(1 / r["step_s"] for r in reps)
+
+            def idle(reps):
+                return statistics.median(r["idle_generator"] for r in reps)
+
+            lines.append(f"| {tag} | **{med:.3f}** ({ratios[0]:.3f}-{ratios[-1]:.3f}) | {per_s(a):.4f} | "
+                         f"{per_s(b):.4f} | {idle(a):.2f} | {idle(b):.2f} |")
+    return lines
 
 
 def _plot(root: Path, results: dict[str, list[dict]]) -> None:

@@ -86,20 +86,12 @@ class Rewarder:
         tokens: the frozen copy's scores of completion tokens 0..T-2, the positions the generator reads);
         `behaviour` = the frozen reading now minus at the first step (what changed in the completions themselves);
         `total` = their sum, the live reading now minus the frozen reading at the first step."""
-        import torch
-
-        from probes.probe import aggregate
+        from probes.probe import aggregate_ragged
 
         live_s = scored.column(f"probe/{live}/score").to_numpy(zero_copy_only=False).astype(np.float64)
         rows = scored.column(f"probe/{frozen}/tokens").to_pylist()
-        same = [r[:-1] for r in rows]  # the positions the generator reads: all but the last completion token
-        width = max([len(r) for r in same] + [1])
-        values = torch.zeros((len(same), width))
-        mask = torch.zeros((len(same), width), dtype=torch.bool)
-        for i, r in enumerate(same):
-            values[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-            mask[i, :len(r)] = True
-        frozen_s = aggregate(values, mask, how).double().numpy()
+        # the positions the generator reads: all but the last completion token
+        frozen_s = np.array(aggregate_ragged([r[:-1] for r in rows], how), dtype=np.float64)
         ok = np.isfinite(live_s) & np.isfinite(frozen_s)
         key = f"obfuscation/{live}"
         if not ok.any():

@@ -168,6 +168,17 @@ def aggregate(scores: torch.Tensor, mask: torch.Tensor, how: Aggregation) -> tor
     return torch.where(count > 0, out, torch.full_like(out, math.nan))
 
 
+def aggregate_ragged(rows: list[list[float]], how: Aggregation) -> list[float]:
+    """`aggregate` over per-token scores of uneven lengths (one list per row); an empty row gets NaN."""
+    width = max([len(r) for r in rows] + [1])
+    scores = torch.zeros((len(rows), width))
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        scores[i, :len(r)] = torch.as_tensor(r, dtype=torch.float32)
+        mask[i, :len(r)] = True
+    return aggregate(scores, mask, how).tolist()
+
+
 def _window_max(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     # Compact each row's masked tokens to the left, then take rolling sums with a cumulative sum.
     count = mask.sum(-1)

@@ -164,3 +164,14 @@ def test_probes_is_a_library_that_imports_nothing_above_it():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in above for n in names), f"{path.name} imports {names}"
+
+
+def test_aggregate_ragged_equals_aggregate_on_the_padded_rows():
+    from probes.probe import aggregate, aggregate_ragged
+
+    rows = [[0.1, 0.9, 0.3], [0.5], []]
+    padded = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    for how in ("mean", "max", "last", "window:2"):
+        got, want = aggregate_ragged(rows, how), aggregate(padded, mask, how).tolist()
+        assert got[:2] == pytest.approx(want[:2]) and math.isnan(got[2]) and math.isnan(want[2])
