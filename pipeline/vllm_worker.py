@@ -26,14 +26,7 @@ class ProbeRLWorkerExtension:
         if getattr(self, "_probe_rl_log", None) is None:
             runner = self.model_runner
             log = self._probe_rl_log = StepLog(reads.column_of)
-            execute = runner.execute_model
-
-            def execute_and_record(scheduler_output, *args, **kwargs):
-                out = execute(scheduler_output, *args, **kwargs)
-                log.record(runner, scheduler_output, reads)
-                return out
-
-            runner.execute_model = execute_and_record
+            _around_steps(runner, after=lambda scheduler_output: log.record(runner, scheduler_output, reads))
         return reads.num_probes
 
     def probe_rl_slow_steps(self) -> None:
@@ -41,14 +34,7 @@ class ProbeRLWorkerExtension:
         model's would, so that a test can act between two of them."""
         from pipeline.faults import maybe_slow_down
 
-        runner = self.model_runner
-        execute = runner.execute_model
-
-        def slow(*args, **kwargs):
-            maybe_slow_down("decode_step")
-            return execute(*args, **kwargs)
-
-        runner.execute_model = slow
+        _around_steps(self.model_runner, before=lambda _scheduler_output: maybe_slow_down("decode_step"))
 
     def probe_rl_set_read_probes(self, weights: list[list[float]], biases: list[float]) -> None:
         """Refit probes: new weights copied into the tensors the compiled hooks read."""
@@ -85,6 +71,22 @@ class ProbeRLWorkerExtension:
 
         self._probe_rl_ablation = block.register_forward_hook(hook)
         return True
+
+
+def _around_steps(runner, before=None, after=None) -> None:
+    """Run `before(scheduler_output)` and `after(scheduler_output)` around each of the model runner's steps (its
+    `execute_model`, plain Python outside anything vLLM compiles)."""
+    execute = runner.execute_model
+
+    def step(scheduler_output, *args, **kwargs):
+        if before is not None:
+            before(scheduler_output)
+        out = execute(scheduler_output, *args, **kwargs)
+        if after is not None:
+            after(scheduler_output)
+        return out
+
+    runner.execute_model = step
 
 
 def ablated_residual(hidden, residual, u):
