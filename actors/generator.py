@@ -27,6 +27,7 @@ from pipeline.config import GeneratorConfig
 from pipeline.faults import maybe_die, maybe_slow_down
 from pipeline.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
+WEIGHTS_WAIT_S = 900.0  # how long a generate call waits for the weights version published before it
 INLINE_CHUNK_BYTES = 256 * 2**20  # object-store weights enter the engine in chunks of about this size
 
 
@@ -140,14 +141,19 @@ class Generator:
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
 
-    def generate(self, prompts: pa.Table, n: int, seed: int | None) -> tuple[pa.Table, GenerateStats]:
+    def generate(self, prompts: pa.Table, n: int, seed: int | None,
+                 min_version: int = 0) -> tuple[pa.Table, GenerateStats]:
         """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
-        samples with its own seed (`request_seed`); `seed` None samples unseeded."""
+        samples with its own seed (`request_seed`); `seed` None samples unseeded. Sampling starts only once this
+        generator holds weights version `min_version` (the newest the driver had published when it launched the
+        call): in-flight updates load in a concurrency group of their own, so a load queued before this call
+        may still be on its way."""
         from vllm import SamplingParams
 
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
         start = time.perf_counter()
+        self._await_version(min_version)
         maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
         params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
@@ -206,6 +212,12 @@ class Generator:
                 if out.finished:
                     done[out.request_id] = out
         return [done[rid] for rid in ids]
+
+    def _await_version(self, version: int, timeout_s: float = WEIGHTS_WAIT_S) -> None:
+        with self._turn:
+            if not self._turn.wait_for(lambda: self.version >= version, timeout_s):
+                raise RuntimeError(f"generator: still on weights version {self.version} after {timeout_s:.0f} s, "
+                                   f"but version {version} was published before this generate call")
 
     @contextmanager
     def _step_turn(self):

@@ -46,6 +46,7 @@ class Chunk:
     seed: int
     generator: int
     scorer: int
+    min_version: int = 0  # the weights version the driver had published at launch: its generator samples with it
     table: Any = None  # generator's rollout table ref
     gen_stats: Any = None
     scored: Any = None  # scorer's scored table ref
@@ -166,7 +167,7 @@ def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:
     for c in range(num_chunks):
         if bounds[c + 1] > bounds[c]:
             part = prompts.slice(bounds[c], bounds[c + 1] - bounds[c])
-            chunk = Chunk(part, cfg.pipeline.seed, c % len(fleet.generators), c % num_scorers)
+            chunk = Chunk(part, cfg.pipeline.seed, c % len(fleet.generators), c % num_scorers, fleet.version)
             chunks.append(submit_chunk(cfg, fleet, chunk))
     return InFlight(step, chunks)
 
@@ -175,7 +176,7 @@ def submit_chunk(cfg: Config, fleet, chunk: Chunk, generate: bool = True) -> Chu
     if generate:
         gen = fleet.generators[chunk.generator]
         chunk.table, chunk.gen_stats = gen.generate.options(num_returns=2).remote(
-            chunk.prompts, cfg.pipeline.group_size, chunk.seed)
+            chunk.prompts, cfg.pipeline.group_size, chunk.seed, chunk.min_version)
     chunk.scored, chunk.score_stats = fleet.scorers[chunk.scorer].score.options(num_returns=2).remote(chunk.table)
     return chunk
 

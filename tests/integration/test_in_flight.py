@@ -82,3 +82,26 @@ def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(ti
         assert np.allclose(r["behavior_logprobs"], want, atol=1e-4), (versions, r["behavior_logprobs"], want)
     assert spanning >= 6  # most of the 9 rollouts were mid-way when the weights arrived
     assert gen.version == 1
+
+    # A generate call launched after the driver published version 2 samples nothing with version 1, even though
+    # the load of version 2 (the weights concurrency group) reaches the generator only after the call began.
+    def late_load() -> None:
+        try:
+            time.sleep(1.0)
+            out["late"] = gen.load_weights({k: v.clone() for k, v in old.state_dict().items()}, 2)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out["error"] = e
+
+    loader = threading.Thread(target=late_load)
+    loader.start()
+    began = time.monotonic()
+    one = pa.Table.from_pydict({"prompt_id": [0], "group_id": [0], "prompt_ids": [prompts[0]], "answer": [""]},
+                               schema=PROMPT_SCHEMA)
+    again, stats = gen.generate(one, 2, 11, min_version=2)
+    loader.join(timeout=120)
+    assert "error" not in out, out.get("error")
+    assert time.monotonic() - began >= 1.0 and out["late"] == 2
+    assert stats.policy_version == 2
+    assert all(v == 2 for r in again.to_pylist() for v in r["behavior_versions"])
+    with pytest.raises(RuntimeError, match="still on weights version 2"):
+        gen._await_version(3, timeout_s=0.2)
