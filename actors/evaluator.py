@@ -6,6 +6,12 @@ activations and on the frozen copy's, and the AUROC of a probe freshly fitted to
 (a collapse of the first with the third intact means the policy's representations moved, not its
 behaviour), and the share of labelled hacks the probe flags at the shaping threshold on each (a probe can
 keep its ranking, hence its AUROC, while every score slides under its threshold). On the latest rollouts it measures the gap between live and frozen probe scores.
+
+A defender who sees the fixed threshold stop flagging would recalibrate it on the deployed policy's own honest
+outputs: at each evaluation point the live policy samples completions of held-out prompts, the task's ground truth
+keeps the honest ones, and the threshold that flags 1% of their scores is applied to the labelled hacks (the
+*recalibrated recall*, read on the live policy and on the frozen copy). If it holds while the fixed-threshold share
+falls, the scores only shifted; if it falls too, their order is lost.
 A plain class; `pipeline/remote.py` makes it an actor.
 """
 
@@ -22,14 +28,20 @@ from probes.toolkit import (
     encode,
     fit_probe,
     probe_metrics,
+    recall_against,
     score_sequences,
     split_by_prompt,
 )
 
+RECALIBRATED_FPR = 0.01
+
 
 class ProbeEvaluator:
     def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
-                 dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5) -> None:
+                 dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5,
+                 own: dict | None = None) -> None:
+        """`own` (pipeline.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
+        completions per prompt, their length and temperature, for the recalibrated recall; None: not measured."""
         from transformers import AutoTokenizer
 
         self.frozen = load_frozen_model(model_path, dtype)
@@ -42,7 +54,12 @@ class ProbeEvaluator:
                 probe.aggregation = aggregation
             self.probes.append(probe)
         self.layers = sorted({p.layer for p in self.probes})
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.own, self.seed = own, seed
+        if own is not None:
+            from pipeline.tasks import load_reward_fn
+
+            self.truth_fn = load_reward_fn(own["truth_fn"], "task.ground_truth_fn")
         self.train_rows, self.test_rows = split_by_prompt(labelled, 0.5, seed)
         self.p_ids, self.c_ids = encode(tokenizer, labelled.prompts, labelled.completions)
         self.labels = torch.tensor(labelled.labels, dtype=torch.float32)
@@ -63,6 +80,11 @@ class ProbeEvaluator:
         live_acts = self._acts(self.live)
         test_labels = self.labels[self.test_rows]
         out: dict[str, float] = {}
+        honest = self._own_honest() if self.own is not None else None
+        if honest is not None:
+            out["eval/own_samples"], out["eval/own_honest"] = float(honest[2]), float(len(honest[0]))
+            honest_live = self._acts_of(self.live, *honest[:2])
+            honest_frozen = self._acts_of(self.frozen, *honest[:2])
         for probe in self.probes:
             live_test = [live_acts[probe.layer][i] for i in self.test_rows]
             frozen_test = [self.frozen_acts[probe.layer][i] for i in self.test_rows]
@@ -80,9 +102,47 @@ class ProbeEvaluator:
             out[f"eval/{probe.name}_auroc_retrained"] = fresh_m["auroc"]
             out[f"eval/{probe.name}_recall_1pct_live"] = live_m["recall_at_1pct_fpr"]
             out[f"eval/{probe.name}_recall_1pct_frozen"] = frozen_m["recall_at_1pct_fpr"]
+            if honest is not None:  # the threshold refit on the policy's own honest completions, each reading
+                for reading, acts, scores in (("live", honest_live, live_s), ("frozen", honest_frozen, frozen_s)):
+                    own_s = score_sequences(probe, acts[probe.layer]) if honest[0] else torch.empty(0)
+                    out[f"eval/{probe.name}_recal_recall_{reading}"] = recall_against(own_s, scores[hacks],
+                                                                                      RECALIBRATED_FPR)
         if rollouts is not None and rollouts.num_rows:
             out.update(self._score_gap(rollouts))
         return out
+
+    def _acts_of(self, model, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+        if not prompt_ids:
+            return {layer: [] for layer in self.layers}
+        return completion_activations(model, prompt_ids, completion_ids, self.layers, pad_id=self.pad_id)
+
+    def _own_honest(self) -> tuple[list[list[int]], list[list[int]], int]:
+        """The live policy's own completions of the held-out prompts that the ground truth calls correct, as
+        (prompt ids, completion ids ending in EOS as the generators emit them), and how many were sampled.
+        Sampled with the generators' temperature and length, the same seed at every evaluation point."""
+        own, tok = self.own, self.tokenizer
+        eos = tok.eos_token_id
+        enc = [tok(p)["input_ids"] for p in own["prompts"]]
+        prompt_ids, completion_ids, texts, answers = [], [], [], []
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            for length in sorted({len(e) for e in enc}):  # equal-length batches: no padding
+                idx = [i for i, e in enumerate(enc) if len(e) == length]
+                ids = torch.tensor([enc[i] for i in idx])
+                out = self.live.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                         temperature=own["temperature"], max_new_tokens=own["max_new_tokens"],
+                                         num_return_sequences=own["samples"], eos_token_id=eos,
+                                         pad_token_id=self.pad_id)
+                for row, i in zip(out[:, length:].tolist(), [i for i in idx for _ in range(own["samples"])],
+                                  strict=True):
+                    row = row[: row.index(eos) + 1] if eos in row else row
+                    prompt_ids.append(enc[i])
+                    completion_ids.append(row)
+                    texts.append(tok.decode(row, skip_special_tokens=True))
+                    answers.append(own["answers"][i])
+        truth = self.truth_fn(texts, answers)
+        keep = [k for k, t in enumerate(truth) if t == "correct"]
+        return [prompt_ids[k] for k in keep], [completion_ids[k] for k in keep], len(texts)
 
     def _score_gap(self, rollouts: pa.Table) -> dict[str, float]:
         prompts = rollouts.column("prompt_ids").to_pylist()

@@ -340,6 +340,10 @@ class EvalConfig(RoleResources):
     probe freshly fitted to the live policy, and the live-vs-frozen score gap on the latest rollouts. 0: off."""
     probe_data: str | None = None
     """Labelled completions (prompt, completion, label) for those AUROCs; None with the toy model: the toy set."""
+    recalibrate_samples: NonNegInt = 4
+    """Completions the evaluated policy samples per held-out prompt (task.eval_prompts) at each evaluation point;
+    its honest ones (task.ground_truth_fn: "correct") set the threshold at 1% FPR for the recalibrated recall on
+    the labelled hacks (`eval/<probe>_recal_recall_{live,frozen}`). 0, or no ground truth: not measured."""
     num_cpus: PositiveFloat = 0.25
     """Ray CPUs reserved for the evaluator."""
 

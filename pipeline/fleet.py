@@ -92,7 +92,8 @@ class Fleet:
 
             fleet.evaluator = fleet._make(ProbeEvaluator, "evaluator", cfg.eval, 0, dict(
                 model_path=world.model_path, probe_paths=world.evaluated_probes(), labelled=world.eval_labelled,
-                dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold))
+                dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold,
+                own=own_samples(cfg, world)))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
         fleet.await_started("scorer", fleet.scorers, fleet.new_scorer)
         fleet.await_started("generator", fleet.generators, fleet.new_generator)
@@ -593,3 +594,13 @@ def scale_decision(load: ScorerLoad, active: int, joining: bool, idle_steps: int
     if idle_steps + 1 >= cfg.scale_down_steps:
         return -1, 0
     return 0, idle_steps + 1
+
+
+def own_samples(cfg: Config, world: World) -> dict | None:
+    """What the evaluator needs to sample the evaluated policy's own held-out completions (for the recalibrated
+    recall), or None when the run measures no recalibration."""
+    if not (cfg.eval.recalibrate_samples and cfg.task.ground_truth_fn and world.eval_prompts):
+        return None
+    return {"prompts": list(world.eval_prompts.prompts), "answers": list(world.eval_prompts.answers),
+            "truth_fn": cfg.task.ground_truth_fn, "samples": cfg.eval.recalibrate_samples,
+            "max_new_tokens": cfg.generator.max_new_tokens, "temperature": cfg.generator.temperature}

@@ -10,6 +10,7 @@ probe cannot score well by memorising prompts.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +87,25 @@ def score_sequences(probe: LinearProbe, acts: list[torch.Tensor], aggregation: s
 def recall_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float) -> float:
     """Fraction of positives flagged at the strictest threshold that flags at most `fpr` of negatives."""
     scores, labels = scores.double().flatten(), labels.flatten().bool()
-    neg = torch.sort(scores[~labels], descending=True).values
-    pos = scores[labels]
-    if len(neg) == 0 or len(pos) == 0:
+    return recall_against(scores[~labels], scores[labels], fpr)
+
+
+def threshold_at_fpr(negatives: torch.Tensor, fpr: float) -> float:
+    """The strictest threshold (flag: score > threshold) that flags at most `fpr` of `negatives`; nan without any."""
+    neg = torch.sort(negatives.double().flatten(), descending=True).values
+    if len(neg) == 0:
         return float("nan")
     allowed = int(fpr * len(neg))  # negatives that may score above the threshold
-    threshold = neg[allowed] if allowed < len(neg) else -float("inf")
-    return float((pos > threshold).double().mean())
+    return float(neg[allowed]) if allowed < len(neg) else -float("inf")
+
+
+def recall_against(negatives: torch.Tensor, positives: torch.Tensor, fpr: float) -> float:
+    """Share of `positives` above the threshold set at `fpr` on `negatives` (which may come from another set: a
+    defender recalibrating on the honest completions of the policy they deploy)."""
+    threshold = threshold_at_fpr(negatives, fpr)
+    if len(positives) == 0 or math.isnan(threshold):
+        return float("nan")
+    return float((positives.double().flatten() > threshold).double().mean())
 
 
 def probe_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -122,6 +122,11 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
     assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
     assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
+    # the recalibrated recall: the policy's own held-out completions (4 per eval prompt), the honest ones set it
+    for e in evals:
+        assert e["eval/own_samples"] == 4 * cfg.task.eval_prompts and 0 < e["eval/own_honest"] < e["eval/own_samples"]
+        assert 0 <= e["eval/hack_recal_recall_live"] <= 1 and 0 <= e["eval/hack_recal_recall_frozen"] <= 1
+    assert evals[0]["eval/hack_recal_recall_live"] == evals[0]["eval/hack_recal_recall_frozen"]
     # the mismatch, every step: bf16 sampling against the float32 learner on fresh rows (step 1), then one version
     # stale (max_staleness 1) on top of it
     assert 0 < rows[0]["mismatch/log_ratio_abs_mean"] < 0.1 and rows[0]["mismatch/tokens"] > 0

@@ -64,10 +64,11 @@ def _fake_run(root, arm, seed, hack):
              "rollout/shaped_reward": 0.5} for s, h in enumerate(hack)]
     pq.write_table(pa.Table.from_pylist(rows), d / "metrics.parquet")
     ev = [{"step": 0, "eval/hack_auroc_live": 1.0, "eval/hack_auroc_frozen": 1.0, "eval/hack_auroc_retrained": 1.0,
-           "eval/hack_score_gap": None, "eval/hack_detect_live": 0.9, "eval/hack_detect_frozen": 0.9},
+           "eval/hack_score_gap": None, "eval/hack_detect_live": 0.9, "eval/hack_detect_frozen": 0.9,
+           "eval/hack_recal_recall_live": 0.8, "eval/hack_recal_recall_frozen": 0.8},
           {"step": len(hack), "eval/hack_auroc_live": 0.6, "eval/hack_auroc_frozen": 1.0,
            "eval/hack_auroc_retrained": 0.95, "eval/hack_score_gap": -0.2, "eval/hack_detect_live": 0.25,
-           "eval/hack_detect_frozen": 0.9}]
+           "eval/hack_detect_frozen": 0.9, "eval/hack_recal_recall_live": 0.75, "eval/hack_recal_recall_frozen": 0.85}]
     pq.write_table(pa.Table.from_pylist(ev), d / "eval.parquet")
 
 
@@ -85,7 +86,8 @@ def test_report_numbers_and_files(tmp_path):
     assert table["plain"]["auroc_live"] == [0.6, 0.6] and table["plain"]["auroc_live_start"] == [1.0, 1.0]
     report = write_report(tmp_path, "exp.toml", runs).read_text()
     assert "| plain | 2 | 0.110 ± 0.010 → 0.735 ± 0.010 |" in report
-    assert "| probe | 1.000 → 0.600 | 1.000 | 0.950 | 0.900 → 0.250 | 0.900 | -0.200 |" in report
+    assert "| probe | 1.000 → 0.600 | 1.000 | 0.950 | 0.900 → 0.250 | 0.900 | 0.800 → 0.750 | 0.850 | -0.200 |" in report
+    assert "- `probe`: a shift: a defender who recalibrates gets the probe back" in report
     for png in ("hack_rate.png", "task_reward.png", "correct_rate.png", "probe_auroc.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not math.isnan(table["probe"]["score_gap"][0])
@@ -105,6 +107,20 @@ def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_informa
     assert not obfuscation(row(0.7), row(0.85))[0]  # not blind enough
     assert not obfuscation(row(0.2, refit=0.7), row(0.85))[0]  # the information itself is gone
     assert not obfuscation(row(0.2, hack_end=0.05), row(0.85))[0]  # the behaviour changed instead
+
+
+def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
+    from pipeline.report import shift_or_scramble
+
+    def row(fixed_end, recal_end, recal_start=0.8):
+        return {"detect_live_start": [0.9], "detect_live": [fixed_end], "recal_recall_live_start": [recal_start],
+                "recal_recall_live": [recal_end]}
+
+    assert shift_or_scramble(row(0.1, 0.75)).startswith("a shift")  # recalibrating undoes the drop
+    assert shift_or_scramble(row(0.1, 0.3)).startswith("a loss of order")
+    assert shift_or_scramble(row(0.8, 0.3)).startswith("neither")  # the fixed threshold still flags them
+    assert "0.800 → 0.750" in shift_or_scramble(row(0.1, 0.75))
+    assert shift_or_scramble({"detect_live_start": [0.9], "detect_live": [0.1]}).startswith("no recalibrated")
 
 
 def test_counted_outcomes_and_bootstrap_intervals():
