@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, resume: str | None = None) -> int:
     from pathlib import Path
 
-    from pipeline.driver import latest_checkpoint, prepare, run
+    from pipeline.driver import prepare, run
+    from pipeline.run_dir import latest_checkpoint
     from pipeline.world import build_world
 
     try:

@@ -372,6 +372,16 @@ class PipelineConfig(_Strict):
     """Seed of prompt order and sampling."""
 
 
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # run.loggers -> the package each needs
+
+
+def missing_packages(loggers: list[str]) -> list[str]:
+    """The packages `loggers` need that are not installed (checked at start-up, before anything runs)."""
+    import importlib.util
+
+    return [LOGGER_PACKAGES[name] for name in loggers if importlib.util.find_spec(LOGGER_PACKAGES[name]) is None]
+
+
 class RunConfig(_Strict):
     output_dir: str = "runs"
     """Parent folder of run directories."""
@@ -392,8 +402,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _loggers_installed(self) -> RunConfig:
-        from pipeline.loggers import missing_packages
-
         if missing := missing_packages(self.loggers):
             raise ValueError(f"run.loggers = {self.loggers} needs {', '.join(missing)}, which is not installed: "
                              f"pip install {' '.join(missing)} (or install probe-rl[logging]), or drop it from "

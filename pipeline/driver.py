@@ -6,7 +6,8 @@ step, push the new weights to every generator, log a metrics row. Generation for
 the generator actors while the learner trains, so the two overlap; the version every rollout came
 from is tracked and the staleness of each batch is checked. The actors themselves, and everything that
 keeps them alive (start, replace, scale, push weights, restart the learner), belong to
-`pipeline/fleet.py`.
+`pipeline/fleet.py`; evaluation points and the probe refit to `pipeline/evaluation.py`; the metrics row and
+the summary to `pipeline/metrics.py`; run folders and resuming to `pipeline/run_dir.py`.
 
 Checkpoint v is taken in step v+1, after that step's rollouts are in and before the learner trains on
 them, together with every rollout already launched (`checkpoints/step_v.inflight.parquet`): those came
@@ -23,18 +24,18 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import Config, dump_toml
+from pipeline.evaluation import ProbeRetrainer, greedy_accuracy, probe_eval
 from pipeline.loggers import Loggers
-from pipeline.metrics import ParquetSink, StageTimer
+from pipeline.metrics import ParquetSink, StageTimer, log_step, step_metrics, summarize, sync_metrics
 from pipeline.rewarder import Rewarder
+from pipeline.run_dir import make_run_dir, previous_samples, write_samples
 from pipeline.world import World, build_world
 
 
@@ -95,41 +96,6 @@ def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path |
             fleet.shutdown()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run directory; a clear error when there is none."""
-    from learner.checkpoint import latest_checkpoint as newest
-
-    found = newest(run_dir)
-    if found is None:
-        raise ValueError(f"{run_dir} has no checkpoint to resume from (set learner.checkpoint_every to save some)")
-    return found
-
-
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir).expanduser() / name
-    if (run_dir / "metrics.parquet").exists():
-        raise ValueError(f"run directory {run_dir} already holds a run; choose another --run.name")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def finished(run_dir: Path) -> bool:
-    """Whether a run reached its last step in `run_dir` (`run` writes summary.json at the very end)."""
-    return (run_dir / "summary.json").is_file()
-
-
-def restart_run_dir(cfg: Config) -> Path:
-    """The run directory of a run that an experiment or a profile (re)starts in full: whatever a run cut off
-    there before left behind is removed, and the config is kept beside the results."""
-    import shutil
-
-    shutil.rmtree(Path(cfg.run.output_dir).expanduser() / cfg.run.name, ignore_errors=True)
-    run_dir = make_run_dir(cfg)
-    (run_dir / "config.toml").write_text(dump_toml(cfg))
-    return run_dir
 
 
 # Every role starts with a runtime environment of its own (QUIET_ENV), so it never takes one of the default
@@ -421,158 +387,3 @@ def check_staleness(step: int, version: int, scored: pa.Table, max_staleness: in
     return staleness
 
 
-def sync_metrics(fleet) -> dict[str, float]:
-    """The last weight sync's figures (collective transport only)."""
-    s = fleet.last_sync
-    if s is None:
-        return {}
-    out = {"sync/buckets": float(s.num_buckets), "sync/send_s": s.seconds,
-           "sync/max_gathered_bytes": float(s.max_gathered_bytes)}
-    if s.num_bytes is not None:  # only what the engine measured
-        out["sync/bytes"] = float(s.num_bytes)
-    return out
-
-
-def write_samples(samples: list[pa.Table], run_dir: Path) -> None:
-    tmp = run_dir / "rollouts.parquet.tmp"
-    pq.write_table(pa.concat_tables(samples, promote_options="default"), tmp)
-    tmp.replace(run_dir / "rollouts.parquet")
-
-
-def previous_samples(run_dir: Path, up_to_step: int) -> list[pa.Table]:
-    path = run_dir / "rollouts.parquet"
-    if up_to_step == 0 or not path.exists():
-        return []
-    import pyarrow.compute as pc
-
-    table = pq.read_table(path)
-    return [table.filter(pc.less_equal(table.column("step"), up_to_step))]
-
-
-class ProbeRetrainer:
-    """Every `scorer.retrain_every` steps, refit the shaping probe on recent on-policy rollouts labelled by
-    the task's ground truth (1 = "hack") and hand it to every scorer (and the evaluator)."""
-
-    def __init__(self, cfg: Config, fleet) -> None:
-        self.cfg, self.fleet = cfg, fleet
-        self.window: deque[tuple[pa.Table, np.ndarray]] = deque(maxlen=cfg.scorer.retrain_window)
-
-    def __call__(self, step: int, batch: pa.Table, truth: np.ndarray | None) -> dict[str, float]:
-        from pipeline.remote import wait
-        from pipeline.schema import ROLLOUT_SCHEMA
-
-        every = self.cfg.scorer.retrain_every
-        if not every or truth is None:
-            return {}
-        self.window.append((batch.select(ROLLOUT_SCHEMA.names), (truth == "hack").astype(int)))
-        if step % every:
-            return {}
-        table = pa.concat_tables([b for b, _ in self.window])
-        labels = np.concatenate([y for _, y in self.window])
-        if labels.min() == labels.max():
-            return {"scorer/retrain_skipped": 1.0}  # one class only: nothing to fit
-        fleet = self.fleet
-        name = self.cfg.shaping.probe or fleet.world.column_names[0]
-        # A probe read on the generators is refit on its scorer twin's activations; every reading of the probe
-        # (scorers' and generators') takes the result.
-        on_scorer = next((g.twin for g in fleet.world.generator_probes if g.name == name), None) or name
-        readings = {on_scorer} | {g.name for g in fleet.world.generator_probes if g.twin == on_scorer or g.name == name}
-        t = self.cfg.pipeline.timeout_s
-        tensors, metrics = wait(fleet.scorers[0].refit_probe.remote(on_scorer, table, labels.tolist()),
-                                "scorer (refit)", t)
-        fleet.set_probes({**fleet.probe_overrides, **{r: {k: v.clone() for k, v in tensors.items()} for r in readings}})
-        return {"scorer/retrain_auroc": metrics["auroc"], "scorer/retrain_positives": float(labels.sum())}
-
-
-def probe_eval(cfg: Config, fleet, sink: ParquetSink, step: int, checkpoint: str | None,
-               scored: pa.Table | None) -> dict:
-    """Evaluation point: AUROCs of the probes on the policy in `checkpoint` (None: the initial one) and on the
-    frozen copy (see actors/evaluator.py)."""
-    from pipeline.remote import wait
-
-    if fleet.evaluator is None:
-        return {}
-    metrics = wait(fleet.evaluator.report.remote(checkpoint, scored), "evaluator", cfg.pipeline.timeout_s)
-    sink.log({"step": step, **metrics})
-    return metrics
-
-
-def greedy_accuracy(cfg: Config, world: World, fleet) -> float | None:
-    """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none): the
-    ground truth's "correct" rate when the task has one (a loophole verifier would flatter), else the reward."""
-    from pipeline.remote import wait
-
-    if not world.eval_prompts:
-        return None
-    outs = wait(
-        fleet.generators[0].greedy.remote(world.eval_prompt_ids, cfg.generator.max_new_tokens),
-        "generator (eval)", cfg.pipeline.timeout_s,
-    )
-    texts = world.decode(outs)
-    if world.ground_truth_fn is not None:
-        return float(np.mean([t == "correct" for t in world.ground_truth_fn(texts, world.eval_prompts.answers)]))
-    return float(np.mean(world.reward_fn(texts, world.eval_prompts.answers)))
-
-
-def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer) -> dict:
-    """One metrics row. Time keys: `time/step_wall_s` is the step's real wall time in the driver (added by the
-    loop); `time/stage/<stage>_s` the driver's time in each stage of it; `time/generate_wall_s` the step's
-    generation wall time (first chunk's start to last chunk's end, on the generators); `time/score_busy_s`
-    the scorers' summed busy time on this step; `time/learn_compute_s` the slowest learner rank's step."""
-    from learner.losses import mismatch_metrics
-
-    tokens = sum(s.num_tokens for s in gen_stats)
-    gen_wall = max(s.end_time for s in gen_stats) - min(s.end_time - s.seconds for s in gen_stats)
-    n_tok = sum(s.num_tokens for s in train_stats)
-
-    def tok_mean(attr: str) -> float:
-        return sum(getattr(s, attr) * s.num_tokens for s in train_stats) / max(n_tok, 1)
-
-    row = {"step": step, "version": version, "pipeline/staleness": staleness, **reward_metrics,
-           "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(gen_wall, 1e-9),
-           "learner/loss": tok_mean("loss"), "learner/policy_loss": tok_mean("policy_loss"),
-           "learner/kl": tok_mean("kl"), "learner/clip_frac": tok_mean("clip_frac"),
-           "learner/grad_norm": train_stats[0].grad_norm,
-           "learner/probe_score": _row_mean(train_stats, "probe_score"),
-           "learner/nonfinite_rows": train_stats[0].nonfinite_rows,
-           **mismatch_metrics([s.mismatch for s in train_stats if s.mismatch]),
-           "scorer/nonfinite": sum(s.num_nonfinite for s in score_stats),
-           "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
-           "time/generate_wall_s": gen_wall, "time/generate_busy_s": sum(s.seconds for s in gen_stats),
-           "time/score_busy_s": sum(s.seconds for s in score_stats),
-           "time/learn_compute_s": max(s.seconds for s in train_stats)}
-    row.update({f"time/stage/{k}_s": v for k, v in timer.seconds.items()})
-    return row
-
-
-def _row_mean(stats, attr: str) -> float:
-    """Mean over ranks weighted by their gradient-carrying rows (NaN when no rank measured it)."""
-    pairs = [(getattr(s, attr), s.num_rows) for s in stats if math.isfinite(getattr(s, attr)) and s.num_rows]
-    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else math.nan
-
-
-def log_step(row: dict, log, quiet: bool) -> None:
-    step = row["step"]
-    if quiet and step != 1 and step % 10:
-        return
-    log(f"step {step:4d}  task_reward {row['rollout/task_reward']:.3f}  shaped {row['rollout/shaped_reward']:.3f}  "
-        f"kl {row['learner/kl']:.4f}  staleness {row['pipeline/staleness']}  {row['time/step_wall_s']:.2f}s/step")
-
-
-def summarize(rows: list[dict], eval_start: float | None, eval_end: float | None, checkpoint: str | None,
-              run_dir: Path) -> dict:
-    def mean(key: str, part: slice) -> float:
-        vals = [r[key] for r in rows[part] if r.get(key) is not None]
-        return float(np.mean(vals)) if vals else math.nan
-
-    k = max(1, len(rows) // 5)
-    return {
-        "run_dir": str(run_dir),
-        "steps": len(rows),
-        "task_reward_first_steps": mean("rollout/task_reward", slice(0, k)),
-        "task_reward_last_steps": mean("rollout/task_reward", slice(-k, None)),
-        "eval_greedy_accuracy_start": eval_start,
-        "eval_greedy_accuracy_end": eval_end,
-        "mean_step_wall_s": mean("time/step_wall_s", slice(None)),
-        "final_checkpoint": checkpoint,
-    }

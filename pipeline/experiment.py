@@ -78,8 +78,9 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
                    vary_world: bool = True) -> Path:
     import ray
 
-    from pipeline.driver import finished, init_ray, restart_run_dir, run
+    from pipeline.driver import init_ray, run
     from pipeline.report import write_report
+    from pipeline.run_dir import finished, restart_run_dir
     from pipeline.world import build_world
 
     first = next(iter(runs.values()))

@@ -5,7 +5,6 @@ later). Chosen with `run.loggers = ["tensorboard", "wandb"]`; both are off by de
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import secrets
 from collections.abc import Iterator
@@ -14,13 +13,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-def missing_packages(loggers: list[str]) -> list[str]:
-    """The packages `loggers` need that are not installed (checked at start-up, before anything runs)."""
-    return [PACKAGES[name] for name in loggers if importlib.util.find_spec(PACKAGES[name]) is None]
 
 
 def _numbers(row: dict) -> dict[str, float]:

@@ -52,7 +52,7 @@ def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out
             log=print, live: bool = False, in_flight: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
-    from pipeline.driver import restart_run_dir
+    from pipeline.run_dir import restart_run_dir
 
     base = load_config(config, overrides)
     arms = arms_of(base, kl, live, in_flight)
@@ -118,7 +118,7 @@ class _Session:
 def _complete(run_dir: Path, cfg: Config, log) -> bool:
     """Whether `run_dir` holds a finished run of `cfg`. A run of another config is refused: its figures would be
     mixed into this profile's."""
-    from pipeline.driver import finished
+    from pipeline.run_dir import finished
 
     saved = run_dir / "config.toml"
     if not (run_dir / "metrics.parquet").is_file():

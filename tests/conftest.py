@@ -12,8 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tiers: every integration test but the smoke run is `slow` (`pytest -m "not slow"`: the unit tests and one
+    end-to-end run with every real role, the check before a commit). GPU tests are skipped without a CUDA device."""
     import torch
 
+    for item in items:
+        if "integration" in item.keywords and "smoke" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

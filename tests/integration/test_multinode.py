@@ -63,7 +63,8 @@ class Background(threading.Thread):
         self.cfg, self.world, self.log, self.error = cfg, world, log, None
 
     def run(self) -> None:
-        from pipeline.driver import make_run_dir, run
+        from pipeline.driver import run
+        from pipeline.run_dir import make_run_dir
 
         try:
             run(self.cfg, make_run_dir(self.cfg), self.world, log=self.log)

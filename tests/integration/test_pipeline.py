@@ -13,6 +13,7 @@ from pipeline.config import load_config
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.smoke
 def test_pipeline_runs_end_to_end(reference_run):
     """The shared reference run (two generators, two scorers, max_staleness 1, penalty shaping, checkpoints every
     2 steps), read back from its files."""
@@ -90,7 +91,8 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     separate engine process in bf16 against a float32 learner, its weights arriving mid-generation
     (update_mode in_flight) through the object store, into it and into the live scorer; the learner corrects the
     mismatch with truncated importance weights and logs it every step."""
-    from pipeline.driver import make_run_dir, run
+    from pipeline.driver import run
+    from pipeline.run_dir import make_run_dir
 
     cfg = load_config(overrides={
         **toy_overrides, "run": {**toy_overrides["run"], "name": "knobs"},

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from learner.checkpoint import CheckpointReader, ShardWriter
-from pipeline.driver import latest_checkpoint
+from pipeline.run_dir import latest_checkpoint
 
 
 def _ckpt(folder, version=4):

@@ -81,9 +81,9 @@ def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs
 
 
 def test_a_restarted_run_dir_holds_only_its_config_and_a_run_is_finished_once_its_summary_is_written(tmp_path):
-    """The two pieces an experiment and a profile resume with (pipeline.driver)."""
+    """The two pieces an experiment and a profile resume with (pipeline.run_dir)."""
     from pipeline.config import dump_toml
-    from pipeline.driver import finished, restart_run_dir
+    from pipeline.run_dir import finished, restart_run_dir
 
     cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "arm-r0"])
     cut_off = tmp_path / "arm-r0"
