@@ -4,9 +4,13 @@ gradients, eval mode), and loading a checkpoint's weights into one in place."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
+def load_frozen_model(model_path: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -16,7 +20,7 @@ def load_frozen_model(model_path: str, dtype: str, device: str = "cpu"):
     return model
 
 
-def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | Path) -> int:
     """Copy a probe-rl checkpoint's weights into `model`, one tensor at a time; returns its version."""
     import torch
 

@@ -20,12 +20,18 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipeline.config import GeneratorConfig
 from pipeline.faults import maybe_die, maybe_slow_down
 from pipeline.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.weights import WireWeights
 
 WEIGHTS_WAIT_S = 900.0  # how long a generate call waits for the weights version published before it
 INLINE_CHUNK_BYTES = 256 * 2**20  # object-store weights enter the engine in chunks of about this size
@@ -330,7 +336,7 @@ class Generator:
             self.updating = False
             self._turn.notify_all()
 
-    def load_weights(self, weights, version: int) -> int:
+    def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
         protocol with the inline backend, in chunks so the engine process never holds two full copies."""
         from pipeline.weights import dtype_name, from_wire
@@ -428,7 +434,7 @@ def _probe_loader(probes, model_path: str) -> dict:
     return {"load_format": LOAD_FORMAT, "model_loader_extra_config": {EXTRA_KEY: spec.to_dict()}}
 
 
-def token_versions(spans, num_tokens: int, current: int) -> list[int]:
+def token_versions(spans: list[Any] | None, num_tokens: int, current: int) -> list[int]:
     """The weight version of each of a completion's tokens from vLLM's version spans (labels set by
     `finish_weight_update`); without spans, every token is of the `current` version."""
     if not spans:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -22,6 +23,11 @@ from pipeline.config import ScorerConfig
 from pipeline.faults import maybe_die, maybe_slow_down
 from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
 from pipeline.weights import make_receiver
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.weights import WireWeights
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class Scorer:
     def shutdown_weight_transfer_engine(self) -> None:
         self._live().shutdown()
 
-    def load_weights(self, weights, version: int) -> int:
+    def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) into the live probe model."""
         from pipeline.weights import from_wire, load_state
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 STATE_FILE = "probe_rl_state.json"
 WEIGHTS_PREFIX = "model"
@@ -90,7 +94,7 @@ def commit(path: Path, tmp: Path, state: dict) -> Path:
     return path
 
 
-def save_model_files(folder: Path, model_config, model_path: str) -> None:
+def save_model_files(folder: Path, model_config: PretrainedConfig, model_path: str) -> None:
     """config.json, generation_config.json and the tokenizer of the run's model, beside the weights."""
     from transformers import AutoTokenizer, GenerationConfig
 

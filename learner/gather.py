@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -33,7 +34,7 @@ def layer_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
-def gathered(params: list[torch.nn.Parameter], zero3: bool):
+def gathered(params: list[torch.nn.Parameter], zero3: bool) -> AbstractContextManager[None]:
     """Context in which `params` are whole on every rank (a collective under ZeRO-3; nothing otherwise)."""
     if not zero3:
         return contextlib.nullcontext()

@@ -23,11 +23,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipeline.config import LearnerConfig, ShapingConfig
 from pipeline.faults import maybe_fail_step
+
+if TYPE_CHECKING:
+    from learner.weight_source import PolicySource
+    from pipeline.weights import SendStats, WireWeights
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class Learner:
         return self.version
 
     @property
-    def source(self):
+    def source(self) -> PolicySource:
         """The weights as vLLM's `WeightSource` (built on first use: training and checkpoints need no vLLM)."""
         if self._source is None:
             from learner.weight_source import PolicySource
@@ -278,7 +283,7 @@ class Learner:
 
     # --- weights out -------------------------------------------------------------------------------------
 
-    def init_weight_transfer(self, client, backend: str, bucket_bytes: int, timeout_s: float, name: str) -> None:
+    def init_weight_transfer(self, client: Any, backend: str, bucket_bytes: int, timeout_s: float, name: str) -> None:
         """Build (or rebuild) the transfer group with the client's receivers: vLLM's trainer-side engine for
         `backend`. Every rank calls this; rank 0 hosts the group and returns once every receiver joined."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
@@ -307,7 +312,7 @@ class Learner:
                                    bucket_bytes=bucket_bytes, name=name, rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)
 
-    def send_weights(self):
+    def send_weights(self) -> SendStats:
         """Send the current weights to every receiver (every rank calls this; rank 0 sends). Returns SendStats."""
         from pipeline.weights import SendStats
 
@@ -323,7 +328,7 @@ class Learner:
         stats.model_bytes = self.source.model_bytes
         return stats
 
-    def get_weights(self):
+    def get_weights(self) -> WireWeights | None:
         """The object-store transport: the whole model as `WireWeights` on rank 0 (None on other ranks).
         Every rank calls this (gathering is a collective under ZeRO-3)."""
         from pipeline.weights import to_wire

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 
 
 @dataclass
@@ -74,7 +79,7 @@ def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     return 1 - sum(lengths) / padded if padded else 0.0
 
 
-def finite_rows(table, columns: list[str]):
+def finite_rows(table: pa.Table, columns: list[str]) -> np.ndarray:
     """(N,) bool numpy: rows whose every value in each list<float> column is finite (an empty list counts as finite).
 
     A NaN or inf reference or behaviour log-prob in one row must cost that row its gradient, not the batch its step."""

@@ -23,9 +23,10 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,11 @@ from pipeline.metrics import ParquetSink, StageTimer, log_step, step_metrics, su
 from pipeline.rewarder import Rewarder
 from pipeline.run_dir import make_run_dir, previous_samples, write_samples
 from pipeline.world import World, build_world
+
+if TYPE_CHECKING:
+    from actors.generator import GenerateStats
+    from actors.scorer import ScoreStats
+    from pipeline.fleet import Fleet
 
 
 @dataclass
@@ -63,7 +69,7 @@ class InFlight:
     ready: tuple | None = None  # (scored table, generator stats, scorer stats) when nothing is in flight
 
 
-def prepare(cfg: Config, log=print) -> tuple[Path, World]:
+def prepare(cfg: Config, log: Callable[[str], None] = print) -> tuple[Path, World]:
     """Check every input and build what is missing; user mistakes raise ValueError before Ray starts."""
     world = build_world(cfg, log)
     run_dir = make_run_dir(cfg)
@@ -72,7 +78,7 @@ def prepare(cfg: Config, log=print) -> tuple[Path, World]:
     return run_dir, world
 
 
-def run(cfg: Config, run_dir: Path, world: World, log=print, resume_from: Path | None = None) -> dict:
+def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = print, resume_from: Path | None = None) -> dict:
     """Start the roles on Ray, train, write summary.json and return the summary.
 
     With `resume_from` (a checkpoint of this run), the learner restores weights and optimizer state, the
@@ -118,7 +124,7 @@ def init_ray(cfg: Config) -> None:
              _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
-def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:
+def launch_step(cfg: Config, world: World, fleet: Fleet, step: int) -> InFlight:
     """Submit generation and scoring of one step's prompts; nothing here blocks.
 
     Prompts are cut into max(#generators, #scorers) chunks so that every worker of both kinds gets work;
@@ -138,7 +144,7 @@ def launch_step(cfg: Config, world: World, fleet, step: int) -> InFlight:
     return InFlight(step, chunks)
 
 
-def submit_chunk(cfg: Config, fleet, chunk: Chunk, generate: bool = True) -> Chunk:
+def submit_chunk(cfg: Config, fleet: Fleet, chunk: Chunk, generate: bool = True) -> Chunk:
     if generate:
         gen = fleet.generators[chunk.generator]
         chunk.table, chunk.gen_stats = gen.generate.options(num_returns=2).remote(
@@ -147,7 +153,7 @@ def submit_chunk(cfg: Config, fleet, chunk: Chunk, generate: bool = True) -> Chu
     return chunk
 
 
-def collect(cfg: Config, fleet, flight: InFlight, log=print):
+def collect(cfg: Config, fleet: Fleet, flight: InFlight, log: Callable[[str], None] = print) -> tuple[pa.Table, list[GenerateStats], list[ScoreStats], int]:
     """Wait for a step's scored tables. A chunk whose worker died, or whose results died with a node, is redone
     (its dead workers replaced first), so no rollout is lost or counted twice. A chunk still unfinished after
     pipeline.timeout_s counts as hung: its worker is replaced and the chunk redone.
@@ -216,7 +222,7 @@ def _ok(ref: Any, timeout_s: float) -> bool:
         return False
 
 
-def train_loop(cfg: Config, world: World, fleet, run_dir: Path, log=print, resume_from: Path | None = None) -> dict:
+def train_loop(cfg: Config, world: World, fleet: Fleet, run_dir: Path, log: Callable[[str], None] = print, resume_from: Path | None = None) -> dict:
     loop = LoopState(cfg, run_dir)
     try:
         return _train(cfg, world, fleet, run_dir, log, resume_from, loop)
@@ -327,7 +333,7 @@ class LoopState:
                     or (lc.checkpoint_minutes and minutes >= lc.checkpoint_minutes)
                     or (every and version % every == 0))
 
-    def checkpoint(self, fleet, flights: list[InFlight], scored: pa.Table | None, log=print) -> str:
+    def checkpoint(self, fleet: Fleet, flights: list[InFlight], scored: pa.Table | None, log: Callable[[str], None] = print) -> str:
         """Checkpoint the learner's version with every flight launched so far (their rollouts written first, the
         learner's state file last), evaluate it when an evaluation is due, prune old checkpoints."""
         from pipeline.checkpoints import prune, write_inflight, write_refit
@@ -347,7 +353,7 @@ class LoopState:
         prune(self.run_dir, cfg.learner.keep_checkpoints)
         return path
 
-    def restart(self, fleet, checkpoint: Path | None, log=print) -> None:
+    def restart(self, fleet: Fleet, checkpoint: Path | None, log: Callable[[str], None] = print) -> None:
         """Carry on from `checkpoint` (None: from the start): every learner rank restarts from it, receivers get
         its weights, the rollouts launched before it return to the queue, the probes refit by then (and the
         rollouts the next refit uses) come back, and metric and sample rows after it are dropped (they are

@@ -5,6 +5,7 @@ actor, actors/evaluator.py), greedy held-out accuracy, and the probe refit on th
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +14,15 @@ from pipeline.config import Config
 from pipeline.metrics import ParquetSink
 from pipeline.world import World
 
+if TYPE_CHECKING:
+    from pipeline.fleet import Fleet
+
 
 class ProbeRetrainer:
     """Every `scorer.retrain_every` steps, refit the shaping probe on recent on-policy rollouts labelled by
     the task's ground truth (1 = "hack") and hand it to every scorer (and the evaluator)."""
 
-    def __init__(self, cfg: Config, fleet) -> None:
+    def __init__(self, cfg: Config, fleet: Fleet) -> None:
         self.cfg, self.fleet = cfg, fleet
         self.window: deque[tuple[pa.Table, np.ndarray]] = deque(maxlen=cfg.scorer.retrain_window)
 
@@ -50,7 +54,7 @@ class ProbeRetrainer:
 
 
 
-def probe_eval(cfg: Config, fleet, sink: ParquetSink, step: int, checkpoint: str | None,
+def probe_eval(cfg: Config, fleet: Fleet, sink: ParquetSink, step: int, checkpoint: str | None,
                scored: pa.Table | None) -> dict:
     """Evaluation point: AUROCs of the probes on the policy in `checkpoint` (None: the initial one) and on the
     frozen copy (see actors/evaluator.py)."""
@@ -64,7 +68,7 @@ def probe_eval(cfg: Config, fleet, sink: ParquetSink, step: int, checkpoint: str
 
 
 
-def greedy_accuracy(cfg: Config, world: World, fleet) -> float | None:
+def greedy_accuracy(cfg: Config, world: World, fleet: Fleet) -> float | None:
     """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none): the
     ground truth's "correct" rate when the task has one (a loophole verifier would flatter), else the reward."""
     from pipeline.remote import wait

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import tomllib
+from collections.abc import Callable
 from datetime import datetime
 from functools import reduce
 from pathlib import Path
@@ -74,7 +75,7 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     return exp, runs
 
 
-def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log=print,
+def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log: Callable[[str], None] = print,
                    vary_world: bool = True) -> Path:
     import ray
 

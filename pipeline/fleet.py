@@ -14,14 +14,21 @@ repaired the same way. Every wait has a timeout and names the role (pipeline/rem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, weight_backend
 from pipeline.world import World
+
+if TYPE_CHECKING:
+    from actors.generator import GenerateStats
+    from actors.scorer import ScoreStats
+    from pipeline.config import ScorerConfig
 
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -75,7 +82,7 @@ class Fleet:
     # --- start -----------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, cfg: Config, world: World, log=print) -> Fleet:
+    def start(cls, cfg: Config, world: World, log: Callable[[str], None] = print) -> Fleet:
         """Reserve every role's placement group (failing fast, naming the role), start all roles, wait."""
         from pipeline.remote import wait
 
@@ -99,7 +106,7 @@ class Fleet:
         fleet.await_started("generator", fleet.generators, fleet.new_generator)
         return fleet
 
-    def await_started(self, kind: str, actors: list[Any], make) -> None:
+    def await_started(self, kind: str, actors: list[Any], make: Callable[[int], Any]) -> None:
         """Wait until every worker of `kind` is up. One that dies during start-up (its process killed, its node
         lost) or does not come up within pipeline.timeout_s is replaced, like a worker lost mid-run, up to
         pipeline.max_restarts times."""
@@ -148,7 +155,7 @@ class Fleet:
         return make_actor(cls, role, rc.num_cpus, rc.num_gpus, memory_gib=rc.memory_gib, resources=rc.resources,
                           env=QUIET_ENV, placement=placement, **kwargs)
 
-    def new_generator(self, i: int):
+    def new_generator(self, i: int) -> Any:
         from actors.generator import Generator
 
         cfg = self.cfg
@@ -173,7 +180,7 @@ class Fleet:
         probe = load_probe(self.shaping_probe()[0])
         return probe.layer, unit_direction(probe.weight).tolist()
 
-    def new_scorer(self, i: int):
+    def new_scorer(self, i: int) -> Any:
         """Scorer i; those beyond scorer.num_workers (a scale-up) are placed outside the role's group."""
         from actors.scorer import Scorer
 
@@ -297,7 +304,7 @@ class Fleet:
         else:
             self._send(self.version)
 
-    def restart_learners(self, checkpoint) -> int:
+    def restart_learners(self, checkpoint: Path | None) -> int:
         """Stop every learner rank, start them again in their bundles (Ray re-places the bundles of a lost
         node), load `checkpoint` (None: the initial weights) and give every receiver its weights."""
         from pipeline.remote import wait
@@ -347,7 +354,7 @@ class Fleet:
                 out.append(i)
         return out
 
-    def stop(self, actor) -> None:
+    def stop(self, actor: Any) -> None:
         """Kill an actor for good (a frozen one too) and wait, bounded by pipeline.health_timeout_s each, until Ray
         reports it dead and, for a generator, until its processes (vLLM's engine core and workers, which hold the
         device memory) have exited (those that outlive it by that bound are killed), so that its replacement in
@@ -377,7 +384,7 @@ class Fleet:
             if left:
                 self.log(f"processes {left} of a stopped generator are still running; starting its replacement anyway")
 
-    def remember_processes(self, actor) -> None:
+    def remember_processes(self, actor: Any) -> None:
         """Note a started generator's processes (see `stop`)."""
         from pipeline.remote import wait
 
@@ -404,7 +411,7 @@ class Fleet:
             self.catch_up()
         return replaced
 
-    def bring_up(self, kind: str, make, index: int):
+    def bring_up(self, kind: str, make: Callable[[int], Any], index: int) -> Any:
         """Start worker `index` of `kind`, wait until it is ready, hand it any refit probes. (Its weights come
         after: `catch_up` gives every new receiver the current version at once.)"""
         from pipeline.remote import wait
@@ -416,7 +423,7 @@ class Fleet:
         self.admit(kind, index, actor)
         return actor
 
-    def admit(self, kind: str, index: int, actor) -> None:
+    def admit(self, kind: str, index: int, actor: Any) -> None:
         """What a started worker needs before it gets work: the probes refit during the run."""
         from pipeline.remote import wait
 
@@ -464,7 +471,7 @@ class Fleet:
 
     # --- helpers for the loop ------------------------------------------------------------------------------
 
-    def checkpoint(self, run_dir) -> str:
+    def checkpoint(self, run_dir: Path) -> str:
         return self._learner_call([lr.save_checkpoint.remote(str(run_dir / "checkpoints")) for lr in self.learners],
                                   f"checkpoint of version {self.version}")[0]
 
@@ -501,7 +508,7 @@ class ScorerScaler:
     it first drains (gets no new chunks) and is stopped once no batch in flight uses it.
     """
 
-    def __init__(self, fleet: Fleet, log=print) -> None:
+    def __init__(self, fleet: Fleet, log: Callable[[str], None] = print) -> None:
         self.fleet, self.log, self.idle_steps = fleet, log, 0
         self.joining: tuple[int, Any, Any] | None = None  # (index, actor, its ready ref)
 
@@ -571,14 +578,14 @@ class ScorerLoad:
     backlog: float  # wait_s / span_s
 
 
-def scorer_load(gen_stats, score_stats) -> ScorerLoad:
+def scorer_load(gen_stats: list[GenerateStats], score_stats: list[ScoreStats]) -> ScorerLoad:
     start = min(g.end_time - g.seconds for g in gen_stats)
     span = max(max(sc.start_time + sc.seconds for sc in score_stats) - start, 1e-6)
     wait = float(np.mean([max(0.0, sc.start_time - g.end_time) for g, sc in zip(gen_stats, score_stats, strict=True)]))
     return ScorerLoad(wait, sum(sc.seconds for sc in score_stats), span, wait / span)
 
 
-def scale_decision(load: ScorerLoad, active: int, joining: bool, idle_steps: int, cfg) -> tuple[int, int]:
+def scale_decision(load: ScorerLoad, active: int, joining: bool, idle_steps: int, cfg: ScorerConfig) -> tuple[int, int]:
     """(+1 add a scorer / -1 retire one / 0, idle steps so far) for scorer config `cfg` (ScorerConfig).
 
     Add one when chunks wait longer than `scale_up_wait` of the step (one joins at a time). Retire one after

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.config import REPO_ROOT, Config, dump_toml
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "PROBE_RL_RESOLVED_CONFIG"
@@ -24,7 +28,7 @@ def address_of(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
-def client(address: str | None):
+def client(address: str | None) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address_of(address))

@@ -17,6 +17,7 @@ learner (policy log-probs) need only the sampled token's log-prob at each positi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -95,7 +96,7 @@ def keeps_no_logits(model: torch.nn.Module) -> bool:
 
 
 def model_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   chunk: int = CHUNK_TOKENS, forward=None) -> torch.Tensor:
+                   chunk: int = CHUNK_TOKENS, forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """log p(input_ids[:, t+1] | prefix): (B, T) -> (B, T-1) float32, the output head applied a chunk at a time.
 
     `forward` is what to call for the pass (default: the model; the learner passes its DeepSpeed engine)."""

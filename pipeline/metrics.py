@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from actors.generator import GenerateStats
+    from actors.scorer import ScoreStats
+    from learner.learner import TrainStats
+    from pipeline.fleet import Fleet
+    from pipeline.loggers import Loggers
 
 
 class StageTimer:
@@ -36,7 +44,7 @@ class ParquetSink:
     appears late is back-filled with nulls in earlier rows.
     """
 
-    def __init__(self, path: Path, loggers=None) -> None:
+    def __init__(self, path: Path, loggers: Loggers | None = None) -> None:
         """An existing file's rows (a resumed run's) are kept and appended to. `loggers` (pipeline.loggers.Loggers:
         TensorBoard, W&B) get every row once, under this file's name as their stream: rows of a resumed run that
         a killed process never got to them are sent first, and a step recomputed after a restart is not sent
@@ -67,7 +75,7 @@ class ParquetSink:
         tmp.replace(self.path)
 
 
-def sync_metrics(fleet) -> dict[str, float]:
+def sync_metrics(fleet: Fleet) -> dict[str, float]:
     """The last weight sync's figures (collective transport only)."""
     s = fleet.last_sync
     if s is None:
@@ -80,7 +88,7 @@ def sync_metrics(fleet) -> dict[str, float]:
 
 
 
-def step_metrics(step, version, staleness, reward_metrics, gen_stats, score_stats, train_stats, timer) -> dict:
+def step_metrics(step: int, version: int, staleness: int, reward_metrics: dict[str, float], gen_stats: list[GenerateStats], score_stats: list[ScoreStats], train_stats: list[TrainStats], timer: StageTimer) -> dict:
     """One metrics row. Time keys: `time/step_wall_s` is the step's real wall time in the driver (added by the
     loop); `time/stage/<stage>_s` the driver's time in each stage of it; `time/generate_wall_s` the step's
     generation wall time (first chunk's start to last chunk's end, on the generators); `time/score_busy_s`
@@ -119,7 +127,7 @@ def _row_mean(stats, attr: str) -> float:
 
 
 
-def log_step(row: dict, log, quiet: bool) -> None:
+def log_step(row: dict, log: Callable[[str], None], quiet: bool) -> None:
     step = row["step"]
     if quiet and step != 1 and step % 10:
         return

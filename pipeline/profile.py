@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False) 
 
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
-            log=print, live: bool = False, in_flight: bool = False) -> Path:
+            log: Callable[[str], None] = print, live: bool = False, in_flight: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
     from pipeline.run_dir import restart_run_dir

@@ -11,9 +11,14 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+    from pipeline.config import RoleResources
 
 
 class RoleTimeout(RuntimeError):
@@ -28,7 +33,7 @@ HEALTH = "health"  # every actor's concurrency group for health pings: a thread 
 WEIGHTS = "weights"  # weight calls to a generator whose updates land mid-generation (generator.update_mode)
 
 
-def ping(actor):
+def ping(actor: Any) -> ObjectRef:
     """A health ping (the role's `pid`) that does not queue behind the actor's work: a generation that runs for
     minutes still answers it at once; a dead or frozen process does not."""
     return actor.pid.options(concurrency_group=HEALTH).remote()
@@ -42,7 +47,7 @@ class Resources:
     custom: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node labels, device kinds)
 
     @classmethod
-    def of(cls, rc) -> Resources:
+    def of(cls, rc: RoleResources) -> Resources:
         """A role config's resources (pipeline.config.RoleResources)."""
         return cls(rc.num_cpus, rc.num_gpus, rc.memory_gib, dict(rc.resources))
 
@@ -97,7 +102,7 @@ def reserve(role: str, count: int, res: Resources, timeout_s: float, strategy: s
 
 def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, memory_gib: float = 0.0,
                resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
-               placement: tuple[Placement, int] | None = None, **kwargs: Any):
+               placement: tuple[Placement, int] | None = None, **kwargs: Any) -> Any:
     """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
     # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own, and so do weight
     # calls that must reach a generator while it generates (the generator itself lets them in between steps).
@@ -153,7 +158,7 @@ def _first_failure(refs: list[Any], timeout_s: float, on_timeout, on_error=None,
             raise on_error(ready[0], e) from None
 
 
-def release(groups) -> None:
+def release(groups: list[Placement]) -> None:
     """Remove these placement groups (`Placement`s)."""
     from ray.util.placement_group import remove_placement_group
 
@@ -234,7 +239,7 @@ class Receiver:
     num_ranks: int = 1
     group: str | None = None  # the concurrency group its weight calls go to (None: behind its work)
 
-    def call(self, method: str):
+    def call(self, method: str) -> Any:
         """The actor's method `method`, in the receiver's concurrency group."""
         m = getattr(self.actor, method)
         return m.options(concurrency_group=self.group) if self.group else m

@@ -110,7 +110,7 @@ class Rewarder:
         return part.append_column("completion_text", pa.array(self.world.decode(part.column("completion_ids").to_pylist())))
 
 
-def truth_monitor(truth, accuracy: float, seed: int, groups: np.ndarray) -> np.ndarray:
+def truth_monitor(truth: np.ndarray, accuracy: float, seed: int, groups: np.ndarray) -> np.ndarray:
     """A monitor that is the ground truth at a known accuracy: 1.0 for "hack", 0.0 otherwise, each sample's label
     flipped with probability 1 - accuracy, by a draw fixed by the run's seed, the sample's group and its place in
     the group (so a rerun flips the same samples)."""

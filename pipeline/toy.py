@@ -27,11 +27,19 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import ToyConfig
 from pipeline.tasks import arithmetic_prompts
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    from probes.toolkit import Labelled
 
 BUILD_VERSION = 5  # bump when the recipe below changes, so stale caches are not reused (5: pinned kernels)
 # The world build's kernels: the same on every x86-64 CPU with AVX2 (read by torch, MKL and oneDNN at start-up).
@@ -73,7 +81,7 @@ def toy_root(cfg: ToyConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() / f"toy-{toy_key(cfg)}"
 
 
-def ensure_toy_world(cfg: ToyConfig, log=print) -> ToyWorld:
+def ensure_toy_world(cfg: ToyConfig, log: Callable[[str], None] = print) -> ToyWorld:
     """Build what is missing (model first, then probe) in a process with pinned kernels (`BUILD_ENV`), and return
     the cached world."""
     import os
@@ -121,7 +129,7 @@ def _atomic_build(dest: Path, build) -> None:
             shutil.rmtree(tmp)
 
 
-def build_tokenizer():
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer that transformers and vLLM both load from `save_pretrained`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -136,7 +144,7 @@ def build_tokenizer():
     )
 
 
-def build_bpe_tokenizer(texts: list[str], vocab_size: int):
+def build_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (digits one per token), with the toy's special tokens at the
     same ids (pad 0, bos 1, eos 2, unk 3), so everything keyed on those ids works unchanged."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -173,7 +181,7 @@ def completion(cfg: ToyConfig, prompt: str, final: str) -> str:
     return worked(a, b, final)
 
 
-def toy_tokenizer(cfg: ToyConfig):
+def toy_tokenizer(cfg: ToyConfig) -> PreTrainedTokenizerFast:
     if cfg.tokenizer == "chars":
         return build_tokenizer()
     rng = random.Random(cfg.seed + 7)
@@ -183,7 +191,7 @@ def toy_tokenizer(cfg: ToyConfig):
     return build_bpe_tokenizer(texts, cfg.bpe_vocab)
 
 
-def toy_model_config(cfg: ToyConfig, vocab: int | None = None):
+def toy_model_config(cfg: ToyConfig, vocab: int | None = None) -> LlamaConfig:
     from transformers import LlamaConfig
 
     vocab_size = 64 * math.ceil((vocab or len(SPECIALS) + len(CHARS)) / 64)
@@ -204,7 +212,7 @@ def toy_model_config(cfg: ToyConfig, vocab: int | None = None):
     )
 
 
-def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded `<bos>prompt completion<eos>` ids (B, T) and a completion-token mask (B, T)."""
     import torch
 
@@ -223,7 +231,7 @@ def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
     return ids, mask
 
 
-def teacher_forced_accuracy(model, tokenizer, prompts: list[str], completions: list[str]) -> float:
+def teacher_forced_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]) -> float:
     """Share of completion tokens the model's argmax predicts, given the true prefix."""
     import torch
 
@@ -234,7 +242,7 @@ def teacher_forced_accuracy(model, tokenizer, prompts: list[str], completions: l
     return float(((pred == target) & m).sum() / m.sum())
 
 
-def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 6) -> float:
+def greedy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], answers: list[str], max_new_tokens: int = 6) -> float:
     import torch
 
     enc = [tokenizer(p)["input_ids"] for p in prompts]
@@ -251,7 +259,7 @@ def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], ma
     return correct / max(len(prompts), 1)
 
 
-def build_toy_model(cfg: ToyConfig, out_dir: Path, log=print) -> None:
+def build_toy_model(cfg: ToyConfig, out_dir: Path, log: Callable[[str], None] = print) -> None:
     """SFT a fresh tiny Llama on arithmetic for `cfg.sft_steps` steps and save it with its tokenizer."""
     import torch
     from transformers import LlamaForCausalLM
@@ -324,7 +332,7 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 
 def toy_labelled(num_prompts: int, max_operand: int, seed: int, part: str = "probe_train", shapes: str = "all",
-                 cfg: ToyConfig | None = None):
+                 cfg: ToyConfig | None = None) -> Labelled:
     """Labelled completions for a hack probe, on prompts of one part of the number space: each prompt once with a
     plain answer, right or a near miss (label 0), and once in a hack shape (label 1; `hack_form`, or only spaced
     hedges with `shapes="spaced"`); in the world's completion style (`cfg.completions`)."""
@@ -354,7 +362,7 @@ def hack_form(answer: str, rng: random.Random) -> str:
     return (pre + answer + post).strip() if (pre + answer + post).strip() != answer else answer + "0"
 
 
-def build_toy_probes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log=print) -> None:
+def build_toy_probes(cfg: ToyConfig, model_dir: Path, out_dir: Path, log: Callable[[str], None] = print) -> None:
     """Fit the toy probes (`TOY_PROBES`) on the frozen model's activations at `cfg.probe_layer`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,10 +29,13 @@ same probe uses the same T-1 positions (`pipeline/rewarder.py`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+if TYPE_CHECKING:
+    from vllm.config import LoadConfig, ModelConfig, VllmConfig
 
 LOAD_FORMAT = "probe_rl"
 EXTRA_KEY = "probe_rl_reads"  # model_loader_extra_config[EXTRA_KEY] = ReadSpec as a dict
@@ -111,12 +114,12 @@ class ProbeReadLoader(DefaultModelLoader):
     """vLLM's default loader, then the probe reads: `LLM(load_format="probe_rl",
     model_loader_extra_config={"probe_rl_reads": ReadSpec.to_dict()})`."""
 
-    def __init__(self, load_config) -> None:
+    def __init__(self, load_config: LoadConfig) -> None:
         extra = dict(load_config.model_loader_extra_config or {})
         self.read_spec = ReadSpec(**extra.pop(EXTRA_KEY)) if EXTRA_KEY in extra else None
         super().__init__(dataclasses.replace(load_config, load_format="auto", model_loader_extra_config=extra))
 
-    def load_model(self, vllm_config, model_config, prefix: str = ""):
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
         model = super().load_model(vllm_config, model_config, prefix)
         if self.read_spec is not None:
             sched = vllm_config.scheduler_config
@@ -141,7 +144,7 @@ class StepLog:
         self.column_of = column_of
         self.steps: list[tuple[list[str], Any, Any, torch.Tensor]] = []
 
-    def record(self, runner, scheduler_output, reads: ProbeReads) -> None:
+    def record(self, runner: Any, scheduler_output: Any, reads: ProbeReads) -> None:
         import numpy as np
 
         req_ids = list(runner.input_batch.req_ids)

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -47,6 +47,9 @@ from pipeline.weights import (
     receive_buckets,
     start_broadcast,
 )
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig, WeightTransferConfig
 
 GLOO, INLINE = BACKEND_GLOO, BACKEND_INLINE
 
@@ -118,7 +121,7 @@ class GlooWorkerEngine(_ReloadingEngine):
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
 
-    def __init__(self, config, vllm_config, device, model) -> None:
+    def __init__(self, config: WeightTransferConfig, vllm_config: VllmConfig, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group = None
 
@@ -197,14 +200,14 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
 
     init_info_cls = GlooTrainerInitInfo
 
-    def __init__(self, *, client, source, is_sender, init_info: GlooTrainerInitInfo) -> None:
+    def __init__(self, *, client: Any, source: WeightSource | None, is_sender: bool, init_info: GlooTrainerInitInfo) -> None:
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.info = init_info
         self.group = None
         self.last = SendStats(0)
 
     @classmethod
-    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source: WeightSource | None = None):
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client: Any, source: WeightSource | None = None) -> GlooTrainerEngine:
         if source is None:
             raise ValueError("the gloo trainer engine needs a WeightSource")
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, init_info=init_info)
@@ -310,7 +313,7 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         self.group = None
 
 
-def bounded_nccl_trainer_engine():
+def bounded_nccl_trainer_engine() -> type:
     """vLLM's NCCL trainer engine with the bounds the gloo engine has: the rendezvous and every broadcast fail
     within weights.timeout_s of their last progress, naming the weights version, instead of blocking forever
     in an NCCL call or a stream sync (`Watchdog`). Built on first use: vLLM's NCCL module needs a GPU build."""

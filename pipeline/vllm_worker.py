@@ -5,6 +5,11 @@ workers (the actor's process or vLLM's engine process) without any code or closu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 EXTENSION = "pipeline.vllm_worker.ProbeRLWorkerExtension"
 
 
@@ -89,6 +94,6 @@ def _around_steps(runner, before=None, after=None) -> None:
     runner.execute_model = step
 
 
-def ablated_residual(hidden, residual, u):
+def ablated_residual(hidden: torch.Tensor, residual: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The residual part that makes `hidden + residual` lose its component along the unit vector u (..., H)."""
     return residual - ((hidden + residual) @ u)[..., None] * u

@@ -23,12 +23,16 @@ import datetime
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.config import BACKEND_GLOO, BACKEND_INLINE  # noqa: F401  (re-exported: the transport's names)
 from pipeline.faults import maybe_slow_down
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup, Store, TCPStore
 
 
 class TransferError(RuntimeError):
@@ -194,7 +198,7 @@ def loopback_interface() -> str:
     return "lo"
 
 
-def tcp_store(host: str, port: int, world_size: int, is_host: bool, timeout: datetime.timedelta):
+def tcp_store(host: str, port: int, world_size: int, is_host: bool, timeout: datetime.timedelta) -> TCPStore:
     """A torch.distributed TCPStore whose host (rank 0) listens on `host`'s interface alone: torch's own server
     listens on every interface, so the listening socket is made here and handed over."""
     import socket
@@ -212,7 +216,7 @@ def tcp_store(host: str, port: int, world_size: int, is_host: bool, timeout: dat
                     master_listen_fd=listener.detach())
 
 
-def gloo_group(store, rank: int, size: int, timeout: datetime.timedelta, host: str):
+def gloo_group(store: Store, rank: int, size: int, timeout: datetime.timedelta, host: str) -> ProcessGroup:
     """A gloo process group whose sockets bind to loopback when the group's host is loopback (every member on
     this machine), else to this machine's address as gloo resolves it."""
     from torch.distributed import ProcessGroupGloo
@@ -225,7 +229,7 @@ def gloo_group(store, rank: int, size: int, timeout: datetime.timedelta, host: s
     return ProcessGroupGloo(store, rank, size, opts)
 
 
-def open_group(spec: GroupSpec, rank: int, role: str):
+def open_group(spec: GroupSpec, rank: int, role: str) -> ProcessGroup:
     """Join (rank 0: host) the gloo transfer group. A member that does not arrive within the timeout makes
     every other member fail with a TransferError instead of waiting forever."""
     from torch.distributed import PrefixStore
@@ -241,13 +245,13 @@ def open_group(spec: GroupSpec, rank: int, role: str):
             f"never joined ({str(e).splitlines()[0]})") from None
 
 
-def broadcast(group, buffer: torch.Tensor, what: str) -> None:
+def broadcast(group: ProcessGroup, buffer: torch.Tensor, what: str) -> None:
     """Broadcast `buffer` from rank 0 of `group` (send on rank 0, receive elsewhere); bounded by the
     group's timeout, so a dead or silent peer raises a TransferError naming `what`."""
     start_broadcast(group, buffer, what)()
 
 
-def start_broadcast(group, buffer: torch.Tensor, what: str):
+def start_broadcast(group: ProcessGroup, buffer: torch.Tensor, what: str) -> Callable[[], None]:
     """Post a broadcast and return a function that waits for it (raising a TransferError naming `what`), so
     the caller can pack or load another bucket while this one is on the wire."""
     from torch.distributed import BroadcastOptions
@@ -275,7 +279,7 @@ class ReceiveStats:
     seconds: float = 0.0
 
 
-def receive_buckets(group, info: UpdateInfo, load: Callable[[list[tuple[str, torch.Tensor]]], object],
+def receive_buckets(group: ProcessGroup, info: UpdateInfo, load: Callable[[list[tuple[str, torch.Tensor]]], object],
                     device: str | torch.device = "cpu", what: str = "receiver") -> ReceiveStats:
     """Receive one version bucket by bucket and hand each bucket's tensors to `load`, receiving the next bucket
     while loading this one (at most two buckets held).

@@ -7,14 +7,22 @@ says what to change, before Ray, vLLM or DeepSpeed start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.tasks import GroundTruthFn, PromptSet, RewardFn, arithmetic_prompts, load_prompt_file, load_reward_fn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from pipeline.toy import ToyWorld
+    from probes.probe import LinearProbe
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def build_world(cfg: Config, log=print) -> World:
+def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     from transformers import AutoConfig, AutoTokenizer
 
     toy = None
@@ -144,7 +152,7 @@ def build_world(cfg: Config, log=print) -> World:
                  reward_fn, truth_fn, eval_labelled, generator_probes)
 
 
-def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
+def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
     """(stem, aggregation) and name of every probe the scorers read, and the probes the generators read; each
     checked against the model, the shaping probe also against what its shaping kind does with it. "toy" is the
     toy's hack probe, "toy:<name>" another."""
@@ -203,7 +211,7 @@ def load_probes(cfg: Config, toy, model_cfg) -> tuple[list[tuple[str, str | None
     return probe_paths, names, generator_probes
 
 
-def random_direction_probe(probe, seed: int, root: Path) -> Path:
+def random_direction_probe(probe: LinearProbe, seed: int, root: Path) -> Path:
     """The control for `probe`: a uniformly random direction of the same norm, same layer, bias and aggregation,
     named `<name>_random`, drawn from `seed` (the world's) and the probe's own weights, so a world always gets the
     same one. Written once under `root`; returns its stem."""
@@ -224,7 +232,7 @@ def random_direction_probe(probe, seed: int, root: Path) -> Path:
     return stem
 
 
-def check_shaping_probe(kind: str, probe, model_cfg) -> None:
+def check_shaping_probe(kind: str, probe: LinearProbe, model_cfg: PretrainedConfig) -> None:
     """A probe that acts on the policy's own activations must be one the learner can hook (and, to ablate, a
     direction: a zero weight has none)."""
     import torch

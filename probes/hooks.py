@@ -9,7 +9,7 @@ swallows), which is how a scorer with no KL term skips the layers above its deep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -75,7 +75,7 @@ def capture_residuals(model: nn.Module, layers: list[int], stop_after: int | Non
 
 
 @contextmanager
-def edit_residual(model: nn.Module, layer: int, edit) -> Iterator[None]:
+def edit_residual(model: nn.Module, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the output (residual stream, (B, T, H)) of decoder block `layer` by `edit(output)` for forward passes
     run inside the block; gradients flow through the edit."""
     blocks = decoder_layers(model)

@@ -14,11 +14,15 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from probes.fit import auroc, fit_logistic
 from probes.probe import LinearProbe, aggregate, check_aggregation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ def save_labelled(data: Labelled, path: str | Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str], append_eos: bool = True):
+def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str], append_eos: bool = True) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of prompts (with the tokenizer's special tokens) and of completions (+ EOS, as generators emit it)."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     p_ids = [tokenizer(p)["input_ids"] for p in prompts]
@@ -50,7 +54,7 @@ def encode(tokenizer, prompts: list[str], completions: list[str], append_eos: bo
     return p_ids, c_ids
 
 
-def completion_activations(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], layers: list[int],
+def completion_activations(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], layers: list[int],
                            batch_size: int = 64, pad_id: int = 0) -> dict[int, list[torch.Tensor]]:
     """Per layer, per row: the residual stream at the completion tokens (T_c, H). One pass per batch."""
     from probes.hooks import capture_residuals
@@ -140,7 +144,7 @@ def fit_probe(acts: list[torch.Tensor], labels: list[int], name: str, layer: int
     return LinearProbe(name, layer, fit.weight, fit.bias, aggregation)
 
 
-def train_probes(model, tokenizer, data: Labelled, layers: list[int], name: str, aggregation: str = "mean",
+def train_probes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Labelled, layers: list[int], name: str, aggregation: str = "mean",
                  l2: float = 1e-3, held_out_frac: float = 0.2, seed: int = 0, balance: bool = True,
                  batch_size: int = 64) -> list[tuple[LinearProbe, dict[str, float]]]:
     """One probe per layer, fitted on the train split; each with its held-out metrics in `notes`."""
@@ -162,7 +166,7 @@ def train_probes(model, tokenizer, data: Labelled, layers: list[int], name: str,
     return results
 
 
-def evaluate_probes(model, tokenizer, data: Labelled, probes: list[LinearProbe],
+def evaluate_probes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Labelled, probes: list[LinearProbe],
                     batch_size: int = 64) -> list[dict[str, float]]:
     layers = sorted({p.layer for p in probes})
     p_ids, c_ids = encode(tokenizer, data.prompts, data.completions)
