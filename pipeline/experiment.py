@@ -75,6 +75,13 @@ def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] |
     return exp, runs
 
 
+def world_key(cfg: Config) -> str:
+    """What a run's `World` depends on: arms that agree on it share one (built once per experiment). The shaping
+    section belongs to it: the probes a run loads depend on it (shaping.monitor = "random_direction" adds a control
+    probe; shaping.probe and shaping.kind are checked against the loaded probes)."""
+    return cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval", "pipeline", "shaping"})
+
+
 def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log: Callable[[str], None] = print,
                    vary_world: bool = True) -> Path:
     import ray
@@ -97,7 +104,7 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
             if finished(root / f"{arm}-seed{seed}"):
                 log(f"[{i}/{len(runs)}] {arm} seed {seed}: finished before, kept")  # rerun the same --out to resume
                 continue
-            key = cfg.model_dump_json(include={"model", "toy", "task", "scorer", "eval", "pipeline"})
+            key = world_key(cfg)
             world = worlds.get(key) or build_world(cfg, log)
             worlds[key] = world
             run_dir = restart_run_dir(cfg)  # a run cut off before starts again

@@ -188,17 +188,19 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
 
 def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_its_runs(toy_overrides, toy_world,
                                                                                        tmp_path):
-    """`probe-rl experiment` with the probe_loss and ablate arms, one world, 2 steps each: the knobs act (the
-    learner's own probe score is logged for probe_loss only; under ablation the first step's ratios are unclipped
-    and the learner's pass is edited), and the report's numbers are those of the runs' data/."""
+    """`probe-rl experiment` with the probe_loss, ablate and random_direction arms of configs/experiment_full.toml,
+    one world, 2 steps each: the knobs act (the learner's own probe score is logged for probe_loss only; under
+    ablation the first step's ratios are unclipped and the learner's pass is edited; the random-direction control is
+    read beside the probe and is what the penalty subtracts), and the report's numbers are those of the runs'
+    data/."""
     from ._helpers import cli, toy_args
 
     out_dir = tmp_path / "exp"
     args = [a for a in toy_args(toy_overrides, tmp_path, "unused", 2)[1:]]
     args = [a for i, a in enumerate(args) if a not in ("--run.name", "--run.output_dir")
             and args[i - 1] not in ("--run.name", "--run.output_dir")]
-    done = cli(["experiment", "--arms", "probe_loss", "ablate", "--seeds", "0", "--out", str(out_dir), *args,
-                "--eval.every", "2"])
+    done = cli(["experiment", "--file", "configs/experiment_full.toml", "--arms", "probe_loss", "ablate",
+                "random_direction", "--seeds", "0", "--out", str(out_dir), *args, "--eval.every", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = (out_dir / "report.md").read_text()
     for arm in ("probe_loss", "ablate"):
@@ -222,3 +224,10 @@ def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_it
             # run's first KL is 0), while its ratio to vLLM's equally edited sampling stays unclipped
             assert metrics[0]["learner/kl"] > 1e-7 and metrics[0]["learner/clip_frac"] == 0.0
     assert "| 2. probe score in the loss, differentiated through | probe_loss |" in report
+    # the control: a random direction read beside the probe, and the penalty (coef 1) is its score, not the probe's
+    metrics = pq.read_table(out_dir / "data" / "random_direction-seed0.metrics.parquet").to_pylist()
+    assert all(0 < r["scorer/hack_random_mean"] < 1 and r["scorer/hack_random_mean"] != r["scorer/hack_mean"]
+               for r in metrics)
+    rows = pq.read_table(out_dir / "random_direction-seed0" / "rollouts.parquet").to_pylist()
+    assert rows and all(abs(r["shaped_reward"] - (r["task_reward"] - r["probe/hack_random/score"])) < 1e-5
+                        for r in rows)

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -7,6 +8,8 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.experiment import load_experiment
 from pipeline.report import arm_table, load_runs, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 EXP = """
 base = "base.toml"
@@ -139,3 +142,16 @@ def test_counted_outcomes_and_bootstrap_intervals():
     assert "| plain | 2 / 2 | — | — | — |" in lines
     row = next(x for x in lines if x.startswith("| probe |"))
     assert row.startswith("| probe | 1 / 2 | -0.175 [-0.350, +0.000] | +0.600 [+0.500, +0.700] |")
+
+
+def test_arms_share_a_world_only_when_everything_it_loads_agrees():
+    """A run's World holds the probes it reads: the random-direction control adds one, so its arm cannot share the
+    world of the probe arm on the same seed (it once did, and the control's column was missing)."""
+    from pipeline.experiment import load_experiment, world_key
+
+    exp, runs = load_experiment(ROOT / "configs" / "experiment_full.toml",
+                                ["probe_penalty", "random_direction", "truth_monitor"], [0], [])
+    keys = {arm: world_key(cfg) for (arm, _), cfg in runs.items()}
+    assert keys["random_direction"] != keys["probe_penalty"] != keys["truth_monitor"]
+    again = load_experiment(ROOT / "configs" / "experiment_full.toml", ["probe_penalty"], [0], [])[1]
+    assert world_key(next(iter(again.values()))) == keys["probe_penalty"]
