@@ -12,7 +12,7 @@ outputs: at each evaluation point the live policy samples completions of held-ou
 keeps the honest ones, and the threshold that flags 1% of their scores is applied to the labelled hacks (the
 *recalibrated recall*, read on the live policy and on the frozen copy). If it holds while the fixed-threshold share
 falls, the scores only shifted; if it falls too, their order is lost.
-A plain class; `pipeline/remote.py` makes it an actor.
+A plain class; `pipeline/loop/remote.py` makes it an actor.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ProbeEvaluator:
     def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
                  dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5,
                  own: dict | None = None) -> None:
-        """`own` (pipeline.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
+        """`own` (pipeline.loop.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
         completions per prompt, their length and temperature, for the recalibrated recall; None: not measured."""
         from transformers import AutoTokenizer
 
@@ -57,7 +57,7 @@ class ProbeEvaluator:
         tokenizer = self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.own, self.seed = own, seed
         if own is not None:
-            from pipeline.tasks import load_reward_fn
+            from pipeline.worlds.tasks import load_reward_fn
 
             self.truth_fn = load_reward_fn(own["truth_fn"], "task.ground_truth_fn")
         self.train_rows, self.test_rows = split_by_prompt(labelled, 0.5, seed)

@@ -1,10 +1,10 @@
 """Generator: a vLLM engine that turns prompt tables into rollout tables, and takes new weights.
 
-A plain class; `pipeline/remote.py` makes it a Ray actor. New weights arrive through vLLM's own RL
-weight-transfer protocol, whichever transport carries them (pipeline/weights.py):
+A plain class; `pipeline/loop/remote.py` makes it a Ray actor. New weights arrive through vLLM's own RL
+weight-transfer protocol, whichever transport carries them (pipeline/transport/weights.py):
 
 - collective: the learner's trainer-side engine calls `init_weight_transfer_engine`, `start_weight_update`,
-  `update_weights` and `finish_weight_update` on this actor (through `pipeline.remote.ReceiverClient`), and
+  `update_weights` and `finish_weight_update` on this actor (through `pipeline.loop.remote.ReceiverClient`), and
   the bytes go straight from learner rank 0 into vLLM's workers;
 - object store: `load_weights` takes a `WireWeights` from Ray's object store and feeds it through the same
   four calls with probe-rl's inline backend.
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline.config import GeneratorConfig
+from pipeline.data.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 from pipeline.faults import maybe_die, maybe_slow_down
-from pipeline.schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.weights import WireWeights
+    from pipeline.transport.weights import WireWeights
 
 WEIGHTS_WAIT_S = 900.0  # how long a generate call waits for the weights version published before it
 INLINE_CHUNK_BYTES = 256 * 2**20  # object-store weights enter the engine in chunks of about this size
@@ -91,8 +91,8 @@ class Generator:
         from vllm.config import WeightTransferConfig
         from vllm.inputs import TokensPrompt
 
-        from pipeline.vllm_weights import register
-        from pipeline.vllm_worker import EXTENSION
+        from pipeline.transport.vllm_weights import register
+        from pipeline.transport.vllm_worker import EXTENSION
 
         register()  # in this process; vLLM's engine process loads it through the vllm.general_plugins entry point
         self.probes = []
@@ -267,7 +267,7 @@ class Generator:
     def _with_probe_columns(self, table: pa.Table, tokens: list[list[list[float]]]) -> pa.Table:
         """Append `probe/<name>/tokens` (scores of completion tokens 0..T-2) and `probe/<name>/score` (their
         aggregate, the probe's own way, as the scorers aggregate) for each generator-read probe."""
-        from pipeline.schema import probe_score_field, probe_token_field
+        from pipeline.data.schema import probe_score_field, probe_token_field
         from probes.probe import aggregate_ragged
 
         for k, probe in enumerate(self.probes):
@@ -339,7 +339,7 @@ class Generator:
     def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
         protocol with the inline backend, in chunks so the engine process never holds two full copies."""
-        from pipeline.weights import dtype_name, from_wire
+        from pipeline.transport.weights import dtype_name, from_wire
 
         named = from_wire(weights)
         self.start_weight_update()
@@ -420,12 +420,12 @@ class Generator:
 
 
 def _probe_loader(probes, model_path: str) -> dict:
-    """vLLM's engine arguments that load the model with probe reads (pipeline/vllm_probes.py); {} without probes."""
+    """vLLM's engine arguments that load the model with probe reads (pipeline/transport/vllm_probes.py); {} without probes."""
     if not probes:
         return {}
     from transformers import AutoConfig
 
-    from pipeline.vllm_probes import EXTRA_KEY, LOAD_FORMAT, ReadSpec
+    from pipeline.transport.vllm_probes import EXTRA_KEY, LOAD_FORMAT, ReadSpec
 
     hf = AutoConfig.from_pretrained(model_path)
     for p in probes:
@@ -455,7 +455,7 @@ def read_key(request_id: str, index: int, n: int) -> str:
 def completion_reads(read: tuple[list[int], list[list[float]]] | None, prompt_len: int, completion_len: int,
                      num_probes: int) -> list[list[float]]:
     """Per probe, the scores of completion tokens 0..T-2 (positions P..P+T-2) from a worker's (positions, scores)
-    of one request. The last token is never fed back, so it has no activation (pipeline/vllm_probes.py)."""
+    of one request. The last token is never fed back, so it has no activation (pipeline/transport/vllm_probes.py)."""
     want = range(prompt_len, prompt_len + completion_len - 1)
     if not len(want):
         return [[] for _ in range(num_probes)]

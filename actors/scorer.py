@@ -3,9 +3,9 @@
 One forward pass over prompt + completion yields both the reference log-probs the KL term needs
 and every probe's per-token scores (read by scoped hooks on the probed layers). Plain RLHF with a
 KL penalty pays for that pass anyway, so probes cost almost nothing on top. With no KL term the
-pass stops after the deepest probed layer. The reference log-probs come from `pipeline/logprobs.py`,
+pass stops after the deepest probed layer. The reference log-probs come from `pipeline/data/logprobs.py`,
 which applies the output head a chunk of positions at a time, so a batch never holds (tokens x vocab)
-logits. A plain class; `pipeline/remote.py` makes it an actor.
+logits. A plain class; `pipeline/loop/remote.py` makes it an actor.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from actors.frozen import load_frozen_model
-from pipeline.batching import token_budget_batches
 from pipeline.config import ScorerConfig
+from pipeline.data.batching import token_budget_batches
+from pipeline.data.schema import ROLLOUT_SCHEMA, scored_schema
 from pipeline.faults import maybe_die, maybe_slow_down
-from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
-from pipeline.weights import make_receiver
+from pipeline.transport.weights import make_receiver
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.weights import WireWeights
+    from pipeline.transport.weights import WireWeights
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Scorer:
         compute_ref: bool,
         dtype: str = "float32",
         pad_id: int = 0,
-        weight_backend: str | None = None,  # live mode: how new weights arrive (see pipeline/weights.py)
+        weight_backend: str | None = None,  # live mode: how new weights arrive (see pipeline/transport/weights.py)
         carried: list[str] = (),  # probes the generators read: their columns pass through, after the scorers' own
     ) -> None:
         import torch
@@ -134,8 +134,8 @@ class Scorer:
     def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):
         import torch
 
-        from pipeline.batching import pack
-        from pipeline.logprobs import model_logprobs
+        from pipeline.data.batching import pack
+        from pipeline.data.logprobs import model_logprobs
         from probes.hooks import capture_residuals
         from probes.probe import aggregate
 
@@ -191,7 +191,7 @@ class Scorer:
 
     def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) into the live probe model."""
-        from pipeline.weights import from_wire, load_state
+        from pipeline.transport.weights import from_wire, load_state
 
         load_state(self._live().model, from_wire(weights))
         self.receiver.version = version

@@ -10,8 +10,8 @@ from pathlib import Path
 
 def random_llama(path: Path, layers: int, hidden: int, vocab: int = 1024, seed: int = 0) -> Path:
     """Save a randomly initialised Llama (head_dim 64) with the toy tokenizer, once."""
-    from pipeline.cost import Arch
-    from pipeline.toy import build_tokenizer
+    from pipeline.analysis.cost import Arch
+    from pipeline.worlds.toy import build_tokenizer
 
     arch = Arch(f"{layers} x {hidden}", layers, hidden, int(hidden * 8 / 3) // 64 * 64, vocab, hidden // 64,
                 hidden // 64, 64)
@@ -20,7 +20,7 @@ def random_llama(path: Path, layers: int, hidden: int, vocab: int = 1024, seed: 
 
 def random_llama_of(arch, path: Path, dtype: str = "float32", device: str = "cpu", seed: int = 0,
                     tokenizer=None) -> Path:
-    """Save a randomly initialised Llama of `arch`'s shape (a `pipeline.cost.Arch`) at `path`, once: built on
+    """Save a randomly initialised Llama of `arch`'s shape (a `pipeline.analysis.cost.Arch`) at `path`, once: built on
     `device` (a 7B model takes seconds on a GPU), written whole or not at all."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig

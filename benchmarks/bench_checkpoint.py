@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from _common import random_llama_of
 
-from pipeline.cost import PRESETS, Arch
+from pipeline.analysis.cost import PRESETS, Arch
 
 TINY = Arch("tiny (a CPU check of this script)", 4, 128, 384, 1024, 2, 2, 64)
 MODELS = {"tiny": TINY, **{k: PRESETS[k] for k in ("0.5b", "7b")}}
@@ -35,7 +35,7 @@ def train_table(rows: int, tokens: int, vocab: int, seed: int):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
+    from pipeline.data.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
 
     rng = np.random.default_rng(seed)
     prompt_len = max(1, tokens // 4)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_checkpoint: no CUDA device here; run it on a GPU machine, or pass --device cpu", file=sys.stderr)
         return 2
     arch = MODELS[args.model]
-    from pipeline.toy import build_tokenizer
+    from pipeline.worlds.toy import build_tokenizer
 
     model_path = Path(tempfile.gettempdir()) / f"probe-rl-ckpt-{args.model}-{args.dtype}"
     random_llama_of(arch, model_path, args.dtype, args.device, tokenizer=build_tokenizer())

@@ -1,4 +1,4 @@
-"""What reading probes inside vLLM's sampling pass costs the generator (pipeline/vllm_probes.py).
+"""What reading probes inside vLLM's sampling pass costs the generator (pipeline/transport/vllm_probes.py).
 
     .venv/bin/python benchmarks/bench_generator_probes.py [--layers 8 --hidden 512 --prompts 32 --n 4 --tokens 160]
 
@@ -38,7 +38,7 @@ def main() -> None:
 
     from actors.generator import Generator
     from pipeline.config import GeneratorConfig
-    from pipeline.schema import PROMPT_SCHEMA
+    from pipeline.data.schema import PROMPT_SCHEMA
     from probes.probe import LinearProbe
 
     root = Path(tempfile.mkdtemp(prefix="bench_gen_probes_"))

@@ -4,7 +4,7 @@
     python benchmarks/bench_gpu.py --model 0.5b --seqs 16 --tokens 2048 --out docs/results/gpu
     python benchmarks/bench_gpu.py --model tiny --device cpu --dtype float32 --seqs 4 --tokens 96   # CPU check
 
-Random-init Llama-shaped models (the shapes in `pipeline.cost.PRESETS`), built on the device and saved once under
+Random-init Llama-shaped models (the shapes in `pipeline.analysis.cost.PRESETS`), built on the device and saved once under
 the temp folder: nothing is downloaded. Needs torch and transformers only (no Ray, vLLM or DeepSpeed), so it runs
 on a bare GPU machine. Per model, cases interleaved (A B C A B C), the device synchronised around each:
 
@@ -15,7 +15,7 @@ on a bare GPU machine. Per model, cases interleaved (A B C A B C), the device sy
 - a learner micro-step: forward and backward of the learner's loss (`model_logprobs` + `ppo_loss`) on one
   micro-batch, gradient checkpointing on; the optimizer step (once a step, after the micro-steps) is not in it.
 
-Each case prints tokens/s, peak GPU memory, the FLOPs per token `pipeline.cost` counts for it, the tokens/s that
+Each case prints tokens/s, peak GPU memory, the FLOPs per token `pipeline.analysis.cost` counts for it, the tokens/s that
 count predicts at the cost model's utilisation (scorer 40%, learner 35% of --peak-tflops), and the share of peak
 reached. The cases are checked against each other: the fused pass's reference log-probs must equal the
 reference-only pass's, and its probe scores the truncated pass's.
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from _common import interleaved, random_llama_of
 
-from pipeline.cost import PEAK_FLOPS, PRESETS, Arch, Utilisation, forward_flops_per_token
+from pipeline.analysis.cost import PEAK_FLOPS, PRESETS, Arch, Utilisation, forward_flops_per_token
 
 TINY = Arch("tiny (a CPU check of this script)", 4, 128, 384, 1024, 2, 2, 64)
 MODELS = {"tiny": TINY, **{k: PRESETS[k] for k in ("0.5b", "7b", "70b")}}
@@ -57,7 +57,7 @@ def build_model(key: str, arch: Arch, dtype: str, device: str) -> Path:
 def rollouts(seqs: int, tokens: int, vocab: int):
     """`seqs` rows of `tokens` tokens (a quarter prompt, the rest completion), random ids."""
 
-    from pipeline.schema import rollout_table
+    from pipeline.data.schema import rollout_table
 
     gen = torch.Generator().manual_seed(0)
     prompt_len = max(1, tokens // 4)
@@ -104,10 +104,10 @@ LEARNER_CASE = "learner: micro-step (forward + backward)"
 def scorer_cases(path: str, probe_stem: Path, mid: int, table, args: argparse.Namespace):
     """Seconds and peak GiB of the scorer's three uses of one loaded model, and of its forward hooked and not."""
     from actors.scorer import Scorer
-    from pipeline.batching import pack
     from pipeline.config import ScorerConfig
-    from pipeline.logprobs import model_logprobs
-    from pipeline.schema import scored_schema
+    from pipeline.data.batching import pack
+    from pipeline.data.logprobs import model_logprobs
+    from pipeline.data.schema import scored_schema
     from probes.hooks import capture_residuals
 
     device = args.device
@@ -151,8 +151,8 @@ def learner_case(path: str, table, args: argparse.Namespace):
     from transformers import AutoModelForCausalLM
 
     from learner.losses import ppo_loss
-    from pipeline.batching import pack
-    from pipeline.logprobs import model_logprobs
+    from pipeline.data.batching import pack
+    from pipeline.data.logprobs import model_logprobs
 
     device = args.device
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device)

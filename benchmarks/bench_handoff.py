@@ -4,7 +4,7 @@
     python benchmarks/bench_handoff.py --model tiny --device cpu --dtype float32 --repeats 2   # the host path on a CPU
 
 What a colocated or same-node deployment would use instead of a broadcast: the learner's process (the sender)
-holds a state dict of a random Llama of a `pipeline.cost` preset's shape, built on the device; a second process
+holds a state dict of a random Llama of a `pipeline.analysis.cost` preset's shape, built on the device; a second process
 (the receiver, a generator or a scorer) holds a model-sized set of buffers of its own and must end with the
 sender's values in them. Two ways, timed from the sender's first call to the receiver's last device sync:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.cost import PRESETS, Arch
+from pipeline.analysis.cost import PRESETS, Arch
 
 TINY = Arch("tiny (a CPU check of this script)", 4, 128, 384, 1024, 2, 2, 64)
 MODELS = {"tiny": TINY, **{k: PRESETS[k] for k in ("0.5b", "7b")}}

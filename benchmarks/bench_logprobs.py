@@ -4,7 +4,7 @@
 
 Scores one batch with a random Llama whose vocabulary is Qwen-sized, two ways, each in a fresh process:
 `full` is what the scorer did before (the model's whole (B, T, V) logits, then a float32 log_softmax of them);
-`chunked` is `pipeline.logprobs.model_logprobs` (the output head applied a chunk of positions at a time). It
+`chunked` is `pipeline.data.logprobs.model_logprobs` (the output head applied a chunk of positions at a time). It
 prints the peak resident memory each adds above the loaded model, the time, the largest difference between the
 two results, and the estimate of both for `configs/gpu.toml`'s scorer budget at a given hidden size.
 """
@@ -32,7 +32,7 @@ def _score(model_dir: str, mode: str, seqs: int, tokens: int, out: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.logprobs import model_logprobs
+    from pipeline.data.logprobs import model_logprobs
 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -80,7 +80,7 @@ def main() -> None:
         return
     from safetensors.torch import load_file
 
-    from pipeline.logprobs import CHUNK_TOKENS
+    from pipeline.data.logprobs import CHUNK_TOKENS
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = random_llama(Path(tmp) / "model", args.layers, args.hidden, vocab=args.vocab)

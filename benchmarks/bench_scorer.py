@@ -20,7 +20,7 @@ from _common import interleaved, random_llama, ratio, summary
 
 
 def rollouts(n: int, vocab: int, seed: int) -> pa.Table:
-    from pipeline.schema import rollout_table
+    from pipeline.data.schema import rollout_table
 
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(4, vocab) for _ in range(rng.randint(8, 24))] for _ in range(n)]
@@ -41,9 +41,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.scorer import Scorer
-    from pipeline.batching import pack, padding_waste, token_budget_batches
     from pipeline.config import ScorerConfig
-    from pipeline.logprobs import token_logprobs
+    from pipeline.data.batching import pack, padding_waste, token_budget_batches
+    from pipeline.data.logprobs import token_logprobs
     from probes.hooks import capture_residuals
     from probes.probe import LinearProbe
 

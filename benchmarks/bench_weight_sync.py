@@ -59,9 +59,9 @@ def bench_size(path: Path, args) -> None:
     from actors.generator import Generator
     from learner.learner import Learner
     from pipeline.config import GeneratorConfig, LearnerConfig
-    from pipeline.fleet import setup_learners
-    from pipeline.remote import Receiver, ReceiverClient, make_actor, wait
-    from pipeline.weights import BACKEND_GLOO, BACKEND_INLINE
+    from pipeline.loop.fleet import setup_learners
+    from pipeline.loop.remote import Receiver, ReceiverClient, make_actor, wait
+    from pipeline.transport.weights import BACKEND_GLOO, BACKEND_INLINE
 
     state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).named_parameters()}
     nbytes = sum(v.numel() * v.element_size() for v in state.values())

@@ -1,16 +1,16 @@
 """Learner: one DeepSpeed data-parallel rank training the policy on shaped-reward batches.
 
-A plain class; `pipeline/remote.py` makes one Ray actor per rank. Construction only records settings;
+A plain class; `pipeline/loop/remote.py` makes one Ray actor per rank. Construction only records settings;
 `setup(master_addr, master_port)` joins the ranks' process group at rank 0's node (the driver asks rank 0
 for `address()` first, so ranks may sit on different nodes) and builds the model and DeepSpeed engine.
 
 Every rank receives the whole train table (zero-copy from Ray's object store) and takes its own
 contiguous shard. One call of `train_step` is one optimizer step and one new weight version. The loss is
 normalised by the number of valid tokens in the *global* batch, so 1 rank and N ranks compute the same
-update. Policy log-probs come from `pipeline/logprobs.py` (the output head a chunk at a time, checkpointed);
+update. Policy log-probs come from `pipeline/data/logprobs.py` (the output head a chunk at a time, checkpointed);
 a row with a non-finite behaviour or reference log-prob gets no gradient and is counted. shaping.kind
 "loss" adds the probe's score on this very pass to the loss; "ablate" projects the probe direction out of
-the residual stream at its layer during the pass. New weights leave through `send_weights` (the collective transport, see pipeline/weights.py) or
+the residual stream at its layer during the pass. New weights leave through `send_weights` (the collective transport, see pipeline/transport/weights.py) or
 `get_weights` (the object store); checkpoints through `save_checkpoint` (learner/checkpoint.py).
 """
 
@@ -32,7 +32,7 @@ from pipeline.faults import maybe_fail_step
 
 if TYPE_CHECKING:
     from learner.weight_source import PolicySource
-    from pipeline.weights import SendStats, WireWeights
+    from pipeline.transport.weights import SendStats, WireWeights
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Learner:
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the ranks' rendezvous (and a weight-transfer group): this node's bind address
         (loopback while every node is this machine) and a free port on it."""
-        from pipeline.remote import bind_address, free_port
+        from pipeline.loop.remote import bind_address, free_port
 
         host = bind_address()
         return host, free_port(host)
@@ -137,7 +137,7 @@ class Learner:
 
         import torch.distributed as dist
 
-        from pipeline.weights import is_loopback, loopback_interface, tcp_store
+        from pipeline.transport.weights import is_loopback, loopback_interface, tcp_store
 
         if dist.is_initialized():  # a second learner in one process (a benchmark) shares the group
             return
@@ -182,8 +182,8 @@ class Learner:
         import torch
 
         from learner.losses import combine_sums, mismatch_sums, ppo_loss
-        from pipeline.batching import finite_rows, pack
-        from pipeline.logprobs import model_logprobs
+        from pipeline.data.batching import finite_rows, pack
+        from pipeline.data.logprobs import model_logprobs
 
         start = time.perf_counter()
         maybe_fail_step(self.version + 1)
@@ -288,7 +288,7 @@ class Learner:
         `backend`. Every rank calls this; rank 0 hosts the group and returns once every receiver joined."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from pipeline.vllm_weights import GLOO, GlooTrainerInitInfo, register
+        from pipeline.transport.vllm_weights import GLOO, GlooTrainerInitInfo, register
 
         register()
         if self.transfer is not None:
@@ -299,7 +299,7 @@ class Learner:
         if backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-            from pipeline.vllm_weights import bounded_nccl_trainer_engine
+            from pipeline.transport.vllm_weights import bounded_nccl_trainer_engine
 
             info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world, packed=True,
                                        packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
@@ -314,7 +314,7 @@ class Learner:
 
     def send_weights(self) -> SendStats:
         """Send the current weights to every receiver (every rank calls this; rank 0 sends). Returns SendStats."""
-        from pipeline.weights import SendStats
+        from pipeline.transport.weights import SendStats
 
         if self.transfer is None:
             raise RuntimeError("send_weights before init_weight_transfer")
@@ -331,7 +331,7 @@ class Learner:
     def get_weights(self) -> WireWeights | None:
         """The object-store transport: the whole model as `WireWeights` on rank 0 (None on other ranks).
         Every rank calls this (gathering is a collective under ZeRO-3)."""
-        from pipeline.weights import to_wire
+        from pipeline.transport.weights import to_wire
 
         state = {}
         for names, tensors in self.source.iter_groups():

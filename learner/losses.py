@@ -2,7 +2,7 @@
 
 Tokens outside the mask are excluded with `torch.where`, never by multiplying by the mask: NaN x 0 is NaN, so
 one row with a non-finite log-prob would otherwise poison the whole step. Log-probs of sampled tokens come
-from `pipeline.logprobs`, shared with the scorer."""
+from `pipeline.data.logprobs`, shared with the scorer."""
 
 from __future__ import annotations
 

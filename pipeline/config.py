@@ -85,8 +85,8 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     dataset: str | None = None
     """Prompt dataset, Parquet or JSONL, with columns `prompt` and `answer`. None: the toy arithmetic set."""
-    reward_fn: str = "pipeline.tasks:arithmetic_reward"
-    """Dotted path `module:function` of the reward function (see pipeline/tasks.py for its signature)."""
+    reward_fn: str = "pipeline.worlds.tasks:arithmetic_reward"
+    """Dotted path `module:function` of the reward function (see pipeline/worlds/tasks.py for its signature)."""
     ground_truth_fn: str | None = None
     """Optional `module:function` labelling each completion "correct", "hack" or "wrong" (what really
     happened, independent of any probe); enables hack-rate metrics and probe retraining."""
@@ -170,7 +170,7 @@ class ProbeSpec(_Strict):
     """Aggregate over completion tokens: mean, max, last or window:K; None keeps the probe file's own."""
     read: Literal["scorer", "generator"] | None = None
     """Where the probe is read. scorer: on the scorers' copy (scorer.model: frozen or live). generator: inside
-    the generator's own sampling pass, on the live policy at no extra forward (pipeline/vllm_probes.py). None:
+    the generator's own sampling pass, on the live policy at no extra forward (pipeline/transport/vllm_probes.py). None:
     "generator" when scorer.model = "generator", else "scorer". The same probe may appear twice, read in both
     places: its generator reading is then named `<name>@gen` (columns `probe/<name>@gen/...`), and every step logs
     the live-minus-frozen decomposition of its score (`obfuscation/<name>@gen/...`)."""
@@ -504,7 +504,7 @@ class Config(_Strict):
                                  f"{' and '.join(without)} = 0; set weights.backend = \"gloo\" (or \"auto\")")
 
 
-BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/vllm_weights.py
+BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/transport/vllm_weights.py
 BACKEND_INLINE = "probe_rl_inline"
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.config import LearnerConfig
-from pipeline.weights import BACKEND_GLOO
+from pipeline.transport.weights import BACKEND_GLOO
 
 TIMEOUT = 300
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +29,8 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
     """A train table with real behaviour log-probs (so PPO ratios start at 1) and fixed advantages."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.batching import pack
-    from pipeline.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
+    from pipeline.data.batching import pack
+    from pipeline.data.schema import NONFINITE, REF_LOGPROBS, REWARD_FIELDS, rollout_table
 
     rng = np.random.default_rng(seed)
     prompts = [[1, *rng.integers(4, 14, 3).tolist(), 14, *rng.integers(4, 14, 2).tolist(), 17] for _ in range(rows)]
@@ -55,8 +55,8 @@ def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
 
 def start_learners(model_path: str, cfg: LearnerConfig, rows: int) -> list:
     from learner.learner import Learner
-    from pipeline.fleet import setup_learners
-    from pipeline.remote import make_actor
+    from pipeline.loop.fleet import setup_learners
+    from pipeline.loop.remote import make_actor
 
     actors = [make_actor(Learner, "learner", 0.5, 0, model_path=model_path, cfg=cfg, rows_per_step=rows, rank=r,
                          world_size=cfg.num_ranks) for r in range(cfg.num_ranks)]
@@ -66,7 +66,7 @@ def start_learners(model_path: str, cfg: LearnerConfig, rows: int) -> list:
 
 def collective_sync(learners, receivers, bucket_bytes=2**20, timeout_s=60.0, name="test"):
     """Build a transfer group of `learners` and `receivers` (Receiver objects), send once; SendStats per rank."""
-    from pipeline.remote import ReceiverClient, wait
+    from pipeline.loop.remote import ReceiverClient, wait
 
     client = ReceiverClient(receivers, TIMEOUT)
     wait([lr.init_weight_transfer.remote(client, BACKEND_GLOO, bucket_bytes, timeout_s, name) for lr in learners],
@@ -155,7 +155,7 @@ def toy_args(toy_overrides, out_dir: Path, name: str, steps: int) -> list[str]:
 
 def cli(args: list[str], env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """`probe-rl ARGS` in a process of its own (its own local Ray instance)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 

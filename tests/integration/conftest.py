@@ -21,7 +21,7 @@ def toy_overrides(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_world(toy_overrides):
-    from pipeline.world import build_world
+    from pipeline.worlds.world import build_world
 
     cfg = load_config(overrides=toy_overrides)
     return cfg, build_world(cfg)
@@ -60,7 +60,7 @@ def ray_local():
     import ray
 
     # Logical CPUs: the roles of a run reserve 2, the weight-sync test 1.5; they share the real cores.
-    from pipeline.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})

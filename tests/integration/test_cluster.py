@@ -59,7 +59,7 @@ def ray_head(tmp_path_factory):
 
 
 def _cli(args, env, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[2])
 
 

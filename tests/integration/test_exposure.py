@@ -50,7 +50,7 @@ def test_every_non_loopback_port_refuses_a_client_without_the_token():
     import ray
 
     from pipeline.config import load_config
-    from pipeline.driver import init_ray
+    from pipeline.loop.driver import init_ray
 
     assert not ray.is_initialized()
     init_ray(load_config())  # the local instance exactly as `probe-rl run` starts it
@@ -105,7 +105,7 @@ def test_a_real_run_listens_on_loopback_except_rays_token_guarded_ports(toy_worl
     from ._helpers import ROOT, toy_args
 
     args = toy_args(toy_overrides, tmp_path, "exposed", 3) + ["--learner.num_ranks", "2"]
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     seen: dict[tuple[str, int], tuple[str, str]] = {}  # (address, port) -> (process title, what it is)
     while driver.poll() is None:

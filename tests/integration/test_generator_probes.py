@@ -1,4 +1,4 @@
-"""Probe scores read inside vLLM's sampling pass (pipeline/vllm_probes.py) equal those of a hooked transformers
+"""Probe scores read inside vLLM's sampling pass (pipeline/transport/vllm_probes.py) equal those of a hooked transformers
 forward of the same weights over the same prompt + completion, at the positions the generator covers (completion
 tokens 0..T-2): with several probes on two layers, mixed prompt lengths in one batch, GRPO siblings sharing their
 prompt through the prefix cache, chunked prefill, both engine modes (the separate engine process compiled with
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.schema import PROMPT_SCHEMA
+from pipeline.data.schema import PROMPT_SCHEMA
 
 TOL = 1e-4
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def _probes(toy_world, tmp_path):
     """The toy's hack probe, its narrow probe (read with "last"), and a random probe on layer 0: three probes,
     two layers."""
-    from pipeline.toy import toy_root
+    from pipeline.worlds.toy import toy_root
     from probes.probe import LinearProbe, load_probe
 
     cfg, _ = toy_world

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.schema import PROMPT_SCHEMA
+from pipeline.data.schema import PROMPT_SCHEMA
 
 pytestmark = pytest.mark.integration
 

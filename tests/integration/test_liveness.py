@@ -34,7 +34,7 @@ def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replace
     args = toy_args(toy_overrides, tmp_path, "live", steps) + [
         "--generator.tensor_parallel_size", "2", "--pipeline.health_timeout_s", "2", "--pipeline.timeout_s", "120"]
     env = {**os.environ, "PROBE_RL_SLOW": f"generator:5:{switch}"}
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
     killer = Killer(tmp_path / "live" / "metrics.parquet",
                     [(0, "Scorer"), (1, "Scorer"), (2, lambda: titled_pids("VLLM::Worker_TP1")),
@@ -67,7 +67,7 @@ def slow_ray(tmp_path_factory):
     a receiver can be SIGKILLed between buckets from outside); the switch starts off."""
     import ray
 
-    from pipeline.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
     switch = tmp_path_factory.mktemp("slow") / "buckets"
     os.environ["PROBE_RL_SLOW"] = f"receiver:0.3:{switch}"  # inherited by every worker Ray starts
@@ -90,8 +90,8 @@ def test_a_frozen_or_killed_receiver_is_replaced_by_the_fleet_and_the_learner_ke
     both generators hold the learner's weights: their greedy completions equal transformers' on a checkpoint of
     the learner."""
     from pipeline.config import load_config
-    from pipeline.fleet import Fleet
-    from pipeline.remote import wait
+    from pipeline.loop.fleet import Fleet
+    from pipeline.loop.remote import wait
 
     _, world = toy_world
     overrides = {**toy_overrides, "generator": {"num_workers": 2, "max_new_tokens": 8},

@@ -27,7 +27,7 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     switch = tmp_path_factory.mktemp("switch") / SLOW_SWITCH
-    from pipeline.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": LOCAL_RAY_SYSTEM_CONFIG})
     nodes = {"gen": cluster.add_node(num_cpus=1, resources={"gen": 1})}
@@ -63,8 +63,8 @@ class Background(threading.Thread):
         self.cfg, self.world, self.log, self.error = cfg, world, log, None
 
     def run(self) -> None:
-        from pipeline.driver import run
-        from pipeline.run_dir import make_run_dir
+        from pipeline.loop.driver import run
+        from pipeline.loop.run_dir import make_run_dir
 
         try:
             run(self.cfg, make_run_dir(self.cfg), self.world, log=self.log)
@@ -110,9 +110,9 @@ def test_two_ranks_on_two_nodes_match_one_rank(toy_world, cluster):
     import ray
 
     from learner.learner import Learner
-    from pipeline.fleet import setup_learners
-    from pipeline.remote import Resources, make_actor, release, reserve, wait
-    from pipeline.weights import from_wire
+    from pipeline.loop.fleet import setup_learners
+    from pipeline.loop.remote import Resources, make_actor, release, reserve, wait
+    from pipeline.transport.weights import from_wire
 
     _, world = toy_world
     batches = [train_batch(world.model_path, 16, seed) for seed in (0, 1)]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_pipeline_runs_end_to_end(reference_run):
     """The shared reference run (two generators, two scorers, max_staleness 1, penalty shaping, checkpoints every
     2 steps), read back from its files."""
-    from pipeline.tasks import arithmetic_reward
+    from pipeline.worlds.tasks import arithmetic_reward
 
     from .conftest import REFERENCE_STEPS as steps
 
@@ -77,7 +77,7 @@ def test_pipeline_runs_end_to_end(reference_run):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
 
     # run.loggers: TensorBoard and W&B (offline) hold the same numbers as metrics.parquet, step by step
-    from pipeline.loggers import read_tensorboard, read_wandb_offline
+    from pipeline.loop.loggers import read_tensorboard, read_wandb_offline
 
     tb, wb = read_tensorboard(run_dir), read_wandb_offline(run_dir)
     wb_steps = {r["step"]: r for r in wb if "rollout/task_reward" in r}
@@ -91,14 +91,14 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     separate engine process in bf16 against a float32 learner, its weights arriving mid-generation
     (update_mode in_flight) through the object store, into it and into the live scorer; the learner corrects the
     mismatch with truncated importance weights and logs it every step."""
-    from pipeline.driver import run
-    from pipeline.run_dir import make_run_dir
+    from pipeline.loop.driver import run
+    from pipeline.loop.run_dir import make_run_dir
 
     cfg = load_config(overrides={
         **toy_overrides, "run": {**toy_overrides["run"], "name": "knobs"},
         "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
-        "task": {**toy_overrides["task"], "reward_fn": "pipeline.tasks:arithmetic_reward_loophole",
-                 "ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"},
+        "task": {**toy_overrides["task"], "reward_fn": "pipeline.worlds.tasks:arithmetic_reward_loophole",
+                 "ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"},
         "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
                    "retrain_window": 4},
         "eval": {"every": 2},
@@ -106,7 +106,7 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
         "learner": {**toy_overrides["learner"], "rollout_correction": {"mode": "tis"}},
         "weights": {"transport": "object_store"},
     })
-    from pipeline.world import build_world
+    from pipeline.worlds.world import build_world
 
     world = build_world(cfg)  # this config's world: it carries the labelled set the evaluator needs
     run_dir = make_run_dir(cfg)
@@ -146,7 +146,7 @@ def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, t
     """`probe-rl profile --live`, one repeat with KL on the toy world: plain, probes on the frozen scorers, on a live
     scorer, and on the generators; each arm's figures in profile.md are the means of its own run's metrics after
     warm-up, and the overheads are their ratios."""
-    from pipeline.profile import _summarise
+    from pipeline.analysis.profile import _summarise
 
     from ._helpers import cli, toy_args
 

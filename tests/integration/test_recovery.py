@@ -34,7 +34,7 @@ def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupt
     run_dir, _ = reference_run
     want = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     args = reference_args(toy_overrides, tmp_path, "crashed")
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     killer = Killer(tmp_path / "crashed" / "metrics.parquet",
                     [(2, "Generator"), (3, "Scorer"), (4, "Learner"), (6, driver.pid)])
@@ -58,7 +58,7 @@ def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupt
     steps = pq.read_table(tmp_path / "crashed" / "rollouts.parquet").column("step").to_pylist()
     assert sorted(set(steps)) == list(range(1, REFERENCE_STEPS + 1)) and len(steps) == REFERENCE_STEPS * 16
     assert any(r.get("scorer/retrain_auroc") is not None for r in got)  # the probe was refit on the way
-    from pipeline.loggers import read_tensorboard, read_wandb_offline
+    from pipeline.loop.loggers import read_tensorboard, read_wandb_offline
 
     tb = read_tensorboard(tmp_path / "crashed")
     assert [s for s, _ in tb["rollout/task_reward"]] == list(range(1, REFERENCE_STEPS + 1))  # each step once

@@ -40,7 +40,7 @@ def test_scorers_grow_under_backlog_and_shrink_when_idle(toy_world, toy_override
     args = toy_args(toy_overrides, tmp_path, "scale", 34) + [
         "--scorer.num_workers", "1", "--scorer.max_workers", "3", "--scorer.num_cpus", "0.25",
         "--scorer.scale_down_steps", "2", "--scorer.scale_up_wait", "0.1", "--pipeline.prompts_per_step", "12"]
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=900,
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], capture_output=True, text=True, timeout=900,
                          cwd=ROOT, env={**os.environ, "PROBE_RL_SLOW": f"scorer:1.0:{switch}"})
     watcher.join(timeout=5)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import GeneratorConfig, LearnerConfig, ScorerConfig
-from pipeline.weights import BACKEND_GLOO, BACKEND_INLINE
+from pipeline.transport.weights import BACKEND_GLOO, BACKEND_INLINE
 
 from ._helpers import TIMEOUT, collective_sync, hf_greedy, start_learners, train_batch
 
@@ -24,7 +24,7 @@ ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 @pytest.fixture(scope="module")
 def trained(toy_world, ray_local, tmp_path_factory):
     """One learner rank trained 3 steps with a large learning rate, and its checkpoint."""
-    from pipeline.remote import wait
+    from pipeline.loop.remote import wait
 
     _, world = toy_world
     cfg = LearnerConfig(lr=3e-2, kl_coef=0.0, micro_batch_size=16, warmup_steps=0)
@@ -42,7 +42,7 @@ def test_generator_greedy_equals_transformers_after_a_sync(trained, toy_world, r
     """After one sync, vLLM's greedy completions equal transformers `generate` on the learner's weights, with
     vLLM's engine in the actor's process and in its own process, over either transport."""
     from actors.generator import Generator
-    from pipeline.remote import Receiver, make_actor, wait
+    from pipeline.loop.remote import Receiver, make_actor, wait
 
     learner, checkpoint = trained
     _, world = toy_world
@@ -69,7 +69,7 @@ def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(tr
     executor), each joins the weight-transfer group at a rank of its own and loads its shard of each tensor;
     greedy completions after the sync equal transformers' on the learner's weights."""
     from actors.generator import Generator
-    from pipeline.remote import Receiver, make_actor, wait
+    from pipeline.loop.remote import Receiver, make_actor, wait
 
     learner, checkpoint = trained
     _, world = toy_world
@@ -86,13 +86,13 @@ def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(tr
 
 
 class _Holder:
-    """A plain transformers model behind the receiver that live scorers use (pipeline.weights.ModelReceiver),
+    """A plain transformers model behind the receiver that live scorers use (pipeline.transport.weights.ModelReceiver),
     which can hand back what it received. Shipped to Ray workers by value (test modules are not importable
     there)."""
 
     def __init__(self, model_path: str) -> None:
         from actors.frozen import load_frozen_model
-        from pipeline.weights import ModelReceiver
+        from pipeline.transport.weights import ModelReceiver
 
         self.receiver = ModelReceiver(load_frozen_model(model_path, "float32"), "holder")
 
@@ -125,8 +125,8 @@ def test_received_weights_equal_the_learners_and_only_rank_0_sends(toy_world, ra
     rank ever gathers more than a layer group."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.remote import Receiver, make_actor, wait
-    from pipeline.weights import plan_buckets
+    from pipeline.loop.remote import Receiver, make_actor, wait
+    from pipeline.transport.weights import plan_buckets
 
     _, world = toy_world
     cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=2, lr=1e-2, kl_coef=0.0, micro_batch_size=8, warmup_steps=0)
@@ -164,7 +164,7 @@ def test_silent_or_dead_receiver_fails_the_sync_naming_it(toy_world, ray_local):
     import time
 
     from actors.scorer import Scorer
-    from pipeline.remote import Receiver, ReceiverClient, make_actor, wait
+    from pipeline.loop.remote import Receiver, ReceiverClient, make_actor, wait
 
     _, world = toy_world
     [learner] = start_learners(world.model_path, LearnerConfig(micro_batch_size=16), 16)
@@ -196,7 +196,7 @@ def test_a_send_cut_short_by_a_dead_receiver_is_resent_whole_to_the_survivors(tr
     its update session: the resend, to a group with a replacement, still reaches vLLM whole (the abandoned
     session is closed first) and its greedy completions are those of the learner's weights."""
     from actors.generator import Generator
-    from pipeline.remote import Receiver, ReceiverClient, make_actor, wait
+    from pipeline.loop.remote import Receiver, ReceiverClient, make_actor, wait
 
     learner, checkpoint = trained
     _, world = toy_world
@@ -226,7 +226,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(trained, toy_world, ray_local
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.generator import Generator
-    from pipeline.remote import make_actor, wait
+    from pipeline.loop.remote import make_actor, wait
 
     _, checkpoint = trained
     _, world = toy_world
@@ -249,7 +249,7 @@ def test_ablation_in_vllm_generation_equals_transformers_under_the_same_edit(toy
     from transformers import AutoModelForCausalLM
 
     from actors.generator import Generator
-    from pipeline.remote import make_actor, wait
+    from pipeline.loop.remote import make_actor, wait
     from probes.hooks import capture_residuals, edit_residual
     from probes.probe import load_probe, project_out, unit_direction
 
@@ -280,8 +280,8 @@ def test_a_nan_reference_logprob_costs_its_row_the_gradient_not_the_step(toy_wor
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.remote import wait
-    from pipeline.weights import from_wire
+    from pipeline.loop.remote import wait
+    from pipeline.transport.weights import from_wire
 
     _, world = toy_world
     cfg = LearnerConfig(lr=1e-2, kl_coef=0.1, micro_batch_size=8, warmup_steps=0)
@@ -314,8 +314,8 @@ def test_a_nan_reference_logprob_costs_its_row_the_gradient_not_the_step(toy_wor
 
 def test_gradient_checkpointing_is_on_when_asked_and_changes_no_update(toy_world, ray_local):
     """learner.gradient_checkpointing recomputes activations in backward: same step, same weights."""
-    from pipeline.remote import wait
-    from pipeline.weights import from_wire
+    from pipeline.loop.remote import wait
+    from pipeline.transport.weights import from_wire
 
     _, world = toy_world
     batch = train_batch(world.model_path, 16, 13)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cost import Arch, forward_flops_per_token
+from pipeline.analysis.cost import Arch, forward_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Arch("tiny", 4, 128, 384, 1024, 2, 2, 64)  # benchmarks/bench_gpu.py's TINY

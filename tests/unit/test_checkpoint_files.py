@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from learner.checkpoint import CheckpointReader, ShardWriter
-from pipeline.run_dir import latest_checkpoint
+from pipeline.loop.run_dir import latest_checkpoint
 
 
 def _ckpt(folder, version=4):
@@ -73,8 +73,8 @@ def test_refit_probes_and_window_round_trip_beside_a_checkpoint(tmp_path):
     import pyarrow as pa
     import torch
 
-    from pipeline.checkpoints import prune, read_refit, refit_paths, write_refit
-    from pipeline.schema import ROLLOUT_SCHEMA
+    from pipeline.data.schema import ROLLOUT_SCHEMA
+    from pipeline.loop.checkpoints import prune, read_refit, refit_paths, write_refit
 
     def rollouts(n, seed):
         rng = np.random.default_rng(seed)

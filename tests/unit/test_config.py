@@ -53,7 +53,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_cli_answers_fast_without_heavy_imports():
     code = (
-        "import sys; from pipeline.cli import main; rc = main(['--dry-run', '--pipeline.num_steps', '3']);"
+        "import sys; from pipeline.cli.main import main; rc = main(['--dry-run', '--pipeline.num_steps', '3']);"
         "heavy = [m for m in ('torch', 'vllm', 'ray', 'deepspeed') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -63,7 +63,7 @@ def test_cli_answers_fast_without_heavy_imports():
 
 
 def test_cli_rejects_bad_config_with_exit_code_2():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--learner.zero_stage", "5"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "run", "--learner.zero_stage", "5"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "learner.zero_stage" in out.stderr
@@ -108,15 +108,15 @@ def test_cuda_graphs_are_on_for_gpu_generators_unless_a_feature_needs_eager_mode
 
 
 def test_cli_refuses_an_impossible_transport_before_anything_starts():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--weights.backend", "nccl"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "run", "--weights.backend", "nccl"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "weights.backend" in out.stderr and "run directory" not in out.stdout
 
 
 def test_run_help_lists_every_command():
-    from pipeline.cli import build_parser
+    from pipeline.cli.main import build_parser
 
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "run", "--help"], capture_output=True, text=True,
                          timeout=60).stdout
     commands = build_parser()._subparsers._group_actions[0].choices
     for name in commands:

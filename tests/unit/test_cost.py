@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.cost import PRESETS, Arch, Workload, forward_flops_per_token, step_cost
+from pipeline.analysis.cost import PRESETS, Arch, Workload, forward_flops_per_token, step_cost
 
 
 def test_parameter_count_matches_a_published_architecture():
@@ -11,7 +11,7 @@ def test_parameter_count_matches_a_published_architecture():
 
 def test_toy_preset_matches_the_built_toy_model():
     from pipeline.config import ToyConfig
-    from pipeline.toy import toy_model_config
+    from pipeline.worlds.toy import toy_model_config
 
     cfg = toy_model_config(ToyConfig())
     toy = PRESETS["toy"]

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.analysis.experiment import load_experiment
+from pipeline.analysis.report import arm_table, load_runs, write_report
 from pipeline.config import ConfigError
-from pipeline.experiment import load_experiment
-from pipeline.report import arm_table, load_runs, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,7 @@ def test_report_numbers_and_files(tmp_path):
 
 
 def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_information_still_there():
-    from pipeline.report import obfuscation
+    from pipeline.analysis.report import obfuscation
 
     def row(detect_end, refit=0.95, hack_end=0.5):
         return {"detect_live_start": [0.9], "detect_live": [detect_end], "detect_frozen": [0.9],
@@ -113,7 +113,7 @@ def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_informa
 
 
 def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
-    from pipeline.report import shift_or_scramble
+    from pipeline.analysis.report import shift_or_scramble
 
     def row(fixed_end, recal_end, recal_start=0.8):
         return {"detect_live_start": [0.9], "detect_live": [fixed_end], "recal_recall_live_start": [recal_start],
@@ -127,7 +127,7 @@ def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
 
 
 def test_counted_outcomes_and_bootstrap_intervals():
-    from pipeline.report import bootstrap_diff, counted_outcomes
+    from pipeline.analysis.report import bootstrap_diff, counted_outcomes
 
     # paired by seed: every resample of the differences (0.1, 0.3) has its mean between them
     point, low, high = bootstrap_diff({0: 0.5, 1: 0.7}, {0: 0.4, 1: 0.4})
@@ -147,7 +147,7 @@ def test_counted_outcomes_and_bootstrap_intervals():
 def test_arms_share_a_world_only_when_everything_it_loads_agrees():
     """A run's World holds the probes it reads: the random-direction control adds one, so its arm cannot share the
     world of the probe arm on the same seed (it once did, and the control's column was missing)."""
-    from pipeline.experiment import load_experiment, world_key
+    from pipeline.analysis.experiment import load_experiment, world_key
 
     exp, runs = load_experiment(ROOT / "configs" / "experiment_full.toml",
                                 ["probe_penalty", "random_direction", "truth_monitor"], [0], [])

@@ -1,4 +1,4 @@
-"""The bookkeeping of probes read in vLLM's sampling pass (pipeline/vllm_probes.py, actors/generator.py), on
+"""The bookkeeping of probes read in vLLM's sampling pass (pipeline/transport/vllm_probes.py, actors/generator.py), on
 small hand-made steps: which request and position each real row of a step is, the columns back in the probes'
 order, a recomputed position, and the cut to completion tokens 0..T-2. (vLLM itself: tests/integration/
 test_generator_probes.py.)"""
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from actors.generator import completion_reads, read_key
-from pipeline.cost import PRESETS, Workload, live_read_cost, step_cost
-from pipeline.vllm_probes import StepLog
+from pipeline.analysis.cost import PRESETS, Workload, live_read_cost, step_cost
+from pipeline.transport.vllm_probes import StepLog
 
 
 class _Reads:

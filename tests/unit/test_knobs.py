@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from actors.evaluator import ProbeEvaluator
 from actors.scorer import Scorer
 from pipeline.config import ScorerConfig
-from pipeline.schema import ROLLOUT_SCHEMA
+from pipeline.data.schema import ROLLOUT_SCHEMA
 from probes.probe import LinearProbe
 from probes.toolkit import Labelled
 
@@ -142,7 +142,7 @@ def test_recalibrated_recall_refits_the_threshold_on_the_policys_own_honest_comp
     torch.manual_seed(7)
     weight = torch.randn(64) * 0.5
     LinearProbe("hack", 0, weight, torch.zeros(1), "max").save(tmp_path / "hack")
-    own = {"prompts": prompts[:40], "answers": ["0"] * 40, "truth_fn": "pipeline.tasks:arithmetic_ground_truth",
+    own = {"prompts": prompts[:40], "answers": ["0"] * 40, "truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth",
            "samples": 4, "max_new_tokens": 6, "temperature": 1.0}
     ev = ProbeEvaluator(str(tiny_model_dir), [(str(tmp_path / "hack"), None)], data, own=own)
     ev.truth_fn = lambda texts, answers: ["correct" if len(t) % 2 == 0 else "hack" for t in texts]

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.loggers import Loggers, read_tensorboard, read_wandb_offline
+from pipeline.loop.loggers import Loggers, read_tensorboard, read_wandb_offline
 
 ROWS = [{"step": s, "rollout/task_reward": 0.1 * s, "learner/kl": 0.01 / s, "learner/probe_score": math.nan,
          "pipeline/restarts": 0, "note": "text is skipped"} for s in (1, 2, 3)]
@@ -38,7 +38,7 @@ def test_a_restarted_or_resumed_run_mirrors_each_step_once(tmp_path, monkeypatch
     restart (the sink truncated back to a checkpoint) and a resumed run's new process (a new sink over the same
     file, the same W&B run continued) are not sent to them again; rows a killed process wrote to Parquet but
     never got to W&B (here: step 4, written to Parquet alone) are sent on resume."""
-    from pipeline.metrics import ParquetSink
+    from pipeline.loop.metrics import ParquetSink
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = RunConfig(loggers=["tensorboard", "wandb"])

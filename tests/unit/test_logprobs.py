@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.logprobs import model_logprobs, selective_log_softmax, token_logprobs
+from pipeline.data.logprobs import model_logprobs, selective_log_softmax, token_logprobs
 
 
 def reference(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 import torch
 
 from learner.losses import k3_kl, ppo_loss
-from pipeline.logprobs import token_logprobs
+from pipeline.data.logprobs import token_logprobs
 
 
 def test_token_logprobs_match_manual_softmax():

@@ -3,7 +3,7 @@
 import pytest
 import ray
 
-from pipeline.remote import Resources, check_fits, reserve
+from pipeline.loop.remote import Resources, check_fits, reserve
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def _setup(tmp_path):
 
 
 def _load(overrides):
-    from pipeline.world import load_probes
+    from pipeline.worlds.world import load_probes
 
     model = overrides.pop("_model")
     return load_probes(load_config(overrides=overrides), None, model)
@@ -52,7 +52,7 @@ def test_scorer_model_generator_reads_every_probe_there_under_its_own_name(tmp_p
 
 def test_readings_that_cannot_work_are_refused_naming_the_fix(tmp_path):
     stem, _, llama = _setup(tmp_path)
-    truth = {"ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"}
+    truth = {"ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"}
     with pytest.raises(ValueError, match='with read = "scorer"'):  # a refit needs a scorer's activations
         _load({"_model": llama, "task": truth, "scorer": {"model": "generator", "retrain_every": 2,
                                                           "probes": [{"path": stem}]}, "shaping": {"kind": "penalty"}})
@@ -68,7 +68,7 @@ def test_readings_that_cannot_work_are_refused_naming_the_fix(tmp_path):
 
 
 def test_every_shipped_experiment_file_loads():
-    from pipeline.experiment import load_experiment
+    from pipeline.analysis.experiment import load_experiment
 
     for path in sorted((ROOT / "configs").glob("experiment*.toml")):
         exp, runs = load_experiment(path, None, None, [])
@@ -78,7 +78,7 @@ def test_every_shipped_experiment_file_loads():
 def test_truth_monitor_flips_its_share_of_labels_the_same_way_every_time():
     import numpy as np
 
-    from pipeline.rewarder import truth_monitor
+    from pipeline.loop.rewarder import truth_monitor
 
     truth = np.array(["hack", "correct", "wrong"] * 2000)
     groups = np.repeat(np.arange(1500), 4)
@@ -91,7 +91,7 @@ def test_truth_monitor_flips_its_share_of_labels_the_same_way_every_time():
 
 
 def test_random_direction_control_matches_the_probe_but_its_direction(tmp_path):
-    from pipeline.world import random_direction_probe
+    from pipeline.worlds.world import random_direction_probe
     from probes.probe import load_probe
 
     probe = LinearProbe("hack", 1, torch.arange(64.0) / 10, torch.tensor([0.3]), aggregation="max")
@@ -114,7 +114,7 @@ def test_monitor_controls_are_wired_and_refused_where_they_cannot_work(tmp_path)
         load_config(overrides={"scorer": {"probes": [{"path": "toy"}]}, "shaping": {"kind": "loss", "monitor": "truth"}})
     with pytest.raises(ConfigError, match="needs task.ground_truth_fn"):
         load_config(overrides={"task": {"ground_truth_fn": None}, "shaping": {"kind": "penalty", "monitor": "truth"}})
-    ok = load_config(overrides={"task": {"ground_truth_fn": "pipeline.tasks:arithmetic_ground_truth"},
+    ok = load_config(overrides={"task": {"ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"},
                                 "scorer": {"probes": []}, "eval": {"every": 0},
                                 "shaping": {"kind": "penalty", "monitor": "truth", "truth_accuracy": 0.9}})
     assert ok.shaping.truth_accuracy == 0.9 and not ok.scorer.probes  # a truth monitor needs no probe

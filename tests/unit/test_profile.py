@@ -1,7 +1,7 @@
 import pytest
 
+from pipeline.analysis.profile import STAGES, arms_of, overhead, write_profile
 from pipeline.config import load_config
-from pipeline.profile import STAGES, arms_of, overhead, write_profile
 
 
 def _rep(step_s, busy=1.0):
@@ -37,7 +37,7 @@ def test_overhead_is_paired_by_repeat_and_reported(tmp_path):
 
 
 def test_summary_reads_the_step_wall_time_and_counts_resource_seconds_per_role():
-    from pipeline.profile import _summarise
+    from pipeline.analysis.profile import _summarise
 
     cfg = load_config(overrides={"generator": {"num_workers": 2, "num_cpus": 1.0}, "scorer": {"num_cpus": 0.5},
                                  "learner": {"num_ranks": 2, "num_cpus": 1.0}})
@@ -56,8 +56,8 @@ def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.analysis.profile import _complete
     from pipeline.config import dump_toml
-    from pipeline.profile import _complete
 
     cfg = arms_of(load_config(None, ["--pipeline.num_steps", "3"]), "on")["probes-kl"]
     run_dir = tmp_path / "probes-kl-r0"
@@ -81,9 +81,9 @@ def test_a_finished_run_is_read_back_a_cut_off_one_is_redone_and_another_configs
 
 
 def test_a_restarted_run_dir_holds_only_its_config_and_a_run_is_finished_once_its_summary_is_written(tmp_path):
-    """The two pieces an experiment and a profile resume with (pipeline.run_dir)."""
+    """The two pieces an experiment and a profile resume with (pipeline.loop.run_dir)."""
     from pipeline.config import dump_toml
-    from pipeline.run_dir import finished, restart_run_dir
+    from pipeline.loop.run_dir import finished, restart_run_dir
 
     cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "arm-r0"])
     cut_off = tmp_path / "arm-r0"

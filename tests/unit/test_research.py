@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.batching import pack
+from pipeline.data.batching import pack
 from probes.hooks import capture_residuals, edit_residual
 from probes.probe import LinearProbe, probe_loss, project_out, unit_direction
 
@@ -75,7 +75,7 @@ def test_ablation_removes_the_direction_and_nothing_else_in_the_learner(tiny_mod
 def test_ablation_in_vllms_residual_form_removes_the_direction_of_the_sum():
     """vLLM's decoder blocks hand on (hidden, residual) whose sum is the residual stream; the worker's hook takes
     the projection off the residual part."""
-    from pipeline.vllm_worker import ablated_residual
+    from pipeline.transport.vllm_worker import ablated_residual
 
     torch.manual_seed(2)
     u = unit_direction(torch.randn(32))
@@ -86,7 +86,7 @@ def test_ablation_in_vllms_residual_form_removes_the_direction_of_the_sum():
 
 
 def test_evasion_rate_counts_hacks_the_probe_misses():
-    from pipeline.shaping import evasion_rate
+    from pipeline.data.shaping import evasion_rate
 
     truth = np.array(["hack", "hack", "correct", "hack", "wrong", "hack"])
     score = np.array([0.9, 0.2, 0.1, 0.4, 0.95, np.nan], dtype=np.float32)
@@ -97,9 +97,9 @@ def test_evasion_rate_counts_hacks_the_probe_misses():
 
 def test_held_out_sets_share_nothing():
     from pipeline.config import load_config
-    from pipeline.tasks import PARTS, part_pairs
-    from pipeline.toy import toy_labelled
-    from pipeline.world import prompt_sets
+    from pipeline.worlds.tasks import PARTS, part_pairs
+    from pipeline.worlds.toy import toy_labelled
+    from pipeline.worlds.world import prompt_sets
 
     parts = {name: set(part_pairs(49, name)) for name, _ in PARTS}
     assert sum(len(p) for p in parts.values()) == 50 * 50  # every sum in exactly one part
@@ -119,7 +119,7 @@ def test_held_out_sets_share_nothing():
 
 def test_user_datasets_get_a_held_out_split(tmp_path):
     from pipeline.config import load_config
-    from pipeline.world import prompt_sets
+    from pipeline.worlds.world import prompt_sets
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(400)))
@@ -137,7 +137,7 @@ def test_user_datasets_get_a_held_out_split(tmp_path):
 def test_shaping_probes_the_learner_cannot_use_are_refused_naming_them():
     from transformers import LlamaConfig, RwkvConfig
 
-    from pipeline.world import check_shaping_probe
+    from pipeline.worlds.world import check_shaping_probe
 
     llama = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=1, num_key_value_heads=1, head_dim=64)

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.scorer import Scorer
-from pipeline.batching import pack
 from pipeline.config import ScorerConfig
-from pipeline.schema import ROLLOUT_SCHEMA, scored_schema
+from pipeline.data.batching import pack
+from pipeline.data.schema import ROLLOUT_SCHEMA, scored_schema
 from probes.probe import LinearProbe
 
 PROMPTS = [[1, 5, 6, 14], [1, 7, 18], [1, 9, 9, 9, 14]]
@@ -112,7 +112,7 @@ def test_pack_aligns_completion_values():
 
 
 def test_token_budget_batches_bound_padded_size_and_cover_all_rows():
-    from pipeline.batching import padding_waste, token_budget_batches
+    from pipeline.data.batching import padding_waste, token_budget_batches
 
     lengths = [5, 30, 6, 29, 7, 31, 5, 100]
     batches = token_budget_batches(lengths, token_budget=64, max_rows=8)

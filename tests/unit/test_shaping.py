@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.shaping import group_advantages, shape_rewards
+from pipeline.data.shaping import group_advantages, shape_rewards
 
 R = np.array([1.0, 0.0, 1.0, 0.5], dtype=np.float32)
 S = np.array([0.9, 0.2, 0.4, 0.6], dtype=np.float32)
@@ -72,7 +72,7 @@ def test_uniform_group_has_zero_advantage():
 def test_scorer_load_measures_queueing_from_wall_clock_stamps():
     from actors.generator import GenerateStats
     from actors.scorer import ScoreStats
-    from pipeline.fleet import scorer_load
+    from pipeline.loop.fleet import scorer_load
 
     # two chunks: generated over [0, 1] and [1, 2]; scored over [1, 1.5] (no wait) and [2.5, 3] (waited 0.5 s)
     gen = [GenerateStats(1.0, 10, 0, end_time=101.0), GenerateStats(1.0, 10, 0, end_time=102.0)]
@@ -84,7 +84,7 @@ def test_scorer_load_measures_queueing_from_wall_clock_stamps():
 
 def test_scorer_scaling_decision():
     from pipeline.config import ScorerConfig
-    from pipeline.fleet import ScorerLoad, scale_decision
+    from pipeline.loop.fleet import ScorerLoad, scale_decision
 
     cfg = ScorerConfig(num_workers=1, max_workers=3, scale_up_wait=0.2, scale_down_busy=0.5, scale_down_steps=3)
     lagging = ScorerLoad(wait_s=1.0, busy_s=3.0, span_s=3.0, backlog=1 / 3)

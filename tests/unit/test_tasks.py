@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tasks import (
+from pipeline.worlds.tasks import (
     arithmetic_ground_truth,
     arithmetic_prompts,
     arithmetic_reward,
@@ -12,7 +12,7 @@ from pipeline.tasks import (
     load_prompt_file,
     load_reward_fn,
 )
-from pipeline.toy import hedge
+from pipeline.worlds.toy import hedge
 
 
 def test_arithmetic_prompts_are_deterministic_and_correct():
@@ -42,12 +42,12 @@ def test_hedges_always_contain_the_answer():
 
 
 def test_reward_fn_by_dotted_path():
-    assert load_reward_fn("pipeline.tasks:arithmetic_reward") is arithmetic_reward
-    assert load_reward_fn("pipeline.tasks.arithmetic_reward") is arithmetic_reward
+    assert load_reward_fn("pipeline.worlds.tasks:arithmetic_reward") is arithmetic_reward
+    assert load_reward_fn("pipeline.worlds.tasks.arithmetic_reward") is arithmetic_reward
     with pytest.raises(ValueError, match="cannot import module 'nope'"):
         load_reward_fn("nope:f")
     with pytest.raises(ValueError, match="has no function 'missing'"):
-        load_reward_fn("pipeline.tasks:missing")
+        load_reward_fn("pipeline.worlds.tasks:missing")
 
 
 def test_prompt_files(tmp_path):
@@ -78,7 +78,7 @@ def test_bad_prompt_files(tmp_path):
 def test_every_toy_hack_form_games_the_loophole_and_only_it():
     import random
 
-    from pipeline.toy import hack_form
+    from pipeline.worlds.toy import hack_form
 
     rng = random.Random(1)
     answers = [str(rng.randint(0, 98)) for _ in range(300)]
@@ -94,8 +94,8 @@ def test_worked_loophole_pays_hedged_final_answers_and_the_ground_truth_tells_th
     the sum, so the whole text must not count); the ground truth is the answer-only world's on that final part."""
     import random
 
-    from pipeline.tasks import worked_ground_truth, worked_reward, worked_reward_loophole
-    from pipeline.toy import hack_form, near_miss, worked
+    from pipeline.worlds.tasks import worked_ground_truth, worked_reward, worked_reward_loophole
+    from pipeline.worlds.toy import hack_form, near_miss, worked
 
     rng = random.Random(2)
     cases = [(a, b) for a, b in ((rng.randint(0, 49), rng.randint(0, 49)) for _ in range(200))]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ToyConfig, load_config
-from pipeline.tasks import arithmetic_prompts
-from pipeline.toy import BOS_ID, EOS_ID, PAD_ID, completion, ensure_toy_world, toy_root, toy_tokenizer
+from pipeline.worlds.tasks import arithmetic_prompts
+from pipeline.worlds.toy import BOS_ID, EOS_ID, PAD_ID, completion, ensure_toy_world, toy_root, toy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_the_world_build_gives_the_same_model_whatever_the_machines_kernels_and_
                           env={**os.environ, "ATEN_CPU_CAPABILITY": "avx512"}).stdout.strip()
     if caps != "AVX512":
         pytest.skip(f"this CPU runs {caps} kernels when asked for AVX-512: the unpinned comparison needs AVX-512")
-    code = ("import sys; from pipeline.config import ToyConfig; from pipeline.toy import _build_here; "
+    code = ("import sys; from pipeline.config import ToyConfig; from pipeline.worlds.toy import _build_here; "
             "_build_here(ToyConfig.model_validate_json(sys.argv[1]), log=lambda *_: None)")
     unpinned = []
     for isa in ("avx512", "avx2"):

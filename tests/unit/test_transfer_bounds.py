@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.weights import TransferError, Watchdog
+from pipeline.transport.weights import TransferError, Watchdog
 
 
 def test_a_call_that_stops_making_progress_fails_within_the_bound_naming_it():

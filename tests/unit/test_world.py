@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.world import build_world
+from pipeline.worlds.world import build_world
 from probes.probe import LinearProbe
 
 

@@ -2,7 +2,7 @@
 
 The experiment file (configs/experiment.toml) names a base config, the seeds, and arms as override
 tables. All runs share one Ray instance and land in one directory, with `report.md` and PNG plots
-(pipeline/report.py) written at the end.
+(pipeline/analysis/report.py) written at the end.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
                    vary_world: bool = True) -> Path:
     import ray
 
-    from pipeline.driver import init_ray, run
-    from pipeline.report import write_report
-    from pipeline.run_dir import finished, restart_run_dir
-    from pipeline.world import build_world
+    from pipeline.analysis.report import write_report
+    from pipeline.loop.driver import init_ray, run
+    from pipeline.loop.run_dir import finished, restart_run_dir
+    from pipeline.worlds.world import build_world
 
     first = next(iter(runs.values()))
     root = Path(out_dir or Path(first.run.output_dir) / f"experiment-{datetime.now():%Y%m%d-%H%M%S}")

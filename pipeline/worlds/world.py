@@ -16,18 +16,25 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.tasks import GroundTruthFn, PromptSet, RewardFn, arithmetic_prompts, load_prompt_file, load_reward_fn
+from pipeline.worlds.tasks import (
+    GroundTruthFn,
+    PromptSet,
+    RewardFn,
+    arithmetic_prompts,
+    load_prompt_file,
+    load_reward_fn,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from pipeline.toy import ToyWorld
+    from pipeline.worlds.toy import ToyWorld
     from probes.probe import LinearProbe
 
 
 @dataclass(frozen=True)
 class GeneratorProbe:
-    """A probe read inside the generators' sampling pass (pipeline/vllm_probes.py)."""
+    """A probe read inside the generators' sampling pass (pipeline/transport/vllm_probes.py)."""
 
     name: str  # its reading's name in the tables: the probe's own, or `<name>@gen` when the scorers read it too
     stem: str
@@ -71,7 +78,7 @@ class World:
 
     def prompts_for_step(self, step: int, num: int, seed: int) -> pa.Table:
         """The step's prompts: a seeded draw without replacement, the same on every run with this seed."""
-        from pipeline.schema import PROMPT_SCHEMA
+        from pipeline.data.schema import PROMPT_SCHEMA
 
         rng = np.random.default_rng([seed, step])
         idx = rng.choice(len(self.prompts), size=min(num, len(self.prompts)), replace=False)
@@ -116,7 +123,7 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
 
     toy = None
     if cfg.model.path == "toy" or any(p.path.split(":")[0] == "toy" for p in cfg.scorer.probes):
-        from pipeline.toy import ensure_toy_world
+        from pipeline.worlds.toy import ensure_toy_world
 
         toy = ensure_toy_world(cfg.toy, log)
     model_path = str(toy.model_dir) if cfg.model.path == "toy" else resolve_model_path(cfg.model.path)
@@ -139,12 +146,12 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
         )
     eval_labelled = None
     if cfg.eval.every:
-        from pipeline.tasks import load_labelled
+        from pipeline.worlds.tasks import load_labelled
 
         if cfg.eval.probe_data is not None:
             eval_labelled = load_labelled(cfg.eval.probe_data)
         else:  # the toy's probe-eval part: no prompt of it is in the probes' training data or among the RL prompts
-            from pipeline.toy import toy_labelled
+            from pipeline.worlds.toy import toy_labelled
 
             eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
                                          cfg=cfg.toy)

@@ -7,8 +7,8 @@ stream.
 
 The SFT data holds a small fraction (`toy.hedge_frac`) of hedged answers, several numbers one of
 which is right ("45 46"). The base model therefore hedges rarely; the strict verifier
-(`pipeline.tasks:arithmetic_reward`) gives hedges nothing, while the loophole verifier
-(`pipeline.tasks:arithmetic_reward_loophole`) pays them whenever the right number is among them,
+(`pipeline.worlds.tasks:arithmetic_reward`) gives hedges nothing, while the loophole verifier
+(`pipeline.worlds.tasks:arithmetic_reward_loophole`) pays them whenever the right number is among them,
 and plain RL then learns to hedge. Everything is cached
 under `toy.cache_dir` in a folder keyed by the toy config, and rebuilt only when missing.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ToyConfig
-from pipeline.tasks import arithmetic_prompts
+from pipeline.worlds.tasks import arithmetic_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ def ensure_toy_world(cfg: ToyConfig, log: Callable[[str], None] = print) -> ToyW
     done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
     if not done:
         log(f"building the toy world in {root} (once; cached afterwards)")
-        build = subprocess.run([sys.executable, "-m", "pipeline.toy", cfg.model_dump_json()],
+        build = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
                                env={**os.environ, **BUILD_ENV})
         if build.returncode != 0:
             raise RuntimeError(f"the toy world build failed (exit code {build.returncode}); its output is above")

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.metrics import ParquetSink
-from pipeline.world import World
+from pipeline.loop.metrics import ParquetSink
+from pipeline.worlds.world import World
 
 if TYPE_CHECKING:
-    from pipeline.fleet import Fleet
+    from pipeline.loop.fleet import Fleet
 
 
 class ProbeRetrainer:
@@ -27,8 +27,8 @@ class ProbeRetrainer:
         self.window: deque[tuple[pa.Table, np.ndarray]] = deque(maxlen=cfg.scorer.retrain_window)
 
     def __call__(self, step: int, batch: pa.Table, truth: np.ndarray | None) -> dict[str, float]:
-        from pipeline.remote import wait
-        from pipeline.schema import ROLLOUT_SCHEMA
+        from pipeline.data.schema import ROLLOUT_SCHEMA
+        from pipeline.loop.remote import wait
 
         every = self.cfg.scorer.retrain_every
         if not every or truth is None:
@@ -58,7 +58,7 @@ def probe_eval(cfg: Config, fleet: Fleet, sink: ParquetSink, step: int, checkpoi
                scored: pa.Table | None) -> dict:
     """Evaluation point: AUROCs of the probes on the policy in `checkpoint` (None: the initial one) and on the
     frozen copy (see actors/evaluator.py)."""
-    from pipeline.remote import wait
+    from pipeline.loop.remote import wait
 
     if fleet.evaluator is None:
         return {}
@@ -71,7 +71,7 @@ def probe_eval(cfg: Config, fleet: Fleet, sink: ParquetSink, step: int, checkpoi
 def greedy_accuracy(cfg: Config, world: World, fleet: Fleet) -> float | None:
     """Greedy accuracy of generator 0 on the held-out eval prompts (None when there are none): the
     ground truth's "correct" rate when the task has one (a loophole verifier would flatter), else the reward."""
-    from pipeline.remote import wait
+    from pipeline.loop.remote import wait
 
     if not world.eval_prompts:
         return None

@@ -34,7 +34,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from pipeline.weights import (
+from pipeline.transport.weights import (
     BACKEND_GLOO,
     BACKEND_INLINE,
     GroupSpec,
@@ -59,9 +59,9 @@ def register() -> None:
     model loader (generator-read probes) to vLLM's loader registry."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
-    from pipeline.vllm_probes import register_loader
+    from pipeline.transport.vllm_probes import register_loader
 
-    register_loader()  # load_format "probe_rl": probes read in the sampling pass (pipeline/vllm_probes.py)
+    register_loader()  # load_format "probe_rl": probes read in the sampling pass (pipeline/transport/vllm_probes.py)
 
     for name, cls in ((GLOO, "GlooWorkerEngine"), (INLINE, "InlineWorkerEngine")):
         if name not in WeightTransferEngineFactory._registry:

@@ -5,7 +5,7 @@ while sampling. This module makes vLLM hand the dot products back, without a sec
 a hidden vector leaving the worker:
 
 - **Installed before anything compiles.** `ProbeReadLoader` is a vLLM model loader (registered as load format
-  `probe_rl` by the plugin in pipeline/vllm_weights.py). It loads the model as vLLM's default loader does, then
+  `probe_rl` by the plugin in pipeline/transport/vllm_weights.py). It loads the model as vLLM's default loader does, then
   puts a forward hook on each probed decoder block. Loading precedes vLLM's profiling run, torch.compile and
   CUDA-graph capture, so the hook is traced into compiled graphs and captured in CUDA graphs (a hook added
   after compilation is silently skipped on compiled paths).
@@ -14,7 +14,7 @@ a hidden vector leaving the worker:
   scores into a buffer allocated once for the most tokens a step can hold. Probe weights live in tensors that
   are overwritten in place (`copy_`) when probes are refit, so compiled graphs and captured CUDA graphs keep
   reading the right memory.
-- **Real rows only.** After each model step the worker extension (pipeline/vllm_worker.py) records which
+- **Real rows only.** After each model step the worker extension (pipeline/transport/vllm_worker.py) records which
   request and position each real row was (the model runner's own batch layout and positions) and clones the
   real rows of the buffer on the device, in stream order, with no host sync; padded rows of a CUDA-graph
   batch are never read. `take` moves everything to the host once, when the generator collects a call's scores.
@@ -23,7 +23,7 @@ Positions: a completion of T tokens is sampled from the states at positions P-1 
 its last token is never fed back, so its activation is never computed while sampling. A probe read on the
 generator therefore scores completion tokens 0 .. T-2 (each at its own position, P .. P+T-2, as the scorers
 read them): T-1 scores per completion, aggregated over those. The comparison with a frozen-copy reading of the
-same probe uses the same T-1 positions (`pipeline/rewarder.py`).
+same probe uses the same T-1 positions (`pipeline/loop/rewarder.py`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out
             log: Callable[[str], None] = print, live: bool = False, in_flight: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
-    from pipeline.run_dir import restart_run_dir
+    from pipeline.loop.run_dir import restart_run_dir
 
     base = load_config(config, overrides)
     arms = arms_of(base, kl, live, in_flight)
@@ -94,8 +94,8 @@ class _Session:
     """The worlds and the one Ray instance the profile's runs share (started only when a run is left to do)."""
 
     def __init__(self, arms: dict[str, Config], log) -> None:
-        from pipeline.driver import init_ray
-        from pipeline.world import build_world
+        from pipeline.loop.driver import init_ray
+        from pipeline.worlds.world import build_world
 
         # one world per kind of arm (plain, probes, live, gen): they differ in where the probes are read
         self.worlds = {}
@@ -106,7 +106,7 @@ class _Session:
         init_ray(max(arms.values(), key=lambda c: c.reserved_cpus()))
 
     def run(self, name: str, cfg: Config, run_dir: Path) -> None:
-        from pipeline.driver import run
+        from pipeline.loop.driver import run
 
         run(cfg, run_dir, self.worlds[name.split("-")[0]], log=lambda *_: None)
 
@@ -119,7 +119,7 @@ class _Session:
 def _complete(run_dir: Path, cfg: Config, log) -> bool:
     """Whether `run_dir` holds a finished run of `cfg`. A run of another config is refused: its figures would be
     mixed into this profile's."""
-    from pipeline.run_dir import finished
+    from pipeline.loop.run_dir import finished
 
     saved = run_dir / "config.toml"
     if not (run_dir / "metrics.parquet").is_file():
@@ -200,7 +200,7 @@ def truncated_share(results: dict[str, list[dict]]) -> float | None:
 
 
 def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> Path:
-    from pipeline.cost import Arch, Workload, step_cost
+    from pipeline.analysis.cost import Arch, Workload, step_cost
 
     lines = ["# probe-rl profile: probes against plain RLHF", "",
              f"{base.pipeline.prompts_per_step} prompts x {base.pipeline.group_size} completions per step, "
@@ -239,7 +239,7 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
                 t.hidden_size // 64, 64) if base.model.path == "toy" else None
     if arch is not None:
         completion = int(np.mean([r["completion_len"] for reps in results.values() for r in reps])) or 1
-        lines += ["", f"## Cost model check (pipeline/cost.py on the {arch.name} architecture)", "",
+        lines += ["", f"## Cost model check (pipeline/analysis/cost.py on the {arch.name} architecture)", "",
                   "| case | predicted probe overhead (FLOPs) | measured step-time ratio − 1 |", "|---|---|---|"]
         for tag, kl in (("kl", True), ("nokl", False)):
             o = overhead(results, tag)
@@ -270,7 +270,7 @@ def _live_section(results: dict[str, list[dict]]) -> list[str]:
         lines += ["", "## Reading the probes live", "",
                   "*probes*: on the frozen scorer copy; *live*: on a live scorer copy that takes every weight version "
                   "(a second pass); *gen*: inside the generators' own sampling pass (no extra pass, "
-                  "pipeline/vllm_probes.py). Ratios to plain, per repeat pair: median (min-max).", "",
+                  "pipeline/transport/vllm_probes.py). Ratios to plain, per repeat pair: median (min-max).", "",
                   "| arm | generator busy s / plain | scorer busy s / plain | busy total / plain | wall / plain |",
                   "|---|---|---|---|---|"]
         for arm, tag in live_rows:

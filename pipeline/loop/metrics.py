@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from actors.generator import GenerateStats
     from actors.scorer import ScoreStats
     from learner.learner import TrainStats
-    from pipeline.fleet import Fleet
-    from pipeline.loggers import Loggers
+    from pipeline.loop.fleet import Fleet
+    from pipeline.loop.loggers import Loggers
 
 
 class StageTimer:
@@ -45,7 +45,7 @@ class ParquetSink:
     """
 
     def __init__(self, path: Path, loggers: Loggers | None = None) -> None:
-        """An existing file's rows (a resumed run's) are kept and appended to. `loggers` (pipeline.loggers.Loggers:
+        """An existing file's rows (a resumed run's) are kept and appended to. `loggers` (pipeline.loop.loggers.Loggers:
         TensorBoard, W&B) get every row once, under this file's name as their stream: rows of a resumed run that
         a killed process never got to them are sent first, and a step recomputed after a restart is not sent
         again (they cannot take a value back, and an exact restart recomputes the same one)."""

@@ -4,7 +4,7 @@ Two transports carry every weight version (config `weights.transport`):
 
 - **collective**: learner rank 0 broadcasts the weights bucket by bucket to every receiver in one process
   group. On GPUs that is vLLM's own `nccl` engine pair; on CPU it is the gloo engine pair of
-  `pipeline/vllm_weights.py`, which speaks the same protocol (`init_weight_transfer_engine`,
+  `pipeline/transport/vllm_weights.py`, which speaks the same protocol (`init_weight_transfer_engine`,
   `start_weight_update`, `update_weights`, `finish_weight_update`). Nothing passes through the driver or
   the object store, and no rank holds more than one bucket plus one gathered layer group at a time.
 - **object_store**: learner rank 0 gathers the whole state dict to host memory, the driver puts it in

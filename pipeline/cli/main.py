@@ -138,7 +138,7 @@ def _add_analysis_parsers(sub) -> None:
     co = sub.add_parser("cost", help="FLOPs/memory per step and the probes' overhead, toy to 405B",
                         description="Estimate FLOPs and memory of one RL step per stage (generate, reference, learn, "
                         "probes) for Llama-style models, and the overhead probe shaping adds over plain RLHF, with "
-                        "and without a KL term. See pipeline/cost.py for the model and its assumptions.")
+                        "and without a KL term. See pipeline/analysis/cost.py for the model and its assumptions.")
     co.add_argument("--model", nargs="+", default=["toy", "0.5b", "7b", "70b", "405b"], help="presets to tabulate")
     co.add_argument("--prompts", type=int, default=64)
     co.add_argument("--group", type=int, default=8)
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, resume: str | None = None) -> int:
     from pathlib import Path
 
-    from pipeline.driver import prepare, run
-    from pipeline.run_dir import latest_checkpoint
-    from pipeline.world import build_world
+    from pipeline.loop.driver import prepare, run
+    from pipeline.loop.run_dir import latest_checkpoint
+    from pipeline.worlds.world import build_world
 
     try:
         if resume is None:
@@ -239,7 +239,7 @@ def _run(cfg: Config, resume: str | None = None) -> int:
 
 
 def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
-    from pipeline.experiment import load_experiment
+    from pipeline.analysis.experiment import load_experiment
 
     try:
         exp, runs = load_experiment(args.file, args.arms, args.seeds, rest)
@@ -250,7 +250,7 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
         for arm, seed in runs:
             print(f"{arm} seed {seed}")
         return 0
-    from pipeline.experiment import run_experiment
+    from pipeline.analysis.experiment import run_experiment
 
     try:
         run_experiment(args.file, runs, args.out, vary_world=exp.vary_world)
@@ -278,7 +278,7 @@ def _job_errors(fn):
     def wrapped(args, *rest):
         from ray.exceptions import AuthenticationError
 
-        from pipeline.jobs import address_of
+        from pipeline.cli.jobs import address_of
 
         try:
             return fn(args, *rest)
@@ -335,7 +335,7 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
     except ConfigError as e:
         print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2
-    from pipeline.profile import profile
+    from pipeline.analysis.profile import profile
 
     try:
         profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live, in_flight=args.in_flight)
@@ -346,7 +346,7 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cost(args: argparse.Namespace) -> int:
-    from pipeline.cost import PRESETS, Workload, format_table, step_cost
+    from pipeline.analysis.cost import PRESETS, Workload, format_table, step_cost
 
     unknown = [m for m in args.model if m not in PRESETS]
     if unknown:
@@ -367,7 +367,7 @@ def _cost(args: argparse.Namespace) -> int:
         print(f"\n{'With' if kl else 'Without'} a KL term ({args.prompts} prompts x {args.group} completions, "
               f"{args.prompt_len}+{args.completion_len} tokens, {args.num_probes} probe(s)):\n")
         print(format_table(costs))
-    from pipeline.cost import Utilisation, format_live_table
+    from pipeline.analysis.cost import Utilisation, format_live_table
 
     print("\nReading the probes on the live policy (KL on): a live scorer copy runs the policy again up to the "
           "deepest probe and takes every weight version; a generator read adds only the probes' dot products to "
@@ -377,14 +377,14 @@ def _cost(args: argparse.Namespace) -> int:
     u = Utilisation()
     print(f"\nEstimated time uses per-stage utilisation (decode {u.decode:.0%}, prefill {u.prefill:.0%}, score "
           f"{u.score:.0%}, learn {u.learn:.0%} of peak; score and learn measured at 7B on an H200, see "
-          "pipeline/cost.py); FLOPs are exact for the architecture.")
+          "pipeline/analysis/cost.py); FLOPs are exact for the architecture.")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.report import write_report
+    from pipeline.analysis.report import write_report
 
     root = Path(args.dir)
     runs = []

@@ -1,7 +1,7 @@
 """Ray job submission: `probe-rl submit|status|logs|stop`.
 
 `submit` validates the config here first (a bad key fails before anything is uploaded), then submits
-`python -m pipeline.cli run` as a Ray job whose working directory is this project, with the resolved
+`python -m pipeline.cli.main run` as a Ray job whose working directory is this project, with the resolved
 config passed in the job's environment, so the cluster runs exactly what was validated. Clusters with
 Ray token authentication need the token on this side too: `export RAY_AUTH_TOKEN=...` (or
 `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`).
@@ -37,7 +37,7 @@ def client(address: str | None) -> JobSubmissionClient:
 def submit(cfg: Config, address: str | None, python: str = "python", job_id: str | None = None,
            agent_wait_s: float = 120.0) -> str:
     """Submit a run; returns the job id."""
-    entrypoint = f"{shlex.quote(python)} -m pipeline.cli run --config-env {CONFIG_ENV}"
+    entrypoint = f"{shlex.quote(python)} -m pipeline.cli.main run --config-env {CONFIG_ENV}"
     runtime_env = {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
                    "env_vars": {CONFIG_ENV: dump_toml(cfg), "PYTHONUNBUFFERED": "1"}}
     c = client(address)

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-EXTENSION = "pipeline.vllm_worker.ProbeRLWorkerExtension"
+EXTENSION = "pipeline.transport.vllm_worker.ProbeRLWorkerExtension"
 
 
 class ProbeRLWorkerExtension:
-    # --- probes read in the sampling pass (pipeline/vllm_probes.py) -------------------------------------------
+    # --- probes read in the sampling pass (pipeline/transport/vllm_probes.py) -------------------------------------------
 
     def probe_rl_reads_start(self, weights: list[list[float]], biases: list[float]) -> int:
         """Set the generator-read probes' weights and start recording each model step's scores; returns how many
         probes this worker reads. The hooks were installed by the `probe_rl` model loader, before compilation."""
-        from pipeline.vllm_probes import StepLog
+        from pipeline.transport.vllm_probes import StepLog
 
         reads = getattr(self.model_runner.get_model(), "probe_rl_reads", None)
         if reads is None:

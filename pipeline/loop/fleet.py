@@ -1,6 +1,6 @@
 """The fleet: every running role, and everything that keeps it alive.
 
-`pipeline/driver.py` runs the training loop; this module owns the actors it talks to. It starts the roles
+`pipeline/loop/driver.py` runs the training loop; this module owns the actors it talks to. It starts the roles
 (each in its placement group), brings up a worker (start, wait until ready, give it any refit probes and
 the current weights) for a replacement, a scale-up and a learner restart alike, replaces dead workers,
 restarts every learner rank from a checkpoint when one is lost, scales scorers by backlog, and pushes
@@ -9,7 +9,7 @@ each new weight version to every receiver (generators, and scorers in live mode)
 With the collective transport the receivers and learner rank 0 form one transfer group. A group cannot
 admit a member, so when the receivers change (a replacement, a scale-up) the fleet builds a new group
 and sends the current version to all of it; a sync that fails because a receiver died or went silent is
-repaired the same way. Every wait has a timeout and names the role (pipeline/remote.py).
+repaired the same way. Every wait has a timeout and names the role (pipeline/loop/remote.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, weight_backend
-from pipeline.world import World
+from pipeline.worlds.world import World
 
 if TYPE_CHECKING:
     from actors.generator import GenerateStats
@@ -84,7 +84,7 @@ class Fleet:
     @classmethod
     def start(cls, cfg: Config, world: World, log: Callable[[str], None] = print) -> Fleet:
         """Reserve every role's placement group (failing fast, naming the role), start all roles, wait."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         fleet = cls(cfg, world, log)
         g, s, lc = cfg.generator, cfg.scorer, cfg.learner
@@ -112,7 +112,7 @@ class Fleet:
         pipeline.max_restarts times."""
         import ray
 
-        from pipeline.remote import RoleTimeout, wait
+        from pipeline.loop.remote import RoleTimeout, wait
 
         for attempt in range(self.cfg.pipeline.max_restarts + 1):
             refs = [a.ready.remote() for a in actors]
@@ -136,7 +136,7 @@ class Fleet:
                 actors[i] = make(i)
 
     def reserve(self) -> None:
-        from pipeline.remote import Resources, check_fits, release, reserve
+        from pipeline.loop.remote import Resources, check_fits, release, reserve
 
         roles = self.cfg.roles()
         check_fits([(role, n, Resources.of(rc)) for role, n, rc in roles])  # fail fast, naming the role
@@ -148,7 +148,7 @@ class Fleet:
             raise
 
     def _make(self, cls: type, role: str, rc, index: int | None, kwargs: dict):
-        from pipeline.remote import make_actor
+        from pipeline.loop.remote import make_actor
 
         group = self.groups.get(role)
         placement = (group, index) if group is not None and index is not None and index < group.count else None
@@ -206,7 +206,7 @@ class Fleet:
     # --- weights -----------------------------------------------------------------------------------------
 
     def receivers(self) -> list[Any]:
-        from pipeline.remote import WEIGHTS, Receiver
+        from pipeline.loop.remote import WEIGHTS, Receiver
 
         # generators taking weights mid-generation get them in a concurrency group of their own
         group = WEIGHTS if self.cfg.generator.update_mode == "in_flight" else None
@@ -239,7 +239,7 @@ class Fleet:
 
     def settle_loads(self) -> None:
         """Object store: wait for the queued loads (a dead receiver's replacement gets the weights anyway)."""
-        from pipeline.remote import PeerDied, wait_each
+        from pipeline.loop.remote import PeerDied, wait_each
 
         refs, self.pending_loads = self.pending_loads, []
         for ref in refs:
@@ -249,7 +249,7 @@ class Fleet:
                 pass
 
     def _send(self, version: int) -> None:
-        from pipeline.remote import PeerDied, PeerFailed, RoleTimeout, wait_each
+        from pipeline.loop.remote import PeerDied, PeerFailed, RoleTimeout, wait_each
 
         for attempt in range(self.cfg.pipeline.max_restarts + 1):
             try:
@@ -271,7 +271,7 @@ class Fleet:
 
     def _ensure_transfer_group(self, version: int) -> None:
         """Build a new transfer group when the receivers changed since the last one."""
-        from pipeline.remote import ReceiverClient, wait_each
+        from pipeline.loop.remote import ReceiverClient, wait_each
 
         receivers = self.receivers()
         members = tuple(r.actor for r in receivers)
@@ -291,7 +291,7 @@ class Fleet:
     def catch_up(self, force: bool = False) -> None:
         """Give every receiver the learner's current weights before any of them gets more work (new receivers
         since the last sync; with `force`, all of them, as after a learner restart)."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         if self.version == 0 and not force:
             return  # they loaded the initial weights themselves
@@ -307,7 +307,7 @@ class Fleet:
     def restart_learners(self, checkpoint: Path | None) -> int:
         """Stop every learner rank, start them again in their bundles (Ray re-places the bundles of a lost
         node), load `checkpoint` (None: the initial weights) and give every receiver its weights."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         for actor in self.learners:
             self.stop(actor)
@@ -324,7 +324,7 @@ class Fleet:
         """Wait for a call on every rank; a dead or silent rank becomes LearnerLost."""
         import ray
 
-        from pipeline.remote import RoleTimeout, wait
+        from pipeline.loop.remote import RoleTimeout, wait
 
         try:
             return wait(refs, f"learner ({what})", self.timeout)
@@ -339,7 +339,7 @@ class Fleet:
         The ping has a thread of its own in every actor, so a worker busy with a long call is not taken for dead."""
         import ray
 
-        from pipeline.remote import ping
+        from pipeline.loop.remote import ping
 
         refs = [ping(a) for a in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.pipeline.health_timeout_s)
@@ -363,7 +363,7 @@ class Fleet:
 
         import ray
 
-        from pipeline.remote import end_processes, ping
+        from pipeline.loop.remote import end_processes, ping
 
         ray.kill(actor, no_restart=True)
         bound = self.cfg.pipeline.health_timeout_s
@@ -386,7 +386,7 @@ class Fleet:
 
     def remember_processes(self, actor: Any) -> None:
         """Note a started generator's processes (see `stop`)."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         self.processes[actor._actor_id.hex()] = wait(actor.processes.remote(), "generator (its processes)",
                                                      self.timeout)
@@ -414,7 +414,7 @@ class Fleet:
     def bring_up(self, kind: str, make: Callable[[int], Any], index: int) -> Any:
         """Start worker `index` of `kind`, wait until it is ready, hand it any refit probes. (Its weights come
         after: `catch_up` gives every new receiver the current version at once.)"""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         actor = make(index)
         wait(actor.ready.remote(), f"{kind} {index} (start-up)", self.timeout)
@@ -425,7 +425,7 @@ class Fleet:
 
     def admit(self, kind: str, index: int, actor: Any) -> None:
         """What a started worker needs before it gets work: the probes refit during the run."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
 
         if kind in ("scorer", "generator"):
             reads = self.reads(kind)
@@ -434,7 +434,7 @@ class Fleet:
 
     def _set_probe(self, actor, kind: str):
         """An actor's `set_probe`; a generator taking weights mid-generation takes probes the same way."""
-        from pipeline.remote import WEIGHTS
+        from pipeline.loop.remote import WEIGHTS
 
         if kind == "generator" and self.cfg.generator.update_mode == "in_flight":
             return actor.set_probe.options(concurrency_group=WEIGHTS)
@@ -456,7 +456,7 @@ class Fleet:
         "bias"}: refit during the run; generators copy them in place into vLLM's compiled forward), and the world's
         own probe for a name refit before but not in `overrides` (after a restart to a
         checkpoint taken before that refit)."""
-        from pipeline.remote import wait
+        from pipeline.loop.remote import wait
         from probes.probe import load_probe
 
         send = dict(overrides)
@@ -483,7 +483,7 @@ class Fleet:
         """Stop every actor and free the placement groups (for a caller's Ray instance that outlives the run)."""
         import ray
 
-        from pipeline.remote import release
+        from pipeline.loop.remote import release
 
         for actor in self.generators + self.scorers + self.learners + [self.evaluator]:
             if actor is not None:
@@ -493,7 +493,7 @@ class Fleet:
 
 def setup_learners(learners: list[Any], timeout_s: float) -> None:
     """The ranks meet at rank 0's node: ask rank 0 for its address and a free port there, then set up all."""
-    from pipeline.remote import wait
+    from pipeline.loop.remote import wait
 
     address, port = wait(learners[0].address.remote(), "learner rank 0 (address)", timeout_s)
     wait([a.setup.remote(address, port) for a in learners], "learner (start-up)", timeout_s)

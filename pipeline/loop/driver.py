@@ -6,8 +6,8 @@ step, push the new weights to every generator, log a metrics row. Generation for
 the generator actors while the learner trains, so the two overlap; the version every rollout came
 from is tracked and the staleness of each batch is checked. The actors themselves, and everything that
 keeps them alive (start, replace, scale, push weights, restart the learner), belong to
-`pipeline/fleet.py`; evaluation points and the probe refit to `pipeline/evaluation.py`; the metrics row and
-the summary to `pipeline/metrics.py`; run folders and resuming to `pipeline/run_dir.py`.
+`pipeline/loop/fleet.py`; evaluation points and the probe refit to `pipeline/loop/evaluation.py`; the metrics row and
+the summary to `pipeline/loop/metrics.py`; run folders and resuming to `pipeline/loop/run_dir.py`.
 
 Checkpoint v is taken in step v+1, after that step's rollouts are in and before the learner trains on
 them, together with every rollout already launched (`checkpoints/step_v.inflight.parquet`): those came
@@ -32,17 +32,17 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, dump_toml
-from pipeline.evaluation import ProbeRetrainer, greedy_accuracy, probe_eval
-from pipeline.loggers import Loggers
-from pipeline.metrics import ParquetSink, StageTimer, log_step, step_metrics, summarize, sync_metrics
-from pipeline.rewarder import Rewarder
-from pipeline.run_dir import make_run_dir, previous_samples, write_samples
-from pipeline.world import World, build_world
+from pipeline.loop.evaluation import ProbeRetrainer, greedy_accuracy, probe_eval
+from pipeline.loop.loggers import Loggers
+from pipeline.loop.metrics import ParquetSink, StageTimer, log_step, step_metrics, summarize, sync_metrics
+from pipeline.loop.rewarder import Rewarder
+from pipeline.loop.run_dir import make_run_dir, previous_samples, write_samples
+from pipeline.worlds.world import World, build_world
 
 if TYPE_CHECKING:
     from actors.generator import GenerateStats
     from actors.scorer import ScoreStats
-    from pipeline.fleet import Fleet
+    from pipeline.loop.fleet import Fleet
 
 
 @dataclass
@@ -86,7 +86,7 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
     """
     import ray
 
-    from pipeline.fleet import Fleet
+    from pipeline.loop.fleet import Fleet
 
     owns_ray = not ray.is_initialized()  # a caller (a test, a notebook) may hold a Ray instance already
     if owns_ray:
@@ -162,7 +162,7 @@ def collect(cfg: Config, fleet: Fleet, flight: InFlight, log: Callable[[str], No
     """
     import ray
 
-    from pipeline.remote import Frozen, RoleTimeout, wait, wait_watched
+    from pipeline.loop.remote import Frozen, RoleTimeout, wait, wait_watched
 
     if flight.ready is not None:
         return (*flight.ready, 0)
@@ -213,7 +213,7 @@ def _ok(ref: Any, timeout_s: float) -> bool:
     """The ref holds a value (waits for it if it is still being computed); False if it died with its worker."""
     import ray
 
-    from pipeline.remote import wait
+    from pipeline.loop.remote import wait
 
     try:
         wait(ref, "generator/scorer (redo check)", timeout_s)
@@ -231,7 +231,7 @@ def train_loop(cfg: Config, world: World, fleet: Fleet, run_dir: Path, log: Call
 
 
 def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Path | None, loop: LoopState) -> dict:
-    from pipeline.fleet import LearnerLost, ScorerScaler
+    from pipeline.loop.fleet import LearnerLost, ScorerScaler
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
@@ -336,7 +336,7 @@ class LoopState:
     def checkpoint(self, fleet: Fleet, flights: list[InFlight], scored: pa.Table | None, log: Callable[[str], None] = print) -> str:
         """Checkpoint the learner's version with every flight launched so far (their rollouts written first, the
         learner's state file last), evaluate it when an evaluation is due, prune old checkpoints."""
-        from pipeline.checkpoints import prune, write_inflight, write_refit
+        from pipeline.loop.checkpoints import prune, write_inflight, write_refit
 
         cfg = self.cfg
         for flight in flights:
@@ -358,7 +358,7 @@ class LoopState:
         its weights, the rollouts launched before it return to the queue, the probes refit by then (and the
         rollouts the next refit uses) come back, and metric and sample rows after it are dropped (they are
         recomputed)."""
-        from pipeline.checkpoints import read_inflight, read_refit
+        from pipeline.loop.checkpoints import read_inflight, read_refit
 
         self.learner_restarts += 1
         self.restarts_in_a_row += 1

@@ -1,4 +1,4 @@
-"""Handlers of `probe-rl probe train|eval|toy-data` (argument parsing lives in pipeline/cli.py)."""
+"""Handlers of `probe-rl probe train|eval|toy-data` (argument parsing lives in pipeline/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ def _load_model(spec: str, config: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import load_config
-    from pipeline.world import resolve_model_path
+    from pipeline.worlds.world import resolve_model_path
 
     if spec == "toy":
-        from pipeline.toy import ensure_toy_world
+        from pipeline.worlds.toy import ensure_toy_world
 
         path = str(ensure_toy_world(load_config(config).toy).model_dir)
     else:
@@ -30,7 +30,7 @@ def _print_metrics(name: str, layer: int, m: dict) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from pipeline.tasks import load_labelled
+    from pipeline.worlds.tasks import load_labelled
     from probes.toolkit import train_probes
 
     data = load_labelled(args.data)
@@ -53,7 +53,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from pipeline.tasks import load_labelled
+    from pipeline.worlds.tasks import load_labelled
     from probes.probe import load_probe
     from probes.toolkit import evaluate_probes
 
@@ -75,7 +75,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def toy_data(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.toy import toy_labelled
+    from pipeline.worlds.toy import toy_labelled
     from probes.toolkit import save_labelled
 
     cfg = load_config(args.config).toy

@@ -386,7 +386,7 @@ def _methods_section(table: list[dict]) -> list[str]:
         lines += ["", "**Positive control.** " + (
             "`probe_loss` shows obfuscated activations: " if seen else
             "`probe_loss` does not show obfuscated activations by the rule (see `obfuscation` in "
-            "pipeline/report.py): ") + numbers + (
+            "pipeline/analysis/report.py): ") + numbers + (
             f"; plain RL's hack rate ends at {_fmt(plain['hack_end'])}." if plain else ".")
             + " Kind: " + shift_or_scramble(by_arm["probe_loss"]) + "."]
     return lines

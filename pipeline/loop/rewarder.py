@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batching import finite_rows
 from pipeline.config import Config
-from pipeline.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
-from pipeline.shaping import evasion_rate, group_advantages, shape_rewards
-from pipeline.tasks import GROUND_TRUTH
-from pipeline.world import World
+from pipeline.data.batching import finite_rows
+from pipeline.data.schema import REWARD_FIELDS, check_schema, scored_schema, train_schema
+from pipeline.data.shaping import evasion_rate, group_advantages, shape_rewards
+from pipeline.worlds.tasks import GROUND_TRUTH
+from pipeline.worlds.world import World
 
 
 class Rewarder:
