@@ -121,3 +121,15 @@ def test_run_help_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     for name in commands:
         assert f"probe-rl {name}" in out or f"|{name}" in out or f"{name}|" in out, name
+
+
+def test_every_shipped_run_config_loads():
+    """Every run config in configs/ (experiment files are checked in test_probe_reads_config.py) is valid."""
+    root = Path(__file__).resolve().parents[2] / "configs"
+    runs = [p for p in sorted(root.glob("*.toml")) if not p.name.startswith("experiment")]
+    assert {"toy.toml", "toy_hack.toml", "mid.toml", "mid_hack.toml", "gpu.toml"} <= {p.name for p in runs}
+    for path in runs:
+        cfg = load_config(path)
+        assert cfg.pipeline.num_steps > 0, path.name
+    mid = load_config(root / "mid_hack.toml")
+    assert mid.task.reward_fn.endswith("worked_reward_loophole") and mid.toy.completions == "worked"
