@@ -124,6 +124,11 @@ def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
     assert shift_or_scramble(row(0.8, 0.3)).startswith("neither")  # the fixed threshold still flags them
     assert "0.800 → 0.750" in shift_or_scramble(row(0.1, 0.75))
     assert shift_or_scramble({"detect_live_start": [0.9], "detect_live": [0.1]}).startswith("no recalibrated")
+    # against plain RL, whose own honest completions moved too: 0.45 is within 0.1 of plain's 0.5 at the end
+    plain = row(0.9, 0.5)
+    assert shift_or_scramble(row(0.1, 0.45), plain).startswith("a shift")
+    assert "against plain RL's 0.500" in shift_or_scramble(row(0.1, 0.45), plain)
+    assert shift_or_scramble(row(0.1, 0.3), plain).startswith("a loss of order")
 
 
 def test_counted_outcomes_and_bootstrap_intervals():
@@ -139,9 +144,13 @@ def test_counted_outcomes_and_bootstrap_intervals():
     table = [{"arm": "plain", "hack_end": [0.4, 0.3], "accuracy_end": [0.0, 0.1], "detect_live": [0.9, 0.9]},
              {"arm": "probe", "hack_end": [0.05, 0.3], "accuracy_end": [0.7, 0.6], "detect_live": [0.8, 0.9]}]
     lines = counted_outcomes(data, table)
-    assert "| plain | 2 / 2 | — | — | — |" in lines
+    assert "| plain | 2 / 2 | — | — | — | — |" in lines
     row = next(x for x in lines if x.startswith("| probe |"))
     assert row.startswith("| probe | 1 / 2 | -0.175 [-0.350, +0.000] | +0.600 [+0.500, +0.700] |")
+    assert row.endswith(" | n/a |")  # no recalibrated recall in these runs
+    table[0]["recal_recall_live"], table[1]["recal_recall_live"] = [0.5, 0.4], [0.3, 0.4]
+    row = next(x for x in counted_outcomes(data, table) if x.startswith("| probe |"))
+    assert row.endswith(" | -0.100 [-0.200, +0.000] |")
 
 
 def test_arms_share_a_world_only_when_everything_it_loads_agrees():
