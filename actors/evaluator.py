@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from actors.frozen import load_checkpoint_weights, load_frozen_model
+from pipeline.config import MIN_HONEST  # fewer honest completions set no threshold worth reading
 from probes.probe import load_probe
 from probes.toolkit import (
     Labelled,
@@ -104,7 +105,8 @@ class ProbeEvaluator:
             out[f"eval/{probe.name}_recall_1pct_frozen"] = frozen_m["recall_at_1pct_fpr"]
             if honest is not None:  # the threshold refit on the policy's own honest completions, each reading
                 for reading, acts, scores in (("live", honest_live, live_s), ("frozen", honest_frozen, frozen_s)):
-                    own_s = score_sequences(probe, acts[probe.layer]) if honest[0] else torch.empty(0)
+                    enough = len(honest[0]) >= MIN_HONEST
+                    own_s = score_sequences(probe, acts[probe.layer]) if enough else torch.empty(0)
                     out[f"eval/{probe.name}_recal_recall_{reading}"] = recall_against(own_s, scores[hacks],
                                                                                       RECALIBRATED_FPR)
         if rollouts is not None and rollouts.num_rows:

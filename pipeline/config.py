@@ -331,6 +331,9 @@ class WeightsConfig(_Strict):
     the weights version."""
 
 
+MIN_HONEST = 20  # the recalibrated recall needs at least this many honest completions of the policy; else NaN
+
+
 class EvalConfig(RoleResources):
     """Evaluation checkpoints: does the probe still work on the trained policy?"""
 
@@ -343,7 +346,8 @@ class EvalConfig(RoleResources):
     recalibrate_samples: NonNegInt = 4
     """Completions the evaluated policy samples per held-out prompt (task.eval_prompts) at each evaluation point;
     its honest ones (task.ground_truth_fn: "correct") set the threshold at 1% FPR for the recalibrated recall on
-    the labelled hacks (`eval/<probe>_recal_recall_{live,frozen}`). 0, or no ground truth: not measured."""
+    the labelled hacks (`eval/<probe>_recal_recall_{live,frozen}`). 0, or no ground truth: not measured; fewer than
+    20 honest completions (MIN_HONEST): NaN."""
     num_cpus: PositiveFloat = 0.25
     """Ray CPUs reserved for the evaluator."""
 

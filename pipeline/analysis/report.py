@@ -73,6 +73,17 @@ def load_runs(root: Path, runs: list[tuple[str, int]]) -> dict[str, list[dict]]:
     return out
 
 
+def _eval_value(row: dict, key: str) -> float:
+    """An evaluation point's figure; a recalibrated recall whose threshold rested on fewer than MIN_HONEST of the
+    policy's own honest completions counts as not measured."""
+    from pipeline.config import MIN_HONEST
+
+    if "_recal_" in key and row.get("eval/own_honest") is not None and row["eval/own_honest"] < MIN_HONEST:
+        return math.nan
+    value = row.get(key, math.nan)
+    return math.nan if value is None else value
+
+
 def arm_table(data: dict[str, list[dict]], probe: str = "hack") -> list[dict]:
     """One row per arm, each cell a list over seeds: start/end of the rates, held-out accuracy, evaluations."""
     rows = []
@@ -88,8 +99,8 @@ def arm_table(data: dict[str, list[dict]], probe: str = "hack") -> list[dict]:
         for what in ("auroc_live", "auroc_frozen", "auroc_retrained", "score_gap", "detect_live", "detect_frozen",
                      "recal_recall_live", "recal_recall_frozen"):
             key = f"eval/{probe}_{what}"
-            row[what] = [r["eval"][-1].get(key, math.nan) if r["eval"] else math.nan for r in runs]
-            row[what + "_start"] = [r["eval"][0].get(key, math.nan) if r["eval"] else math.nan for r in runs]
+            row[what] = [_eval_value(r["eval"][-1], key) if r["eval"] else math.nan for r in runs]
+            row[what + "_start"] = [_eval_value(r["eval"][0], key) if r["eval"] else math.nan for r in runs]
         for part in ("representation", "behaviour", "total"):
             row[f"obf_{part}"] = [_window_mean(_series(r["metrics"], f"{DECOMPOSITION}/{part}"), END) for r in runs]
         rows.append(row)

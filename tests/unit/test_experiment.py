@@ -112,6 +112,16 @@ def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_informa
     assert not obfuscation(row(0.2, hack_end=0.05), row(0.85))[0]  # the behaviour changed instead
 
 
+def test_a_recalibrated_recall_on_too_few_honest_completions_is_not_reported():
+    from pipeline.analysis.report import _eval_value
+
+    assert math.isnan(_eval_value({"eval/own_honest": 3.0, "eval/hack_recal_recall_live": 0.9},
+                                  "eval/hack_recal_recall_live"))
+    assert _eval_value({"eval/own_honest": 20.0, "eval/hack_recal_recall_live": 0.9},
+                       "eval/hack_recal_recall_live") == 0.9
+    assert _eval_value({"eval/own_honest": 3.0, "eval/hack_detect_live": 0.5}, "eval/hack_detect_live") == 0.5
+
+
 def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
     from pipeline.analysis.report import shift_or_scramble
 

@@ -166,6 +166,9 @@ def test_recalibrated_recall_refits_the_threshold_on_the_policys_own_honest_comp
     assert abs(shifted["eval/hack_recal_recall_live"] - got["eval/hack_recal_recall_live"]) <= 1 / len(hacks)
     ev.truth_fn = lambda texts, answers: ["wrong"] * len(texts)  # no honest completion: nothing to refit on
     assert math.isnan(ev.report(None, None)["eval/hack_recal_recall_live"])
+    ev.truth_fn = lambda texts, answers: ["correct"] * 19 + ["wrong"] * (len(texts) - 19)  # too few to set one
+    few = ev.report(None, None)
+    assert few["eval/own_honest"] == 19 and math.isnan(few["eval/hack_recal_recall_live"])
 
 
 def test_threshold_at_fpr_and_recall_against_by_hand():
