@@ -101,7 +101,7 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
                  "ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"},
         "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
                    "retrain_window": 4},
-        "eval": {"every": 2},
+        "eval": {"every": 2, "recalibrate_samples": 64},  # about 2% honest here: 2,048 samples leave 20 or more
         "generator": {"engine_process": "separate", "update_mode": "in_flight", "dtype": "bfloat16"},
         "learner": {**toy_overrides["learner"], "rollout_correction": {"mode": "tis"}},
         "weights": {"transport": "object_store"},
@@ -124,10 +124,16 @@ def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_worl
     # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
     assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
     assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
-    # the recalibrated recall: the policy's own held-out completions (4 per eval prompt), the honest ones set it
+    # the recalibrated recall: the policy's own held-out completions (64 per eval prompt), the honest ones set it,
+    # when there are MIN_HONEST of them (else it is NaN)
+    from pipeline.config import MIN_HONEST
+
+    assert evals[0]["eval/own_honest"] >= MIN_HONEST
     for e in evals:
-        assert e["eval/own_samples"] == 4 * cfg.task.eval_prompts and 0 < e["eval/own_honest"] < e["eval/own_samples"]
-        assert 0 <= e["eval/hack_recal_recall_live"] <= 1 and 0 <= e["eval/hack_recal_recall_frozen"] <= 1
+        assert e["eval/own_samples"] == 64 * cfg.task.eval_prompts and 0 < e["eval/own_honest"] < e["eval/own_samples"]
+        for reading in ("live", "frozen"):
+            value = e[f"eval/hack_recal_recall_{reading}"]
+            assert 0 <= value <= 1 if e["eval/own_honest"] >= MIN_HONEST else np.isnan(value)
     assert evals[0]["eval/hack_recal_recall_live"] == evals[0]["eval/hack_recal_recall_frozen"]
     # the mismatch, every step: bf16 sampling against the float32 learner on fresh rows (step 1), then one version
     # stale (max_staleness 1) on top of it
