@@ -299,7 +299,7 @@ def _job_errors(fn):
 
 @_job_errors
 def _submit(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import jobs
+    from pipeline.cli import jobs
 
     job_id = jobs.submit(cfg, args.address, args.python, args.job_id)
     print(job_id)
@@ -313,7 +313,7 @@ def _submit(args: argparse.Namespace, cfg: Config) -> int:
 
 @_job_errors
 def _job(args: argparse.Namespace) -> int:
-    from pipeline import jobs
+    from pipeline.cli import jobs
 
     c = jobs.client(args.address)
     if args.command == "status":
@@ -397,7 +397,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from pipeline import probe_cli as cli
+    from pipeline.cli import probe_cli as cli
 
     handler = {"train": cli.train, "eval": cli.evaluate, "toy-data": cli.toy_data}[args.probe_command]
     try:
