@@ -84,8 +84,9 @@ class ProbeEvaluator:
         honest = self._own_honest() if self.own is not None else None
         if honest is not None:
             out["eval/own_samples"], out["eval/own_honest"] = float(honest[2]), float(len(honest[0]))
-            honest_live = self._acts_of(self.live, *honest[:2])
-            honest_frozen = self._acts_of(self.frozen, *honest[:2])
+            enough = len(honest[0]) >= MIN_HONEST  # else no pass over them: the recall is NaN
+            honest_live = self._acts_of(self.live, *honest[:2]) if enough else None
+            honest_frozen = self._acts_of(self.frozen, *honest[:2]) if enough else None
         for probe in self.probes:
             live_test = [live_acts[probe.layer][i] for i in self.test_rows]
             frozen_test = [self.frozen_acts[probe.layer][i] for i in self.test_rows]
@@ -105,7 +106,6 @@ class ProbeEvaluator:
             out[f"eval/{probe.name}_recall_1pct_frozen"] = frozen_m["recall_at_1pct_fpr"]
             if honest is not None:  # the threshold refit on the policy's own honest completions, each reading
                 for reading, acts, scores in (("live", honest_live, live_s), ("frozen", honest_frozen, frozen_s)):
-                    enough = len(honest[0]) >= MIN_HONEST
                     own_s = score_sequences(probe, acts[probe.layer]) if enough else torch.empty(0)
                     out[f"eval/{probe.name}_recal_recall_{reading}"] = recall_against(own_s, scores[hacks],
                                                                                       RECALIBRATED_FPR)
