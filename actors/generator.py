@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,29 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.num_cpus))))
 
 
+@contextmanager
+def _sampler_ops_eager(eager: bool) -> Iterator[None]:
+    """vLLM wraps a few small sampler ops in torch.compile even with enforce_eager (the rank of each sampled
+    token among the log-probs): the first sampling call with log-probs traces them, seconds of CPU at every
+    engine start (about 20 s on a busy 2-core machine) for ops that take microseconds eagerly. An eager CPU engine
+    runs them eagerly: TorchDynamo is off in this process and in the engine and worker processes started while
+    the engine is built (spawned ones read the environment, forked ones inherit the flag); a compiled engine
+    turns it back on for the processes it starts."""
+    import torch._dynamo
+
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    off = eager or before == "1"  # a user's TORCHDYNAMO_DISABLE=1 holds either way
+    torch._dynamo.config.disable = off
+    os.environ["TORCHDYNAMO_DISABLE"] = "1" if off else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 class Generator:
     def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
                  seed: int = 0, ablation: tuple[int, list[float]] | None = None,
@@ -104,17 +128,18 @@ class Generator:
             self.probes.append(probe)
         loader = _probe_loader(self.probes, model_path)
         extra = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu or bool(ablation)
         try:
-            self.llm = LLM(
-                model=model_path, dtype=dtype, seed=seed,
-                enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu or bool(ablation),
-                tensor_parallel_size=cfg.tensor_parallel_size,
-                distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
-                max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                enable_prefix_caching=cfg.enable_prefix_caching,
-                weight_transfer_config=WeightTransferConfig(backend=weight_backend),
-                worker_extension_cls=EXTENSION, **loader, **extra,
-            )
+            with _sampler_ops_eager(eager and not on_gpu):
+                self.llm = LLM(
+                    model=model_path, dtype=dtype, seed=seed, enforce_eager=eager,
+                    tensor_parallel_size=cfg.tensor_parallel_size,
+                    distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
+                    max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                    enable_prefix_caching=cfg.enable_prefix_caching,
+                    weight_transfer_config=WeightTransferConfig(backend=weight_backend),
+                    worker_extension_cls=EXTENSION, **loader, **extra,
+                )
         except ValueError as e:
             if "weight transfer backend" in str(e):
                 raise ValueError(f"{e}. vLLM's engine process loads probe-rl's backends from the vllm.general_plugins "

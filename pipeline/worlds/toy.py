@@ -93,11 +93,22 @@ def ensure_toy_world(cfg: ToyConfig, log: Callable[[str], None] = print) -> ToyW
     stems = {name: probe_dir / name for name in TOY_PROBES}
     done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
     if not done:
-        log(f"building the toy world in {root} (once; cached afterwards)")
-        build = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
-                               env={**os.environ, **BUILD_ENV})
-        if build.returncode != 0:
-            raise RuntimeError(f"the toy world build failed (exit code {build.returncode}); its output is above")
+        # Runs started at once on one cache (a profile's arms in other processes, test workers) build it once: the
+        # first takes the lock and builds, the others wait for it and find the world built.
+        import fcntl
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f"{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file()
+                                                                 for s in stems.values())
+            if not done:
+                log(f"building the toy world in {root} (once; cached afterwards)")
+                build = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
+                                       env={**os.environ, **BUILD_ENV})
+                if build.returncode != 0:
+                    raise RuntimeError(f"the toy world build failed (exit code {build.returncode}); its output is "
+                                       "above")
     info = json.loads((model_dir / "toy_info.json").read_text())
     return ToyWorld(model_dir, stems, info)
 

@@ -1,6 +1,6 @@
 """Several nodes on one machine (Ray's own `ray.cluster_utils.Cluster`: a raylet, resources and object store
-per node): learner ranks on different nodes, roles pinned to nodes by custom resources, a scorer that
-cannot be placed yet joining once a node offers room, and whole nodes removed mid-run."""
+per node): learner ranks on different nodes, roles pinned to nodes by custom resources, scorers that scale by
+backlog (one that cannot be placed yet joining once a node offers room), and whole nodes removed mid-run."""
 
 from __future__ import annotations
 
@@ -149,19 +149,29 @@ def _initial(model_path):
     return dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
 
 
-def test_a_scorer_that_cannot_be_placed_yet_joins_when_a_node_offers_room(toy_world, toy_overrides, cluster,
-                                                                          tmp_path):
-    """Scoring is slow, so scorers grow towards scorer.max_workers = 3; the cluster has room for two. The run
-    goes on while the third waits to be placed; once a node with room joins the cluster, so does the scorer."""
+def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and_shrink_when_idle(
+        toy_world, toy_overrides, cluster, tmp_path):
+    """Scorer scaling by backlog, on a cluster with room for two scorers. Scoring is made slow (1 s a call), so
+    scorers grow one at a time from scorer.num_workers = 1 towards scorer.max_workers = 3; the run goes on while a
+    starting scorer joins (steps finish meanwhile) and while the third waits to be placed; once a node with room
+    joins the cluster, so does the third scorer (not before). Then scoring turns fast again and the scorers
+    retire one at a time, each draining first, back to 1. Every step has all its rollouts.
+
+    Asserts what the local scaling test and the placement test each asserted: the growth 1 -> 2 -> 3 one at a
+    time, steps finishing while a scorer was joining, the log lines of a start, a join and a retirement, the
+    third scorer joining only after the node was added, the shrink back to the minimum, every step whole."""
     c, nodes, switch = cluster
     _, world = toy_world
+    steps = 40
     cfg = load_config(overrides=cluster_overrides(
-        toy_overrides, tmp_path, "unplaced", 28, scorer={"max_workers": 3, "scale_up_wait": 0.1},
+        toy_overrides, tmp_path, "scaling", steps,
+        scorer={"num_workers": 1, "max_workers": 3, "scale_up_wait": 0.1, "scale_down_steps": 2},
         learner={"num_ranks": 1, "zero_stage": 0, "placement": "PACK"}))
-    metrics = tmp_path / "unplaced" / "metrics.parquet"
+    metrics = tmp_path / "scaling" / "metrics.parquet"
+    log: list[str] = []
     switch.touch()
     try:
-        run = Background(cfg, world)
+        run = Background(cfg, world, log.append)
         run.start()
 
         def third_waited_three_steps():
@@ -171,13 +181,21 @@ def test_a_scorer_that_cannot_be_placed_yet_joins_when_a_node_offers_room(toy_wo
         assert run.is_alive(), "the run ended before the third scorer waited for room"
         added_at = len(rows_of(metrics))
         nodes["score_c"] = c.add_node(num_cpus=1, resources={"score": 1})
-        run.finish()
+        wait_for(lambda: any(r["scorer/workers"] == 3 for r in rows_of(metrics)) or not run.is_alive(),
+                 what="the third scorer to join")
     finally:
-        switch.unlink()
+        switch.unlink()  # scoring is fast again
+    run.finish()
     rows = rows_of(metrics)
     workers = [int(r["scorer/workers"]) for r in rows]
-    assert workers[-1] == 3 and workers.index(3) >= added_at  # it joined once there was room, not before
-    assert [r["rollout/rows"] for r in rows] == [32] * 28  # and no step waited for it
+    assert [r["rollout/rows"] for r in rows] == [32] * steps  # every step whole, and no step waited for a scorer
+    peak = workers.index(3)
+    assert workers[0] == 1 and workers[:peak] == sorted(workers[:peak]) and 2 in workers[:peak]  # one at a time
+    assert peak >= added_at  # the third joined once there was room, not before
+    assert any(r["scorer/joining"] == 1.0 for r in rows[:peak])  # steps finished while a scorer was starting
+    assert workers[-1] == 1 and min(workers[peak:]) == 1  # back to the minimum once scoring was fast
+    assert any("starting scorer 1" in m for m in log) and any("scorer 2 joined" in m for m in log), log
+    assert any("retiring scorer 2 once it drains" in m for m in log), log
 
 
 def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):
