@@ -41,7 +41,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         for size in args.sizes:
             layers, hidden = (int(x) for x in size.split("x"))

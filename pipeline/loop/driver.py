@@ -119,9 +119,10 @@ def init_ray(cfg: Config) -> None:
     # A local instance with the CPUs the roles reserve (they share real cores; scorers up to scorer.max_workers)
     # and no dashboard. Ray 2.60 resolves a loopback node address to the machine's own and binds its servers to
     # every interface; its token authentication (on by default, token in ~/.ray/auth_token) keeps other hosts
-    # out (tests/integration/test_exposure.py).
-    ray.init(num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True, configure_logging=False,
-             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    # out (tests/integration/test_exposure.py). address="local": a new instance of its own, never a cluster that
+    # `ray start` (or Ray's test cluster) happened to leave registered on this machine.
+    ray.init(address="local", num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True,
+             configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def launch_step(cfg: Config, world: World, fleet: Fleet, step: int) -> InFlight:

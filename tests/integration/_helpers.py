@@ -87,31 +87,62 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens=8, model=None):
     return out
 
 
-def ray_worker_pids(actor_class: str) -> list[int]:
-    """PIDs of the live Ray worker processes that run an actor of this class: Ray titles them `ray::<Class>...`,
-    and their parent is a raylet (a child they forked may carry the same title). Zombies of finished runs are
-    left out: a container's first process may never reap them."""
+def _tree(root: int) -> list:
+    """`root` and every process below it (a run's driver: its Ray instance, actors and vLLM's processes). Tests
+    look for processes only there, so that runs of other tests on the machine (parallel workers) are never
+    touched."""
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def ray_worker_pids(actor_class: str, root: int | None = None) -> list[int]:
+    """PIDs of the live Ray worker processes under `root` (default: this process) that run an actor of this class:
+    Ray titles them `ray::<Class>...`, and their parent is a raylet (a child they forked may carry the same title).
+    Zombies of finished runs are left out: a container's first process may never reap them."""
     import psutil
 
     out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status", "ppid"]):
-        cmd = proc.info["cmdline"] or []
-        if not cmd or not cmd[0].startswith(f"ray::{actor_class}") or proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
+    for proc in _tree(root or os.getpid()):
         try:
-            if psutil.Process(proc.info["ppid"]).name() == "raylet":
-                out.append(proc.info["pid"])
+            cmd = proc.cmdline() or []
+            if not cmd or not cmd[0].startswith(f"ray::{actor_class}") or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.parent().name() == "raylet":
+                out.append(proc.pid)
+        except (psutil.NoSuchProcess, AttributeError):  # gone meanwhile (AttributeError: no parent left)
+            pass
+    return out
+
+
+def titled_pids(prefix: str, root: int | None = None) -> list[int]:
+    """PIDs of live processes under `root` (default: this process) whose title starts with `prefix` (vLLM titles
+    its workers "VLLM::Worker_TP1")."""
+    import psutil
+
+    out = []
+    for proc in _tree(root or os.getpid()):
+        try:
+            if (proc.cmdline() or [""])[0].startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
         except psutil.NoSuchProcess:
             pass
     return out
 
 
-def titled_pids(prefix: str) -> list[int]:
-    """PIDs of live processes whose title starts with `prefix` (vLLM titles its workers "VLLM::Worker_TP1")."""
+def runs_as(pid: int, title: str) -> bool:
+    """Whether process `pid` is alive (not a zombie) with a title starting with `title`."""
     import psutil
 
-    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline", "status"])
-            if (p.info["cmdline"] or [""])[0].startswith(prefix) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (proc.cmdline() or [""])[0].startswith(title)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def steps_done(metrics: Path) -> int:
@@ -123,12 +154,13 @@ def steps_done(metrics: Path) -> int:
 
 class Killer(threading.Thread):
     """Sends SIGKILL (or the signal a plan entry names, e.g. SIGSTOP), from outside, to each target once the run
-    has logged the given number of steps: an actor class's worker process (by name), a process id, or the first
-    of the pids a callable returns."""
+    has logged the given number of steps: an actor class's worker process under `root` (the run's driver), a
+    process id, or the first of the pids a callable returns."""
 
-    def __init__(self, metrics: Path, plan: list[tuple], deadline_s: float = 900) -> None:
+    def __init__(self, metrics: Path, plan: list[tuple], root: int, deadline_s: float = 900) -> None:
         super().__init__(daemon=True)
-        self.metrics, self.plan, self.deadline = metrics, list(plan), time.monotonic() + deadline_s
+        self.metrics, self.plan, self.root = metrics, list(plan), root
+        self.deadline = time.monotonic() + deadline_s
         self.killed: list[tuple[str | int, int, int]] = []  # (target, pid, steps logged when killed)
 
     def run(self) -> None:
@@ -138,7 +170,7 @@ class Killer(threading.Thread):
             done = steps_done(self.metrics)
             if done < at:  # (the process table is read only once the step is reached: it costs CPU the run needs)
                 continue
-            pids = (target() if callable(target) else ray_worker_pids(target) if isinstance(target, str)
+            pids = (target() if callable(target) else ray_worker_pids(target, self.root) if isinstance(target, str)
                     else [target])
             if pids:
                 os.kill(pids[0], sig[0] if sig else signal.SIGKILL)

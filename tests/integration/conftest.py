@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.config import load_config
@@ -9,7 +11,11 @@ from pipeline.config import load_config
 
 @pytest.fixture(scope="session")
 def toy_overrides(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("toy_cache")
+    # One toy world for the whole session: parallel test processes (pytest-xdist workers) share their session's
+    # folder, and the build takes a lock, so the first builds it and the others wait and load it.
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "toy_cache"
+    cache.mkdir(exist_ok=True)
     return {
         "toy": {"cache_dir": str(cache), "sft_steps": 150, "probe_samples": 512},
         "task": {"num_prompts": 256, "eval_prompts": 32},
@@ -62,7 +68,7 @@ def ray_local():
     # Logical CPUs: the roles of a run reserve 2, the weight-sync test 1.5; they share the real cores.
     from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()

@@ -15,7 +15,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ._helpers import ROOT, TIMEOUT, Killer, hf_greedy, ray_worker_pids, titled_pids, toy_args, train_batch
+from ._helpers import ROOT, TIMEOUT, Killer, hf_greedy, ray_worker_pids, runs_as, titled_pids, toy_args, train_batch
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +37,8 @@ def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replace
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
     killer = Killer(tmp_path / "live" / "metrics.parquet",
-                    [(0, "Scorer"), (1, "Scorer"), (2, lambda: titled_pids("VLLM::Worker_TP1")),
-                     (4, "Generator", signal.SIGSTOP)])
+                    [(0, "Scorer"), (1, "Scorer"), (2, lambda: titled_pids("VLLM::Worker_TP1", driver.pid)),
+                     (4, "Generator", signal.SIGSTOP)], driver.pid)
     killer.start()
     log, _ = driver.communicate(timeout=900)
     killer.join(timeout=5)
@@ -53,7 +53,7 @@ def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replace
     assert len(replaced) == 2, log[-4000:]  # after its TP rank died, and frozen: never for being busy
     assert "of a stopped generator are still running" not in log  # each replacement waited for vLLM's processes
     stopped_pid = killer.killed[3][1]
-    assert stopped_pid not in ray_worker_pids("Generator")  # it was stopped for good, not left frozen
+    assert not runs_as(stopped_pid, "ray::Generator")  # it was stopped for good, not left frozen
     rows = pq.read_table(tmp_path / "live" / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["rollout/rows"] for r in rows] == [32] * steps  # every step whole, nothing twice
@@ -72,7 +72,7 @@ def slow_ray(tmp_path_factory):
     switch = tmp_path_factory.mktemp("slow") / "buckets"
     os.environ["PROBE_RL_SLOW"] = f"receiver:0.3:{switch}"  # inherited by every worker Ray starts
     try:
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
                  _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     finally:
         del os.environ["PROBE_RL_SLOW"]

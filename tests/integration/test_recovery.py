@@ -37,7 +37,7 @@ def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupt
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     killer = Killer(tmp_path / "crashed" / "metrics.parquet",
-                    [(2, "Generator"), (3, "Scorer"), (4, "Learner"), (6, driver.pid)])
+                    [(2, "Generator"), (3, "Scorer"), (4, "Learner"), (6, driver.pid)], driver.pid)
     killer.start()
     log, _ = driver.communicate(timeout=900)
     killer.join(timeout=5)

@@ -8,7 +8,7 @@ from pipeline.loop.remote import Resources, check_fits, reserve
 
 @pytest.fixture(scope="module")
 def small_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 
