@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pipeline.config import load_config
@@ -11,11 +9,7 @@ from pipeline.config import load_config
 
 @pytest.fixture(scope="session")
 def toy_overrides(tmp_path_factory):
-    # One toy world for the whole session: parallel test processes (pytest-xdist workers) share their session's
-    # folder, and the build takes a lock, so the first builds it and the others wait and load it.
-    root = tmp_path_factory.getbasetemp()
-    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "toy_cache"
-    cache.mkdir(exist_ok=True)
+    cache = tmp_path_factory.mktemp("toy_cache")
     return {
         "toy": {"cache_dir": str(cache), "sft_steps": 150, "probe_samples": 512},
         "task": {"num_prompts": 256, "eval_prompts": 32},
