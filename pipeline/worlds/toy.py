@@ -91,18 +91,19 @@ def ensure_toy_world(cfg: ToyConfig, log: Callable[[str], None] = print) -> ToyW
     root = toy_root(cfg)
     model_dir, probe_dir = root / "model", root / "probe"
     stems = {name: probe_dir / name for name in TOY_PROBES}
-    done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
-    if not done:
-        # Runs started at once on one cache (a profile's arms in other processes, test workers) build it once: the
-        # first takes the lock and builds, the others wait for it and find the world built.
+
+    def built() -> bool:
+        return (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
+
+    if not built():
+        # Runs started at once on one cache (several `probe-rl run`s, a submitted job beside a local run) build it once:
+        # the first takes the lock and builds, the others wait for it and find the world built.
         import fcntl
 
         root.parent.mkdir(parents=True, exist_ok=True)
         with open(root.parent / f"{root.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            done = (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file()
-                                                                 for s in stems.values())
-            if not done:
+            if not built():
                 log(f"building the toy world in {root} (once; cached afterwards)")
                 build = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
                                        env={**os.environ, **BUILD_ENV})
