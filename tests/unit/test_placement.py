@@ -29,3 +29,19 @@ def test_reserve_places_bundles_or_names_the_role(small_ray):
     from ray.util.placement_group import remove_placement_group
 
     remove_placement_group(placement.group)
+
+
+def test_a_local_run_asks_ray_for_a_new_instance_and_a_cluster_run_for_its_address(monkeypatch):
+    """run.ray_address unset (and no RAY_ADDRESS): `init_ray` asks Ray for a new local instance (address "local"),
+    so a cluster that `ray start` or Ray's test Cluster left registered in /tmp/ray is never joined by accident;
+    set, it connects to that address."""
+    from pipeline.config import load_config
+    from pipeline.loop.driver import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(load_config())
+    init_ray(load_config(overrides=["--run.ray_address", "10.0.0.5:6379"]))
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 1
+    assert calls[1]["address"] == "10.0.0.5:6379"

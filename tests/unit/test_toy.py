@@ -113,3 +113,43 @@ def test_the_world_build_gives_the_same_model_whatever_the_machines_kernels_and_
                        env={**os.environ, "ATEN_CPU_CAPABILITY": isa, "PYTHONPATH": str(ROOT)})
         unpinned.append(digest(toy_root(c)))
     assert unpinned[0]["model/model.safetensors"] != unpinned[1]["model/model.safetensors"]
+
+
+def test_runs_started_at_once_on_one_cache_build_the_world_once(tmp_path, monkeypatch):
+    """Two `ensure_toy_world` calls at once on an empty cache: the build (its process stood in for by one that
+    writes the files a build leaves, after a pause) runs once, under the lock; the other call waits for it and
+    reads the finished world. A call that finds the world built takes no lock."""
+    import json
+    import subprocess
+    import threading
+    import time
+
+    import pipeline.worlds.toy as toy
+
+    cfg = ToyConfig(cache_dir=str(tmp_path))
+    root = toy_root(cfg)
+    builds = []
+
+    def fake_build(cmd, env=None):
+        builds.append(time.monotonic())
+        time.sleep(0.5)  # long enough for the other call to arrive while this one builds
+        (root / "model").mkdir(parents=True)
+        (root / "model" / "config.json").write_text("{}")
+        (root / "model" / "toy_info.json").write_text(json.dumps({"built": len(builds)}))
+        (root / "probe").mkdir()
+        for name in toy.TOY_PROBES:
+            (root / "probe" / f"{name}.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_build)
+    worlds, logs = [], []
+    calls = [threading.Thread(target=lambda: worlds.append(ensure_toy_world(cfg, logs.append))) for _ in range(2)]
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(timeout=30)
+    assert len(builds) == 1 and len(worlds) == 2
+    assert [w.info for w in worlds] == [{"built": 1}, {"built": 1}]
+    assert sum("building the toy world" in m for m in logs) == 1
+    (root.parent / f"{root.name}.lock").unlink()  # a built world is read without the lock
+    assert ensure_toy_world(cfg).info == {"built": 1} and not (root.parent / f"{root.name}.lock").exists()
