@@ -76,7 +76,7 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False
 def _sampler_ops_eager(eager: bool) -> Iterator[None]:
     """vLLM wraps a few small sampler ops in torch.compile even with enforce_eager (the rank of each sampled
     token among the log-probs): the first sampling call with log-probs traces them, seconds of CPU at every
-    engine start (about 20 s on a busy 2-core machine) for ops that take microseconds eagerly. An eager CPU engine
+    engine start for ops that take microseconds eagerly (benchmarks/bench_generator_start.py). An eager CPU engine
     runs them eagerly: TorchDynamo is off in this process and in the engine and worker processes started while
     the engine is built (spawned ones read the environment, forked ones inherit the flag); a compiled engine
     turns it back on for the processes it starts."""
