@@ -167,8 +167,8 @@ class Generator:
             self._ablate(True)
         if self.probes:
             self.llm.collective_rpc("probe_rl_reads_start", args=self._probe_tensors())
-        # The first sampling calls pay a one-off warm-up (vLLM's compiled sampler ops on GPUs, first-call allocations on
-        # CPU); pay it at start-up.
+        # The first sampling call with log-probs pays a one-off warm-up (on GPUs vLLM compiles its sampler ops then);
+        # pay it at start-up.
         self.greedy([[0]], 2)
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
