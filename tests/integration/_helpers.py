@@ -89,8 +89,7 @@ def hf_greedy(model_dir, prompt_ids, max_new_tokens=8, model=None):
 
 def _tree(root: int) -> list:
     """`root` and every process below it (a run's driver: its Ray instance, actors and vLLM's processes). Tests
-    look for processes only there, so that runs of other tests on the machine (parallel workers) are never
-    touched."""
+    look for processes only there, so that nothing else running on the machine is ever touched."""
     import psutil
 
     try:
@@ -100,36 +99,35 @@ def _tree(root: int) -> list:
         return []
 
 
-def ray_worker_pids(actor_class: str, root: int | None = None) -> list[int]:
-    """PIDs of the live Ray worker processes under `root` (default: this process) that run an actor of this class:
-    Ray titles them `ray::<Class>...`, and their parent is a raylet (a child they forked may carry the same title).
-    Zombies of finished runs are left out: a container's first process may never reap them."""
+def _titled(proc, prefix: str) -> bool:
+    """Whether `proc` is alive (not a zombie: a container's first process may never reap those) with a title
+    starting with `prefix`; False once it is gone."""
     import psutil
 
-    out = []
-    for proc in _tree(root or os.getpid()):
-        try:
-            cmd = proc.cmdline() or []
-            if not cmd or not cmd[0].startswith(f"ray::{actor_class}") or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.parent().name() == "raylet":
-                out.append(proc.pid)
-        except (psutil.NoSuchProcess, AttributeError):  # gone meanwhile (AttributeError: no parent left)
-            pass
-    return out
+    try:
+        return (proc.cmdline() or [""])[0].startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def titled_pids(prefix: str, root: int | None = None) -> list[int]:
     """PIDs of live processes under `root` (default: this process) whose title starts with `prefix` (vLLM titles
     its workers "VLLM::Worker_TP1")."""
+    return [p.pid for p in _tree(root or os.getpid()) if _titled(p, prefix)]
+
+
+def ray_worker_pids(actor_class: str, root: int | None = None) -> list[int]:
+    """PIDs of the live Ray worker processes under `root` (default: this process) that run an actor of this class:
+    Ray titles them `ray::<Class>...`, and their parent is a raylet (a child they forked may carry the same
+    title)."""
     import psutil
 
     out = []
     for proc in _tree(root or os.getpid()):
         try:
-            if (proc.cmdline() or [""])[0].startswith(prefix) and proc.status() != psutil.STATUS_ZOMBIE:
+            if _titled(proc, f"ray::{actor_class}") and proc.parent().name() == "raylet":
                 out.append(proc.pid)
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, AttributeError):  # gone meanwhile (AttributeError: no parent left)
             pass
     return out
 
@@ -139,8 +137,7 @@ def runs_as(pid: int, title: str) -> bool:
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and (proc.cmdline() or [""])[0].startswith(title)
+        return _titled(psutil.Process(pid), title)
     except psutil.NoSuchProcess:
         return False
 
