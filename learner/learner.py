@@ -16,13 +16,10 @@ the residual stream at its layer during the pass. New weights leave through `sen
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -98,12 +95,10 @@ class Learner:
         if not self.on_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
             torch.set_num_threads(max(1, math.ceil(self.cfg.num_cpus)))
-        # DeepSpeed compiles its CPU ops (shared-memory all-reduce) on first use, into torch's extension
-        # folder. That folder is per machine by default, so two environments (another checkout, another torch)
-        # would rebuild each other's build over and over (about a minute each time on 2 cores): one per
-        # environment instead.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
-            Path.home() / ".cache" / "torch_extensions" / f"probe-rl-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
+        # DeepSpeed's CPU comm op: built at install time (`setup.sh`), in this environment's own folder.
+        from learner.cpu_ops import extensions_dir
+
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
         import deepspeed

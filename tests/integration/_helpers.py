@@ -3,6 +3,7 @@ meet as the fleet starts them, one collective weight sync, and transformers' gre
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +155,12 @@ def steps_done(metrics: Path) -> int:
 class Killer(threading.Thread):
     """Sends SIGKILL (or the signal a plan entry names, e.g. SIGSTOP), from outside, to each target once the run
     has logged the given number of steps: an actor class's worker process under `root` (the run's driver), a
-    process id, or the first of the pids a callable returns."""
+    process id, or the first of the pids a callable returns. `then`, if given, is called once the whole plan is
+    carried out."""
 
-    def __init__(self, metrics: Path, plan: list[tuple], root: int, deadline_s: float = 900) -> None:
+    def __init__(self, metrics: Path, plan: list[tuple], root: int, deadline_s: float = 900, then=None) -> None:
         super().__init__(daemon=True)
-        self.metrics, self.plan, self.root = metrics, list(plan), root
+        self.metrics, self.plan, self.root, self.then = metrics, list(plan), root, then
         self.deadline = time.monotonic() + deadline_s
         self.killed: list[tuple[str | int, int, int]] = []  # (target, pid, steps logged when killed)
 
@@ -173,6 +177,142 @@ class Killer(threading.Thread):
                 os.kill(pids[0], sig[0] if sig else signal.SIGKILL)
                 self.killed.append((target, pids[0], done))
                 self.plan.pop(0)
+        if not self.plan and self.then is not None:
+            self.then()
+
+
+# methods of the services Ray's processes serve; each server answers UNAUTHENTICATED for its own without a token
+GRPC_METHODS = ["/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+                "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/NumPendingTasks",
+                "/ray.rpc.ReporterService/GetTraceback", "/ray.rpc.RuntimeEnvService/GetOrCreateRuntimeEnv"]
+
+
+def http_answer(host: str, port: int) -> tuple[int | None, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as r:
+            return r.status, r.read(200)
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (OSError, ValueError, http.client.HTTPException):  # not HTTP: a gRPC server answers with garbage
+        return None, b""
+
+
+def grpc_codes(host: str, port: int) -> set[str]:
+    import grpc
+
+    codes = set()
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        for method in GRPC_METHODS:
+            call = channel.unary_unary(method, request_serializer=lambda x: x, response_deserializer=lambda x: x)
+            try:
+                call(b"", timeout=3)
+                codes.add("OK")
+            except grpc.RpcError as e:
+                codes.add(e.code().name)
+    return codes
+
+
+def what_answers(host: str, port: int) -> str:
+    """What a port other hosts could reach answers a client without Ray's token: "refused" (HTTP 401/403, or
+    gRPC UNAUTHENTICATED and never OK), "metrics" (read-only Prometheus text), or what else it said."""
+    status, body = http_answer(host, port)
+    if status in (401, 403):
+        return "refused"
+    if status == 200 and body.startswith(b"# HELP"):
+        return "metrics"
+    if status is None:
+        codes = grpc_codes(host, port)
+        return "refused" if "UNAUTHENTICATED" in codes and "OK" not in codes else f"gRPC {sorted(codes)}"
+    return f"HTTP {status}"
+
+
+def _listening() -> dict[int, tuple[str, int]]:
+    """Every TCP socket listening on this machine (its network namespace), read from /proc/net: inode ->
+    (address, port). One read of two small files, however many processes there are."""
+    import ipaddress
+
+    out = {}
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)  # each 32-bit word in host (little-endian) order
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.IPv6Address(packed) if v6 else ipaddress.IPv4Address(packed)
+            ip = ip.ipv4_mapped or ip if v6 else ip
+            out[int(f[9])] = (str(ip), int(port, 16))
+    return out
+
+
+def _socket_owners(root: int, inodes: set[int]) -> dict[int, tuple[int, str]]:
+    """inode -> (pid, process title) for those of `inodes` held by a process under `root`."""
+    import psutil
+
+    owners = {}
+    for proc in _tree(root):
+        try:
+            fd_dir = Path(f"/proc/{proc.pid}/fd")
+            links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+            title = (proc.cmdline() or [proc.name()])[0]
+        except (OSError, psutil.Error):
+            continue
+        for link in links:
+            if link.startswith("socket:["):
+                inode = int(link[8:-1])
+                if inode in inodes:
+                    owners[inode] = (proc.pid, title)
+    return owners
+
+
+class Listeners(threading.Thread):
+    """Every TCP socket any process under a run's driver listens on, seen while the run goes on: `seen` maps
+    (address, port) to (process title, what it is), where what is "loopback", or for a socket other hosts could
+    reach, what `probe(host, port)` says of it. Polls /proc/net every `every_s` (a few reads of small files;
+    the processes' own socket tables are read only when a new listening socket appears), so that it takes
+    almost nothing from the run it watches."""
+
+    def __init__(self, root: int, probe, every_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.root, self.probe, self.every_s = root, probe, every_s
+        self.seen: dict[tuple[str, int], tuple[str, str]] = {}
+        self.stop = threading.Event()
+        self._known: set[int] = set()  # inodes placed (ours, classified) or not ours
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            self.stop.wait(self.every_s)
+        self.poll()
+
+    def poll(self) -> None:
+        listening = _listening()
+        new = set(listening) - self._known
+        if not new:
+            return
+        owners = _socket_owners(self.root, new)
+        for inode in new:
+            self._known.add(inode)  # a socket of another process (or one gone already) is not looked at again
+            if inode not in owners:
+                continue
+            ip, port = listening[inode]
+            title = owners[inode][1]
+            if (ip, port) in self.seen:
+                continue
+            if ip.startswith("127.") or ip == "::1":
+                self.seen[(ip, port)] = (title, "loopback")
+            else:  # this machine's own address, or loopback for a socket listening on every interface
+                self.seen[(ip, port)] = (title, self.probe("127.0.0.1" if ip in ("0.0.0.0", "::") else ip, port))
+
+    def finish(self) -> dict[tuple[str, int], tuple[str, str]]:
+        self.stop.set()
+        self.join(timeout=60)
+        return self.seen
 
 
 def toy_args(toy_overrides, out_dir: Path, name: str, steps: int) -> list[str]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import load_config
@@ -32,27 +37,42 @@ REFERENCE_STEPS = 8
 
 def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
     """The run several tests share, in the precision a GPU run trains in: bf16 weights in the learner (DeepSpeed's
-    fp32 masters beside them), the vLLM generators and the scorers; two generators and two scorers, the default
-    max_staleness 1 (generation a version ahead), penalty shaping with the toy probe refit every 3 steps on the
-    run's own rollouts, the same probe also read inside the generators' sampling pass (`hack@gen`, refit with it),
-    a checkpoint every 2 steps, TensorBoard and offline W&B logs."""
+    fp32 masters beside them), the vLLM generators and the scorers; two generators, two scorers and two learner
+    ranks, the default max_staleness 1 (generation a version ahead), penalty shaping with the toy probe refit
+    every 3 steps on the run's own rollouts, the same probe also read inside the generators' sampling pass
+    (`hack@gen`, refit with it), a checkpoint every 2 steps, TensorBoard and offline W&B logs."""
     from ._helpers import toy_args
 
     return toy_args(toy_overrides, out_dir, name, REFERENCE_STEPS) + [
         "--model.dtype", "bfloat16", "--generator.num_workers", "2", "--scorer.num_workers", "2",
-        "--learner.checkpoint_every", "2", "--scorer.retrain_every", "3", "--run.loggers", '["tensorboard", "wandb"]',
+        "--learner.num_ranks", "2", "--learner.checkpoint_every", "2", "--scorer.retrain_every", "3",
+        "--run.loggers", '["tensorboard", "wandb"]',
         "--scorer.probes", '[{path = "toy"}, {path = "toy", read = "generator"}]', "--shaping.probe", "hack"]
 
 
+@dataclass
+class ReferenceRun:
+    run_dir: Path
+    log: str  # what the command printed
+    listening: dict  # every socket its processes listened on: (address, port) -> (process title, what it is)
+
+
 @pytest.fixture(scope="session")
-def reference_run(toy_world, toy_overrides, tmp_path_factory):
-    """One uninterrupted run in a process of its own: its directory, and what the command printed."""
-    from ._helpers import cli
+def reference_run(toy_world, toy_overrides, tmp_path_factory) -> ReferenceRun:
+    """One uninterrupted run in a process of its own, and the sockets its processes listened on, seen as it ran
+    (test_exposure.py reads them)."""
+    from ._helpers import ROOT, Listeners, what_answers
 
     out_dir = tmp_path_factory.mktemp("reference")
-    out = cli(reference_args(toy_overrides, out_dir, "run"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out_dir / "run", out.stdout
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *reference_args(toy_overrides, out_dir,
+                                                                                           "run")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watch = Listeners(driver.pid, what_answers)
+    watch.start()
+    log, _ = driver.communicate(timeout=900)
+    listening = watch.finish()
+    assert driver.returncode == 0, log[-3000:]
+    return ReferenceRun(out_dir / "run", log, listening)
 
 
 @pytest.fixture(scope="module")

@@ -83,15 +83,14 @@ def test_submitted_toy_run_succeeds_and_writes_metrics(ray_head, toy_overrides, 
             "--task.eval_prompts", "8", "--toy.cache_dir", toy["cache_dir"], "--toy.sft_steps", str(toy["sft_steps"]),
             "--toy.probe_samples", str(toy["probe_samples"]), "--run.output_dir", str(out_dir),
             "--run.name", "submitted", "--run.progress", "false"]
-    out = _cli(args, env, timeout=300)  # submit itself waits up to 120 s for a just-started head's job agent
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().splitlines()[-1]
-    deadline, status = time.monotonic() + 900, ""
-    while time.monotonic() < deadline:
-        status = _cli(["status", job_id, "--address", address], env).stdout.strip()
-        if status.split(": ")[-1].split(" ")[0] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
+    # --follow: one process streams the job's logs until it ends (a status command every few seconds would start
+    # a Python process each time, on the cores the job runs on); then `status` and `logs` once each
+    job_id = f"probe-rl-{secrets.token_hex(4)}"
+    out = _cli([*args, "--follow", "--job-id", job_id], env, timeout=900)  # submit waits up to 120 s for a job agent
+    assert out.stdout.startswith(f"{job_id}\n"), out.stdout[:300]
+    assert out.returncode == 0 and out.stdout.strip().endswith(f"job {job_id}: SUCCEEDED"), out.stdout[-3000:] + out.stderr
+    assert "summary" in out.stdout  # the run's own output, streamed
+    status = _cli(["status", job_id, "--address", address], env).stdout.strip()
     logs = _cli(["logs", job_id, "--address", address], env).stdout
     assert status.startswith(f"{job_id}: SUCCEEDED"), logs[-3000:]
     rows = pq.read_table(out_dir / "submitted" / "metrics.parquet").to_pylist()

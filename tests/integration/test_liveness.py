@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replaced(toy_world, toy_overrides, tmp_path):
     """One generator with tensor parallelism 2 on CPU (vLLM runs two worker processes under it), whose every
     generate call takes 5 s longer than it would (as minutes-long generations do at real lengths), more than
-    twice the health bound of 2 s. From outside: the scorer is SIGKILLed during start-up, its replacement
+    twice the health bound of 2 s, until the last fault is sent (the run's last steps then go at CPU speed). From outside: the scorer is SIGKILLed during start-up, its replacement
     SIGKILLed at step 1 while the generator is generating, the generator's tensor-parallel rank 1 process
     SIGKILLed at step 2, and the (replaced) generator SIGSTOPped at step 4. The busy generator is never taken for
     dead; each dead or frozen worker is replaced (the generator whose TP rank died exits with its engine and is
@@ -38,7 +38,7 @@ def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replace
                               stderr=subprocess.STDOUT, text=True, env=env)
     killer = Killer(tmp_path / "live" / "metrics.parquet",
                     [(0, "Scorer"), (1, "Scorer"), (2, lambda: titled_pids("VLLM::Worker_TP1", driver.pid)),
-                     (4, "Generator", signal.SIGSTOP)], driver.pid)
+                     (4, "Generator", signal.SIGSTOP)], driver.pid, then=switch.unlink)
     killer.start()
     log, _ = driver.communicate(timeout=900)
     killer.join(timeout=5)

@@ -15,13 +15,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.smoke
 def test_pipeline_runs_end_to_end(reference_run):
-    """The shared reference run (two generators, two scorers, max_staleness 1, penalty shaping, checkpoints every
-    2 steps), read back from its files."""
+    """The shared reference run (two generators, two scorers, two learner ranks, max_staleness 1, penalty shaping,
+    checkpoints every 2 steps), read back from its files."""
     from pipeline.worlds.tasks import arithmetic_reward
 
     from .conftest import REFERENCE_STEPS as steps
 
-    run_dir, _ = reference_run
+    run_dir = reference_run.run_dir
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, steps + 1))
     assert [r["version"] for r in metrics] == list(range(1, steps + 1))

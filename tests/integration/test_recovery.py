@@ -19,19 +19,19 @@ pytestmark = pytest.mark.integration
 
 def test_killed_roles_and_driver_are_recovered_and_the_run_equals_an_uninterrupted_one(toy_world, toy_overrides,
                                                                                        reference_run, tmp_path):
-    """The shared reference run's settings (bf16 learner, generators and scorers; two generators, two scorers, the
-    default max_staleness 1: generation a version ahead; ZeRO-0, a checkpoint every 2 steps; the probe refit
-    every 3 steps). From outside, mid-run: a generator is SIGKILLed at step 2, a scorer at step 3, the learner
-    rank at step 4; each is recovered by the run itself (a replacement generator or scorer with the current
-    weights and refit probe, which the step-for-step equality below checks: a replacement generating from other
-    weights, or scoring with another probe, would change the rollouts; the learner restarted from its last
-    checkpoint, fp32 masters, moments and refit probe included). At step 6 the driver process itself is
+    """The shared reference run's settings (bf16 learner, generators and scorers; two generators, two scorers, two
+    learner ranks, the default max_staleness 1: generation a version ahead; ZeRO-0, a checkpoint every 2 steps;
+    the probe refit every 3 steps). From outside, mid-run: a generator is SIGKILLed at step 2, a scorer at step
+    3, one of the two learner ranks at step 4; each is recovered by the run itself (a replacement generator or
+    scorer with the current weights and refit probe, which the step-for-step equality below checks: a
+    replacement generating from other weights, or scoring with another probe, would change the rollouts; every
+    learner rank restarted from the last checkpoint, fp32 masters, moments and refit probe included). At step 6 the driver process itself is
     SIGKILLed, and `probe-rl run --resume` finishes the run. Every step is whole, metric rows after each
     checkpoint are recomputed, never duplicated, TensorBoard and W&B hold each step once, the whole run equals
     the uninterrupted one step for step, and its final weights equal the uninterrupted run's bit for bit."""
     from .conftest import REFERENCE_STEPS, reference_args
 
-    run_dir, _ = reference_run
+    run_dir = reference_run.run_dir
     want = pq.read_table(run_dir / "metrics.parquet").to_pylist()
     args = reference_args(toy_overrides, tmp_path, "crashed")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,

@@ -1,0 +1,57 @@
+"""DeepSpeed's CPU op (its shared-memory all-reduce) built once per environment, at install time.
+
+DeepSpeed compiles that op with the machine's C++ compiler the first time a CPU rank joins a process group,
+into torch's extension folder; on 2 cores that takes about a minute, and it used to land in a run's (or a
+test's) start. `setup.sh` runs `python -m learner.cpu_ops` after installing, so the first run finds it built.
+The folder is one per environment (keyed by `sys.prefix`): two environments on one machine (another checkout,
+another torch) would otherwise rebuild each other's build over and over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def extensions_dir() -> str:
+    """The torch extension folder of this environment: `TORCH_EXTENSIONS_DIR` when set, else one under
+    ~/.cache/torch_extensions named after this environment's prefix."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path.home() / ".cache" / "torch_extensions" / f"probe-rl-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}")
+
+
+def use_extensions_dir() -> None:
+    """Point torch's extension builder at this environment's folder (before DeepSpeed loads an op)."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+
+
+def build() -> str | None:
+    """Build (or find built) DeepSpeed's CPU shared-memory comm op; returns its name, or None where this
+    DeepSpeed has no such op for this machine (it then falls back to torch's all-reduce)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_extensions_dir()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    builder.load(verbose=False)
+    return builder.absolute_name()
+
+
+def main() -> int:
+    start = time.monotonic()
+    print(f"[setup] building DeepSpeed's CPU comm op into {extensions_dir()} (first time: about a minute)",
+          flush=True)
+    name = build()
+    print(f"[setup] {name or 'no CPU comm op for this machine; DeepSpeed uses torch all-reduce'}"
+          f" ready in {time.monotonic() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
