@@ -30,7 +30,7 @@ fi
 .venv/bin/python -c "import torch, transformers, vllm, ray, deepspeed, pyarrow" \
     || { echo "[setup] the environment does not import; see the messages above" >&2; exit 1; }
 if [ "$EXTRA" = "cpu" ]; then
-    # DeepSpeed compiles its CPU comm op on a learner's first start (about a minute on 2 cores): do it now.
+    # DeepSpeed compiles its CPU comm op on a learner's first start (about half a minute on 2 cores): do it now.
     .venv/bin/python -m learner.cpu_ops
 fi
 echo "[setup] ready: .venv/bin/probe-rl --help"

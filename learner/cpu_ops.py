@@ -1,7 +1,7 @@
 """DeepSpeed's CPU op (its shared-memory all-reduce) built once per environment, at install time.
 
 DeepSpeed compiles that op with the machine's C++ compiler the first time a CPU rank joins a process group,
-into torch's extension folder; on 2 cores that takes about a minute, and it used to land in a run's (or a
+into torch's extension folder; on 2 cores that takes about half a minute, and it used to land in a run's (or a
 test's) start. `setup.sh` runs `python -m learner.cpu_ops` after installing, so the first run finds it built.
 The folder is one per environment (keyed by `sys.prefix`): two environments on one machine (another checkout,
 another torch) would otherwise rebuild each other's build over and over.
@@ -45,7 +45,7 @@ def build() -> str | None:
 
 def main() -> int:
     start = time.monotonic()
-    print(f"[setup] building DeepSpeed's CPU comm op into {extensions_dir()} (first time: about a minute)",
+    print(f"[setup] building DeepSpeed's CPU comm op into {extensions_dir()} (first time: about half a minute)",
           flush=True)
     name = build()
     print(f"[setup] {name or 'no CPU comm op for this machine; DeepSpeed uses torch all-reduce'}"

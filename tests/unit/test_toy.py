@@ -88,14 +88,22 @@ def test_the_world_build_gives_the_same_model_whatever_the_machines_kernels_and_
         return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
                 if p.suffix == ".safetensors"}
 
-    built = []
-    for isa, threads in (("avx512", "2"), ("avx2", "1")):
-        os.environ.update(ATEN_CPU_CAPABILITY=isa, OMP_NUM_THREADS=threads)  # what the machine would choose
-        try:
-            world = ensure_toy_world(ToyConfig(cache_dir=str(tmp_path / isa), **cfg), log=lambda *_: None)
-        finally:
-            del os.environ["ATEN_CPU_CAPABILITY"], os.environ["OMP_NUM_THREADS"]
-        built.append(digest(world.model_dir.parent))
+    def build(entry: str, isa: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        """A build in a process of its own, started now (the two of a pair run side by side), on environment `env`
+        (what the machine would choose)."""
+        c = ToyConfig(cache_dir=str(tmp_path / isa), **cfg)
+        code = (f"import sys; from pipeline.config import ToyConfig; from pipeline.worlds.toy import {entry}; "
+                f"{entry}(ToyConfig.model_validate_json(sys.argv[1]), log=lambda *_: None)")
+        return subprocess.Popen([sys.executable, "-c", code, c.model_dump_json()], cwd=ROOT,
+                                env={**os.environ, **env, "PYTHONPATH": str(ROOT)}), toy_root(c)
+
+    def digests(builds) -> list[dict[str, str]]:
+        assert [proc.wait(timeout=600) for proc, _ in builds] == [0] * len(builds)
+        return [digest(root) for _, root in builds]
+
+    # ensure_toy_world, the way every run builds the world: it pins the build's kernels and threads
+    built = digests([build("ensure_toy_world", isa, {"ATEN_CPU_CAPABILITY": isa, "OMP_NUM_THREADS": threads})
+                     for isa, threads in (("avx512", "2"), ("avx2", "1"))])
     assert len(built[0]) == 3 and built[0] == built[1]  # model and both probes, equal
 
     # the same two environments without the pin: the model differs when the CPU runs AVX-512 kernels
@@ -104,14 +112,8 @@ def test_the_world_build_gives_the_same_model_whatever_the_machines_kernels_and_
                           env={**os.environ, "ATEN_CPU_CAPABILITY": "avx512"}).stdout.strip()
     if caps != "AVX512":
         pytest.skip(f"this CPU runs {caps} kernels when asked for AVX-512: the unpinned comparison needs AVX-512")
-    code = ("import sys; from pipeline.config import ToyConfig; from pipeline.worlds.toy import _build_here; "
-            "_build_here(ToyConfig.model_validate_json(sys.argv[1]), log=lambda *_: None)")
-    unpinned = []
-    for isa in ("avx512", "avx2"):
-        c = ToyConfig(cache_dir=str(tmp_path / f"unpinned-{isa}"), **cfg)
-        subprocess.run([sys.executable, "-c", code, c.model_dump_json()], check=True, cwd=ROOT,
-                       env={**os.environ, "ATEN_CPU_CAPABILITY": isa, "PYTHONPATH": str(ROOT)})
-        unpinned.append(digest(toy_root(c)))
+    unpinned = digests([build("_build_here", f"unpinned-{isa}", {"ATEN_CPU_CAPABILITY": isa})
+                        for isa in ("avx512", "avx2")])
     assert unpinned[0]["model/model.safetensors"] != unpinned[1]["model/model.safetensors"]
 
 
