@@ -24,8 +24,15 @@ def extensions_dir() -> str:
 
 
 def use_extensions_dir() -> None:
-    """Point torch's extension builder at this environment's folder (before DeepSpeed loads an op)."""
-    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    """Point torch's extension builder at this environment's folder, and at this environment's `ninja` (before
+    DeepSpeed loads an op). torch runs whichever `ninja` is first on PATH, and two ninja versions (the system's
+    and the pip one in the environment, which Ray's workers find first) record a build differently, so each
+    would rebuild what the other built: the environment's own is put first, wherever the load happens."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    bin_dir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bin_dir, "ninja")):
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
 
 
 def build() -> str | None:

@@ -96,9 +96,9 @@ class Learner:
             os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
             torch.set_num_threads(max(1, math.ceil(self.cfg.num_cpus)))
         # DeepSpeed's CPU comm op: built at install time (`setup.sh`), in this environment's own folder.
-        from learner.cpu_ops import extensions_dir
+        from learner.cpu_ops import use_extensions_dir
 
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+        use_extensions_dir()
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
         import deepspeed
