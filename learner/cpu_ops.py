@@ -35,27 +35,23 @@ def use_extensions_dir() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
 
 
-def build() -> str | None:
-    """Build (or find built) DeepSpeed's CPU shared-memory comm op; returns its name, or None where this
-    DeepSpeed has no such op for this machine (it then falls back to torch's all-reduce)."""
+def build() -> bool:
+    """Build (or find built) DeepSpeed's CPU shared-memory comm op, through the very call a CPU rank makes when it
+    joins its process group; False where this DeepSpeed has no such op for this machine (it then falls back to
+    torch's all-reduce)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     use_extensions_dir()
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return None
-    builder.load(verbose=False)
-    return builder.absolute_name()
+    return build_shm_op() is not None
 
 
 def main() -> int:
     start = time.monotonic()
     print(f"[setup] building DeepSpeed's CPU comm op into {extensions_dir()} (first time: about half a minute)",
           flush=True)
-    name = build()
-    print(f"[setup] {name or 'no CPU comm op for this machine; DeepSpeed uses torch all-reduce'}"
+    built = build()
+    print(f"[setup] {'the op is' if built else 'no CPU comm op for this machine; DeepSpeed uses torch all-reduce,'}"
           f" ready in {time.monotonic() - start:.0f} s", flush=True)
     return 0
 

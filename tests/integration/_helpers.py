@@ -250,8 +250,8 @@ def _listening() -> dict[int, tuple[str, int]]:
     return out
 
 
-def _socket_owners(root: int, inodes: set[int]) -> dict[int, tuple[int, str]]:
-    """inode -> (pid, process title) for those of `inodes` held by a process under `root`."""
+def _socket_owners(root: int, inodes: set[int]) -> dict[int, str]:
+    """inode -> title of the process under `root` that holds it, for those of `inodes` held there."""
     import psutil
 
     owners = {}
@@ -266,7 +266,7 @@ def _socket_owners(root: int, inodes: set[int]) -> dict[int, tuple[int, str]]:
             if link.startswith("socket:["):
                 inode = int(link[8:-1])
                 if inode in inodes:
-                    owners[inode] = (proc.pid, title)
+                    owners[inode] = title
     return owners
 
 
@@ -301,7 +301,7 @@ class Listeners(threading.Thread):
             if inode not in owners:
                 continue
             ip, port = listening[inode]
-            title = owners[inode][1]
+            title = owners[inode]
             if (ip, port) in self.seen:
                 continue
             if ip.startswith("127.") or ip == "::1":

@@ -53,7 +53,6 @@ def reference_args(toy_overrides, out_dir, name: str) -> list[str]:
 @dataclass
 class ReferenceRun:
     run_dir: Path
-    log: str  # what the command printed
     listening: dict  # every socket its processes listened on: (address, port) -> (process title, what it is)
 
 
@@ -72,7 +71,7 @@ def reference_run(toy_world, toy_overrides, tmp_path_factory) -> ReferenceRun:
     log, _ = driver.communicate(timeout=900)
     listening = watch.finish()
     assert driver.returncode == 0, log[-3000:]
-    return ReferenceRun(out_dir / "run", log, listening)
+    return ReferenceRun(out_dir / "run", listening)
 
 
 @pytest.fixture(scope="module")
