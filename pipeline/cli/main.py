@@ -39,6 +39,8 @@ outputs (in run.output_dir/run.name):
                     moments in optimizer/; step_N.inflight.parquet: rollouts launched before it.
                     Every 10 steps or 30 minutes by default; a lost learner restarts from the newest
                     by itself, and --resume continues a stopped run from it
+  STOP              create it (touch RUN_DIR/STOP) to stop a run cleanly: after the step in hand it
+                    checkpoints with the rollouts in flight and exits; --resume carries on exactly
   summary.json      first/last task reward, eval accuracy before/after, seconds per step
 
 other commands (each with --help):

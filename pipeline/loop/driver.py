@@ -79,7 +79,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> tuple[Path, Worl
 
 
 def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = print, resume_from: Path | None = None) -> dict:
-    """Start the roles on Ray, train, write summary.json and return the summary.
+    """Start the roles on Ray, train, write summary.json and return the summary (a run stopped by a STOP
+    file writes none: its summary says `stopped_at_step`).
 
     With `resume_from` (a checkpoint of this run), the learner restores weights and optimizer state, the
     generators receive those weights before they generate, and training continues at the next step.
@@ -100,7 +101,8 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
             ray.shutdown()
         elif fleet is not None:  # leave a caller's Ray instance as we found it
             fleet.shutdown()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if "stopped_at_step" not in summary:  # summary.json marks a finished run (experiment and profile skip it)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -247,7 +249,11 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
     bar = progress_bar(p.num_steps, "training", "step", cfg.run.progress)
     bar.update(loop.version)
     step = loop.version + 1
+    stopped = False
     while step <= p.num_steps:
+        if stop_requested(run_dir, loop.version, log):
+            stopped = True
+            break
         timer, wall_start = StageTimer(), time.time()
         try:
             # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
@@ -295,9 +301,28 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         step += 1
     bar.close()
     fleet.settle_loads()
-    final = loop.checkpoint(fleet, [], loop.last_scored, log)
+    # A stopped run keeps the rollouts already launched beside its last checkpoint, so --resume takes the steps
+    # an uninterrupted run takes; a finished run has none left.
+    final = loop.checkpoint(fleet, list(loop.pending) if stopped else [], loop.last_scored, log)
+    if stopped:
+        return {**summarize(loop.sink.rows, eval_start, None, final, run_dir), "stopped_at_step": loop.version}
     eval_end = greedy_accuracy(cfg, world, fleet)
     return summarize(loop.sink.rows, eval_start, eval_end, final, run_dir)
+
+
+STOP_FILE = "STOP"
+
+
+def stop_requested(run_dir: Path, version: int, log: Callable[[str], None] = print) -> bool:
+    """Whether a user asked the run to stop, by creating `run_dir/STOP` (`touch RUN_DIR/STOP`): checked between
+    steps; the file is removed, so `probe-rl run --resume RUN_DIR` carries on."""
+    stop = run_dir / STOP_FILE
+    if not stop.exists():
+        return False
+    stop.unlink(missing_ok=True)
+    log(f"{stop} found: stopping after step {version} with a checkpoint; continue with "
+        f"`probe-rl run --resume {run_dir}`")
+    return True
 
 
 class LoopState:

@@ -155,19 +155,25 @@ def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and
     scorers grow one at a time from scorer.num_workers = 1 towards scorer.max_workers = 3; the run goes on while a
     starting scorer joins (steps finish meanwhile) and while the third waits to be placed; once a node with room
     joins the cluster, so does the third scorer (not before). Then scoring turns fast again and the scorers
-    retire one at a time, each draining first, back to 1. Every step has all its rollouts.
+    retire one at a time, each draining first, back to 1. Every step has all its rollouts. Then the run is
+    stopped with a STOP file in its folder (each phase takes as many steps as the machine needs): it stops
+    between steps, with a checkpoint of the last step and the rollouts already launched beside it, and no
+    summary.json (it did not finish).
 
     Asserts what the local scaling test and the placement test each asserted: the growth 1 -> 2 -> 3 one at a
     time, steps finishing while a scorer was joining, the log lines of a start, a join and a retirement, the
     third scorer joining only after the node was added, the shrink back to the minimum, every step whole."""
+    from pipeline.loop.checkpoints import read_inflight
+
     c, nodes, switch = cluster
     _, world = toy_world
-    steps = 40
+    steps = 500  # more than any machine needs: the test stops the run
     cfg = load_config(overrides=cluster_overrides(
         toy_overrides, tmp_path, "scaling", steps,
         scorer={"num_workers": 1, "max_workers": 3, "scale_up_wait": 0.1, "scale_down_steps": 2},
-        learner={"num_ranks": 1, "zero_stage": 0, "placement": "PACK"}))
-    metrics = tmp_path / "scaling" / "metrics.parquet"
+        learner={"num_ranks": 1, "zero_stage": 0, "placement": "PACK", "checkpoint_every": 0}))
+    run_dir = tmp_path / "scaling"
+    metrics = run_dir / "metrics.parquet"
     log: list[str] = []
     switch.touch()
     try:
@@ -185,17 +191,29 @@ def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and
                  what="the third scorer to join")
     finally:
         switch.unlink()  # scoring is fast again
+
+    def back_to_one():
+        workers = [r["scorer/workers"] for r in rows_of(metrics)]
+        return 3 in workers and workers[-1] == 1
+
+    wait_for(lambda: back_to_one() or not run.is_alive(), what="the scorers to shrink back to 1")
+    (run_dir / "STOP").touch()
     run.finish()
     rows = rows_of(metrics)
     workers = [int(r["scorer/workers"]) for r in rows]
-    assert [r["rollout/rows"] for r in rows] == [32] * steps  # every step whole, and no step waited for a scorer
+    assert [r["rollout/rows"] for r in rows] == [32] * len(rows) and len(rows) < steps  # every step whole
     peak = workers.index(3)
-    assert workers[0] == 1 and workers[:peak] == sorted(workers[:peak]) and 2 in workers[:peak]  # one at a time
+    assert workers[0] == 1 and workers[:peak] == sorted(workers[:peak]) and 2 in workers[:peak], workers  # one by one
     assert peak >= added_at  # the third joined once there was room, not before
     assert any(r["scorer/joining"] == 1.0 for r in rows[:peak])  # steps finished while a scorer was starting
-    assert workers[-1] == 1 and min(workers[peak:]) == 1  # back to the minimum once scoring was fast
+    assert min(workers[peak:]) == 1, workers  # back to the minimum once scoring was fast
     assert any("starting scorer 1" in m for m in log) and any("scorer 2 joined" in m for m in log), log
     assert any("retiring scorer 2 once it drains" in m for m in log), log
+    # Stopped: the last step trained is checkpointed with the next step's rollouts, already launched.
+    assert any(f"stopping after step {len(rows)}" in m for m in log), log[-5:]
+    assert not (run_dir / "STOP").exists() and not (run_dir / "summary.json").exists()
+    inflight = read_inflight(run_dir / "checkpoints" / f"step_{len(rows):06d}")
+    assert [(step, table.num_rows) for step, table, _, _ in inflight] == [(len(rows) + 1, 32)]
 
 
 def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):

@@ -1,4 +1,5 @@
-"""Checkpoint folders are read as JSON + safetensors only, and malformed ones are refused clearly."""
+"""Checkpoint folders are read as JSON + safetensors only, and malformed ones are refused clearly; a STOP file
+stops a run between steps once."""
 
 import json
 import pickle
@@ -106,3 +107,16 @@ def test_refit_probes_and_window_round_trip_beside_a_checkpoint(tmp_path):
     prune(tmp_path, 2)
     assert not any(p.exists() for p in refit_paths(tmp_path / "checkpoints" / "step_000004"))
     assert all(p.exists() for p in refit_paths(tmp_path / "checkpoints" / "step_000008"))
+
+
+def test_a_stop_file_is_seen_once_and_says_how_to_resume(tmp_path):
+    from pipeline.loop.driver import stop_requested
+
+    said: list[str] = []
+    assert not stop_requested(tmp_path, 4, said.append) and said == []
+    (tmp_path / "STOP").touch()
+    assert stop_requested(tmp_path, 4, said.append)
+    assert not (tmp_path / "STOP").exists()  # consumed: a resumed run does not stop at once
+    assert said == [f"{tmp_path / 'STOP'} found: stopping after step 4 with a checkpoint; continue with "
+                    f"`probe-rl run --resume {tmp_path}`"]
+    assert not stop_requested(tmp_path, 5, said.append) and len(said) == 1
