@@ -15,10 +15,11 @@ same way in both, since the receiving engine lives in vLLM's workers and is regi
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,29 @@ def _sampler_ops_eager(eager: bool) -> Iterator[None]:
             del os.environ["TORCHDYNAMO_DISABLE"]
         else:
             os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
+WORKER_DIED = "a vLLM worker process of this generator died"
+
+
+def _dies_with_its_engine(method: Callable) -> Callable:
+    """A call that fails because vLLM's engine died (a worker process killed: "Executor failed.", or its engine
+    process gone) ends this process instead of returning the error. vLLM marks its executor failed at once but
+    calls the failure callback (`Generator._exit_with_the_engine`) only after it has shut the other workers down,
+    so on a busy machine the call in hand fails first: without this the driver would get an ordinary error from a
+    generator that is about to exit, and stop the run, instead of a dead generator that it replaces."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            why = self._engine_dead()
+            if why:
+                _exit(why)
+            raise
+
+    return call
 
 
 class Generator:
@@ -173,6 +197,7 @@ class Generator:
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
 
+    @_dies_with_its_engine
     def generate(self, prompts: pa.Table, n: int, seed: int | None,
                  min_version: int = 0) -> tuple[pa.Table, GenerateStats]:
         """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
@@ -303,6 +328,7 @@ class Generator:
             table = table.append_column(probe_score_field(probe.name), pa.array(agg, pa.float32()))
         return table
 
+    @_dies_with_its_engine
     def set_probe(self, name: str, tensors: dict) -> None:
         """A refit probe: its new weights copied in place into the tensors vLLM's compiled forward reads."""
         probe = next(p for p in self.probes if p.name == name)
@@ -317,14 +343,17 @@ class Generator:
 
     # --- vLLM's weight-transfer protocol, called by the learner's trainer-side engine ----------------------
 
+    @_dies_with_its_engine
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         with self._weights_turn():
             self.llm.init_weight_transfer_engine({"init_info": init_info})
 
+    @_dies_with_its_engine
     def shutdown_weight_transfer_engine(self) -> None:
         with self._weights_turn():
             self.llm.shutdown_weight_transfer_engine()
 
+    @_dies_with_its_engine
     def start_weight_update(self) -> None:
         with self._weights_turn():
             if self.updating:
@@ -337,6 +366,7 @@ class Generator:
             self.llm.start_weight_update()
             self.updating = True
 
+    @_dies_with_its_engine
     def update_weights(self, update_info: dict) -> None:
         with self._weights_turn():
             try:
@@ -345,6 +375,7 @@ class Generator:
                 self._session_closed()  # vLLM closes a session whose update failed
                 raise
 
+    @_dies_with_its_engine
     def finish_weight_update(self, weight_version: str) -> int:
         with self._weights_turn():
             self.llm.finish_weight_update(weight_version)
@@ -362,6 +393,7 @@ class Generator:
             self.updating = False
             self._turn.notify_all()
 
+    @_dies_with_its_engine
     def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
         protocol with the inline backend, in chunks so the engine process never holds two full copies."""
@@ -380,6 +412,7 @@ class Generator:
             self.update_weights(_inline_info(chunk, dtype_name))
         return self.finish_weight_update(str(version))
 
+    @_dies_with_its_engine
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int, ablated: bool = False) -> list[list[int]]:
         """Greedy completions (token ids), for evaluation and the weight-sync check: of the policy itself, without
         the training-time ablation unless `ablated`."""
@@ -412,7 +445,7 @@ class Generator:
         def exit_process() -> None:
             if previous is not None:
                 previous()
-            _exit("a vLLM worker process of this generator died")
+            _exit(WORKER_DIED)
 
         executor.register_failure_callback(exit_process)
 
@@ -421,10 +454,14 @@ class Generator:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         return core, getattr(getattr(core, "engine_core", None), "model_executor", None)
 
-    def _engine_dead(self) -> bool:
+    def _engine_dead(self) -> str:
+        """Why this generator's vLLM engine is dead ("" while it is alive)."""
         core, executor = self._engine_parts()
-        return bool(getattr(executor, "is_failed", False) or getattr(getattr(core, "resources", None), "engine_dead",
-                                                                     False))
+        if getattr(executor, "is_failed", False):
+            return WORKER_DIED
+        if getattr(getattr(core, "resources", None), "engine_dead", False):
+            return "its vLLM engine is dead"
+        return ""
 
     def ready(self) -> int:
         return self.version
@@ -440,8 +477,9 @@ class Generator:
 
     def pid(self) -> int:
         """The health ping: this process's id, or the process ends here if its vLLM engine is dead."""
-        if self._engine_dead():
-            _exit("its vLLM engine is dead")
+        why = self._engine_dead()
+        if why:
+            _exit(why)
         return os.getpid()
 
 

@@ -11,6 +11,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# The tests that share the reference run (tests/integration/conftest.py: reference_run), by node id prefix: under
+# pytest-xdist they are one unit of work, so the run happens once. Checked at collection against the fixture.
+REFERENCE_RUN_USERS = ("tests/integration/test_exposure.py::", "tests/integration/test_recovery.py::",
+                       "tests/integration/test_pipeline.py::test_pipeline_runs_end_to_end")
+
+
+def work_unit(nodeid: str) -> str:
+    """What one pytest-xdist worker runs whole: a module (its module fixtures start once), or the reference run's
+    users together."""
+    if nodeid.startswith(REFERENCE_RUN_USERS):
+        return "reference_run"
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tiers: every integration test but the smoke run is `slow` (`pytest -m "not slow"`: the unit tests and one
     end-to-end run with every real role, the check before a commit). GPU tests are skipped without a CUDA device."""
@@ -19,6 +33,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in item.keywords and "smoke" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+        if "reference_run" in item.fixturenames and work_unit(item.nodeid) != "reference_run":
+            raise pytest.UsageError(f"{item.nodeid} uses the reference_run fixture: list it in tests/conftest.py: "
+                                    "REFERENCE_RUN_USERS")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -43,3 +60,26 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2` (pyproject's addopts): two workers, each taking a whole work unit (`work_unit`) at a time, in
+    collection order (the integration modules, the long ones, first), the next only once it is on the last test
+    of the one in hand, so that neither sits on queued work while the other is idle."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return ByUnit(config, log)
