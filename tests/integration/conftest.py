@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ from pipeline.config import load_config
 
 @pytest.fixture(scope="session")
 def toy_overrides(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("toy_cache")
+    # One toy cache for both pytest-xdist workers (the session's folder above theirs): the world is built once
+    # (about 25 s of CPU), by whichever worker gets there first, under the cache's own lock.
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy_cache"
+    cache.mkdir(exist_ok=True)
     return {
         "toy": {"cache_dir": str(cache), "sft_steps": 150, "probe_samples": 512},
         "task": {"num_prompts": 256, "eval_prompts": 32},

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import GeneratorConfig, LearnerConfig, ScorerConfig
 from pipeline.transport.weights import BACKEND_GLOO, BACKEND_INLINE
 
-from ._helpers import TIMEOUT, collective_sync, hf_greedy, start_learners, train_batch
+from ._helpers import TIMEOUT, collective_sync, hf_greedy, runs_as, start_learners, train_batch
 
 pytestmark = pytest.mark.integration
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
@@ -65,8 +65,15 @@ def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(tr
     worker processes (its multiprocess executor), each joins the weight-transfer group at a rank of its own and
     loads its shard of each tensor; greedy completions after the sync equal transformers' on the learner's weights
     (and differ from those before it). This is also the collective transport's greedy check into a separate
-    engine process (the parametrized test above checks the object store into both engine modes)."""
+    engine process (the parametrized test above checks the object store into both engine modes). Then the
+    generator is frozen (SIGSTOP) and stopped for good the way the fleet stops one it replaces (`Fleet.stop`):
+    vLLM's engine process and its two workers, which outlive a frozen actor, are ended within
+    pipeline.health_timeout_s and none is left running."""
+    import re
+
     from actors.generator import Generator
+    from pipeline.config import load_config
+    from pipeline.loop.fleet import Fleet
     from pipeline.loop.remote import Receiver, make_actor, wait
 
     learner, checkpoint = trained
@@ -81,7 +88,16 @@ def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(tr
     assert wait(gen.ready.remote(), "generator", TIMEOUT) == 3
     after = wait(gen.greedy.remote(prompts, 8), "generator", TIMEOUT)
     assert after == hf_greedy(checkpoint, prompts) and after != before
-    ray_local.kill(gen)
+    logs: list[str] = []
+    fleet = Fleet(load_config(overrides={"pipeline": {"health_timeout_s": 2.0}}), world, logs.append)
+    fleet.remember_processes(gen)
+    _, pids = fleet.processes[gen._actor_id.hex()]
+    assert len(pids) >= 4  # the actor, vLLM's engine process and its two workers
+    os.kill(pids[0], signal.SIGSTOP)
+    fleet.stop(gen)
+    assert all(re.fullmatch(r"killed \d+ process\(es\) of a stopped generator that outlived it by 2s", m)
+               for m in logs), logs  # never "still running"
+    assert [p for p in pids if runs_as(p, "")] == []
 
 
 class _Holder:
