@@ -106,8 +106,8 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
     return summary
 
 
-# Every role starts with a runtime environment of its own (QUIET_ENV), so it never takes one of the default
-# workers Ray would start in advance for a new local instance (one per CPU): those only cost start-up CPU and memory.
+# A new local instance starts no worker in advance (Ray would start one per CPU, and the roles, each started
+# once and kept, would not use them: they would only cost start-up CPU and memory).
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 
 

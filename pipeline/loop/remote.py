@@ -8,6 +8,7 @@ instead of a silent stall.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -100,10 +101,25 @@ def reserve(role: str, count: int, res: Resources, timeout_s: float, strategy: s
     return Placement(group, count)
 
 
+def _in_env(cls: type, env: dict[str, str]) -> type:
+    """`cls` (same name, so Ray titles its process `ray::<Class>` as before) whose instance first sets `env` in its
+    process's environment, before the role imports vLLM or transformers, which read it once. Not a per-actor
+    `runtime_env`: that makes Ray start every such worker through a set-up process of its own (about half a
+    CPU-second more per actor) and keeps it from using a worker the node started in advance."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        os.environ.update(env)
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+
+
 def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, memory_gib: float = 0.0,
                resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
                placement: tuple[Placement, int] | None = None, **kwargs: Any) -> Any:
-    """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group)."""
+    """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group), `env` set in its
+    process's environment before it starts."""
     # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own, and so do weight
     # calls that must reach a generator while it generates (the generator itself lets them in between steps).
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1,
@@ -113,7 +129,7 @@ def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, 
     if resources:
         opts["resources"] = dict(resources)
     if env:
-        opts["runtime_env"] = {"env_vars": env}
+        cls = _in_env(cls, env)
     if placement is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

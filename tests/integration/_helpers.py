@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -198,17 +199,24 @@ def http_answer(host: str, port: int) -> tuple[int | None, bytes]:
 
 
 def grpc_codes(host: str, port: int) -> set[str]:
+    """The status codes a client without Ray's token gets from each of `GRPC_METHODS` on this port (a server
+    answers UNIMPLEMENTED for services it does not run). A call that outruns its deadline (a server slow to
+    answer on a busy machine) is tried again with a longer one, twice, before DEADLINE_EXCEEDED counts."""
     import grpc
 
     codes = set()
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         for method in GRPC_METHODS:
             call = channel.unary_unary(method, request_serializer=lambda x: x, response_deserializer=lambda x: x)
-            try:
-                call(b"", timeout=3)
-                codes.add("OK")
-            except grpc.RpcError as e:
-                codes.add(e.code().name)
+            for timeout in (3, 10, 30):
+                try:
+                    call(b"", timeout=timeout)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+                if code != "DEADLINE_EXCEEDED":
+                    break
+            codes.add(code)
     return codes
 
 
@@ -356,3 +364,17 @@ def same_weights(a: Path, b: Path) -> None:
             differ = [k for k in keys if not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
             assert not differ, f"{sub}: {len(differ)} of {len(keys)} tensors differ, first {differ[0]}"
 
+
+@contextmanager
+def environ(**values: str):
+    """`values` set in this process's environment inside the block, the previous values back after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import LearnerConfig, load_config
 
-from ._helpers import TIMEOUT, same_rows, same_weights, steps_done, train_batch
+from ._helpers import TIMEOUT, environ, same_rows, same_weights, steps_done, train_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 SLOW_SWITCH = "probe-rl-multinode-slow"  # scorers sleep 1 s per call while a file of this name exists in tmp
@@ -29,16 +29,18 @@ def cluster(tmp_path_factory):
     switch = tmp_path_factory.mktemp("switch") / SLOW_SWITCH
     from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": LOCAL_RAY_SYSTEM_CONFIG})
-    nodes = {"gen": cluster.add_node(num_cpus=1, resources={"gen": 1})}
-    for name in ("score_a", "score_b"):
-        nodes[name] = cluster.add_node(num_cpus=1, resources={"score": 1})
-    for name in ("learn_a", "learn_b", "learn_c"):
-        nodes[name] = cluster.add_node(num_cpus=1, resources={"learn": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": {
-        "PROBE_RL_SLOW": f"scorer:1.0:{switch}", "VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}})
-    yield cluster, nodes, switch
+    # Every node, also one added mid-test, starts from this process's environment, and its workers from the
+    # node's (a job-level runtime_env would start every worker through a set-up process of its own).
+    with environ(PROBE_RL_SLOW=f"scorer:1.0:{switch}", VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error"):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": LOCAL_RAY_SYSTEM_CONFIG})
+        nodes = {"gen": cluster.add_node(num_cpus=1, resources={"gen": 1})}
+        for name in ("score_a", "score_b"):
+            nodes[name] = cluster.add_node(num_cpus=1, resources={"score": 1})
+        for name in ("learn_a", "learn_b", "learn_c"):
+            nodes[name] = cluster.add_node(num_cpus=1, resources={"learn": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield cluster, nodes, switch
     ray.shutdown()
     cluster.shutdown()
 
