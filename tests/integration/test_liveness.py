@@ -15,7 +15,18 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ._helpers import ROOT, TIMEOUT, Killer, hf_greedy, ray_worker_pids, runs_as, titled_pids, toy_args, train_batch
+from ._helpers import (
+    ROOT,
+    TIMEOUT,
+    Killer,
+    environ,
+    hf_greedy,
+    ray_worker_pids,
+    runs_as,
+    titled_pids,
+    toy_args,
+    train_batch,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +84,9 @@ def slow_ray(tmp_path_factory):
     from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
 
     switch = tmp_path_factory.mktemp("slow") / "buckets"
-    os.environ["PROBE_RL_SLOW"] = f"receiver:0.3:{switch}"  # inherited by every worker Ray starts
-    try:
+    with environ(PROBE_RL_SLOW=f"receiver:0.3:{switch}"):  # inherited by every worker Ray starts
         ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
                  _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-    finally:
-        del os.environ["PROBE_RL_SLOW"]
     yield switch
     ray.shutdown()
 
