@@ -111,9 +111,7 @@ def _dies_with_its_engine(method: Callable) -> Callable:
         try:
             return method(self, *args, **kwargs)
         except Exception:
-            why = self._engine_dead()
-            if why:
-                _exit(why)
+            _exit_if(self._engine_dead())
             raise
 
     return call
@@ -393,10 +391,10 @@ class Generator:
             self.updating = False
             self._turn.notify_all()
 
-    @_dies_with_its_engine
     def load_weights(self, weights: WireWeights | dict[str, torch.Tensor], version: int) -> int:
         """The object-store transport: `WireWeights` (or a state dict) as version `version`, through the same
-        protocol with the inline backend, in chunks so the engine process never holds two full copies."""
+        protocol with the inline backend, in chunks so the engine process never holds two full copies (each of those
+        calls dies with a dead engine itself)."""
         from pipeline.transport.weights import dtype_name, from_wire
 
         named = from_wire(weights)
@@ -477,9 +475,7 @@ class Generator:
 
     def pid(self) -> int:
         """The health ping: this process's id, or the process ends here if its vLLM engine is dead."""
-        why = self._engine_dead()
-        if why:
-            _exit(why)
+        _exit_if(self._engine_dead())
         return os.getpid()
 
 
@@ -538,6 +534,12 @@ def _exit(why: str) -> None:
 
     print(f"generator (pid {os.getpid()}): {why}; exiting so that it is replaced", file=sys.stderr, flush=True)
     os._exit(1)
+
+
+def _exit_if(why: str) -> None:
+    """End this process, saying why, when `why` is not empty (`Generator._engine_dead`'s answer)."""
+    if why:
+        _exit(why)
 
 
 def _inline_info(chunk, dtype_name) -> dict:
