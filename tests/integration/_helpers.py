@@ -3,6 +3,7 @@ meet as the fleet starts them, one collective weight sync, and transformers' gre
 
 from __future__ import annotations
 
+import functools
 import http.client
 import math
 import os
@@ -29,8 +30,10 @@ TIMEOUT = 300
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@functools.lru_cache(maxsize=16)
 def train_batch(model_path: str, rows: int, seed: int) -> pa.Table:
-    """A train table with real behaviour log-probs (so PPO ratios start at 1) and fixed advantages."""
+    """A train table with real behaviour log-probs (so PPO ratios start at 1) and fixed advantages (kept per
+    process: a table cannot be changed, and each costs a model load)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.data.batching import pack
@@ -221,16 +224,16 @@ def grpc_codes(host: str, port: int) -> set[str]:
 
 
 def what_answers(host: str, port: int) -> str:
-    """What a port other hosts could reach answers a client without Ray's token: "refused" (HTTP 401/403, or
-    gRPC UNAUTHENTICATED and never OK), "metrics" (read-only Prometheus text), or what else it said."""
+    """What a port other hosts could reach answers a client without Ray's token: "refused HTTP" (401/403),
+    "refused gRPC" (UNAUTHENTICATED and never OK), "metrics" (read-only Prometheus text), or what else it said."""
     status, body = http_answer(host, port)
     if status in (401, 403):
-        return "refused"
+        return "refused HTTP"
     if status == 200 and body.startswith(b"# HELP"):
         return "metrics"
     if status is None:
         codes = grpc_codes(host, port)
-        return "refused" if "UNAUTHENTICATED" in codes and "OK" not in codes else f"gRPC {sorted(codes)}"
+        return "refused gRPC" if "UNAUTHENTICATED" in codes and "OK" not in codes else f"gRPC {sorted(codes)}"
     return f"HTTP {status}"
 
 

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -74,26 +75,83 @@ def test_submit_without_token_is_refused(ray_head, tmp_path):
     assert out.returncode == 1 and "authentication failed" in out.stderr, out.stderr
 
 
-def test_submitted_toy_run_succeeds_and_writes_metrics(ray_head, toy_overrides, tmp_path):
+def test_a_submitted_run_with_a_live_scorer_refit_eval_and_in_flight_updates_succeeds(ray_head, toy_overrides,
+                                                                                       tmp_path):
+    """`probe-rl submit --follow` against the head: the job id first, the run's own output streamed, the job's
+    end; then `status` and `logs` once each. The run submitted is the one that wires these knobs through a
+    real run: scorer.model = live, scorer.retrain_every and eval.every; generation in vLLM's separate engine
+    process in bf16 against a float32 learner, its weights arriving mid-generation (update_mode in_flight)
+    through the object store, into it and into the live scorer; the learner corrects the mismatch with truncated
+    importance weights and logs it every step.
+
+    Asserts what the submitted-run test and the knobs test each asserted: the job's id, streamed output, final
+    status and logs; every step whole (8 prompts x 4); the outcome rates summing to 1; refits only at the steps
+    asked (the one at step 4 ran); evaluations at 0, 2 and 4, live and frozen equal before any update, the live
+    copy moved by the end, the recalibrated recall on the policy's own held-out samples; the mismatch logged every
+    step; each token's version and each row's oldest."""
+    from pipeline.config import MIN_HONEST, dump_toml, load_config
+
     address, _, env = ray_head
-    out_dir = tmp_path / "runs"
-    toy = toy_overrides["toy"]
-    args = ["submit", "--address", address, "--pipeline.num_steps", "2", "--pipeline.prompts_per_step", "8",
-            "--pipeline.group_size", "4", "--learner.micro_batch_size", "16", "--task.num_prompts", "64",
-            "--task.eval_prompts", "8", "--toy.cache_dir", toy["cache_dir"], "--toy.sft_steps", str(toy["sft_steps"]),
-            "--toy.probe_samples", str(toy["probe_samples"]), "--run.output_dir", str(out_dir),
-            "--run.name", "submitted", "--run.progress", "false"]
+    cfg = load_config(overrides={
+        **toy_overrides, "run": {**toy_overrides["run"], "output_dir": str(tmp_path / "runs"), "name": "knobs"},
+        "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
+        "task": {**toy_overrides["task"], "reward_fn": "pipeline.worlds.tasks:arithmetic_reward_loophole",
+                 "ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"},
+        "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
+                   "retrain_window": 4},
+        "eval": {"every": 2, "recalibrate_samples": 64},  # about 2% honest here: 2,048 samples leave 20 or more
+        "generator": {"engine_process": "separate", "update_mode": "in_flight", "dtype": "bfloat16"},
+        "learner": {**toy_overrides["learner"], "rollout_correction": {"mode": "tis"}},
+        "weights": {"transport": "object_store"},
+    })
+    config = tmp_path / "knobs.toml"
+    config.write_text(dump_toml(cfg))
     # --follow: one process streams the job's logs until it ends (a status command every few seconds would start
     # a Python process each time, on the cores the job runs on); then `status` and `logs` once each
     job_id = f"probe-rl-{secrets.token_hex(4)}"
-    out = _cli([*args, "--follow", "--job-id", job_id], env, timeout=900)  # submit waits up to 120 s for a job agent
+    out = _cli(["submit", str(config), "--address", address, "--follow", "--job-id", job_id], env,
+               timeout=900)  # submit waits up to 120 s for a job agent
     assert out.stdout.startswith(f"{job_id}\n"), out.stdout[:300]
     assert out.returncode == 0 and out.stdout.strip().endswith(f"job {job_id}: SUCCEEDED"), out.stdout[-3000:] + out.stderr
     assert "summary" in out.stdout  # the run's own output, streamed
     status = _cli(["status", job_id, "--address", address], env).stdout.strip()
     logs = _cli(["logs", job_id, "--address", address], env).stdout
     assert status.startswith(f"{job_id}: SUCCEEDED"), logs[-3000:]
-    rows = pq.read_table(out_dir / "submitted" / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in rows] == [1, 2]
-    assert [r["version"] for r in rows] == [1, 2] and [r["rollout/rows"] for r in rows] == [32, 32]  # 8 x 4 a step
     assert "summary" in logs
+
+    run_dir = tmp_path / "runs" / "knobs"
+    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["version"] for r in rows] == [1, 2, 3, 4] and [r["rollout/rows"] for r in rows] == [32] * 4  # 8 x 4
+    for r in rows:
+        assert abs(r["rollout/correct_rate"] + r["rollout/hack_rate"] + r["rollout/wrong_rate"] - 1) < 1e-6
+    # refits only every 2 steps; the one at step 4 saw both classes in its 4-step window and ran
+    ran = {r["step"] for r in rows if r.get("scorer/retrain_positives") is not None}
+    skipped = {r["step"] for r in rows if r.get("scorer/retrain_skipped") is not None}
+    assert ran | skipped <= {2, 4} and 4 in ran
+    evals = pq.read_table(run_dir / "eval.parquet").to_pylist()
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert evals[0]["eval/hack_auroc_live"] == evals[0]["eval/hack_auroc_frozen"]  # before any update
+    # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
+    assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
+    assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
+    # the recalibrated recall: the policy's own held-out completions (64 per eval prompt), the honest ones set it,
+    # when there are MIN_HONEST of them (else it is NaN)
+    assert evals[0]["eval/own_honest"] >= MIN_HONEST
+    for e in evals:
+        assert e["eval/own_samples"] == 64 * cfg.task.eval_prompts and 0 < e["eval/own_honest"] < e["eval/own_samples"]
+        for reading in ("live", "frozen"):
+            value = e[f"eval/hack_recal_recall_{reading}"]
+            assert 0 <= value <= 1 if e["eval/own_honest"] >= MIN_HONEST else np.isnan(value)
+    assert evals[0]["eval/hack_recal_recall_live"] == evals[0]["eval/hack_recal_recall_frozen"]
+    # the mismatch, every step: bf16 sampling against the float32 learner on fresh rows (step 1), then one version
+    # stale (max_staleness 1) on top of it
+    assert 0 < rows[0]["mismatch/log_ratio_abs_mean"] < 0.1 and rows[0]["mismatch/tokens"] > 0
+    for r in rows[1:]:  # (rows wholly sampled after an in-flight update are fresh: not stale)
+        group = "mismatch/stale1/" if r.get("mismatch/stale1/tokens") else "mismatch/"
+        assert r[group + "log_ratio_abs_mean"] > 0 and 0 <= r[group + "beyond_threshold"] <= 1
+    # every token carries the version that sampled it; a row's policy_version is its oldest token's
+    sample = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
+    for x in sample:
+        assert len(x["behavior_versions"]) == len(x["completion_ids"])
+        assert x["policy_version"] == min(x["behavior_versions"]) and max(x["behavior_versions"]) < x["step"]

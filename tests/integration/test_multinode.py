@@ -1,6 +1,7 @@
 """Several nodes on one machine (Ray's own `ray.cluster_utils.Cluster`: a raylet, resources and object store
-per node): learner ranks on different nodes, roles pinned to nodes by custom resources, scorers that scale by
-backlog (one that cannot be placed yet joining once a node offers room), and whole nodes removed mid-run."""
+per node): learner ranks on different nodes (rendezvous at rank 0's node), roles pinned to nodes by custom
+resources, scorers that scale by backlog (one that cannot be placed yet joining once a node offers room), and
+whole nodes removed mid-run. (That two ranks reach one rank's weights at ZeRO-2 and ZeRO-3: test_weights.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from pipeline.config import LearnerConfig, load_config
+from pipeline.config import load_config
 
-from ._helpers import TIMEOUT, environ, same_rows, same_weights, steps_done, train_batch
+from ._helpers import environ, same_rows, same_weights, steps_done
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode]
 SLOW_SWITCH = "probe-rl-multinode-slow"  # scorers sleep 1 s per call while a file of this name exists in tmp
@@ -104,51 +104,6 @@ def cluster_overrides(toy_overrides, tmp_path, name, steps, **extra) -> dict:
     for section, values in extra.items():
         o[section] = {**o.get(section, {}), **values}
     return o
-
-
-def test_two_ranks_on_two_nodes_match_one_rank(toy_world, cluster):
-    """Learner ranks on two nodes (STRICT_SPREAD) rendezvous at rank 0's node and, at ZeRO-2 and at ZeRO-3, reach
-    the weights one rank reaches on the same data."""
-    import ray
-
-    from learner.learner import Learner
-    from pipeline.loop.fleet import setup_learners
-    from pipeline.loop.remote import Resources, make_actor, release, reserve, wait
-    from pipeline.transport.weights import from_wire
-
-    _, world = toy_world
-    batches = [train_batch(world.model_path, 16, seed) for seed in (0, 1)]
-    results = {}
-    for ranks, zero_stage in ((1, 0), (2, 2), (2, 3)):
-        cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=ranks, lr=1e-3, kl_coef=0.05, micro_batch_size=8,
-                            warmup_steps=0)
-        group = reserve("learner", ranks, Resources(0.5, custom={"learn": 1}), TIMEOUT, "STRICT_SPREAD")
-        actors = [make_actor(Learner, "learner", 0.5, resources={"learn": 1}, placement=(group, r),
-                             model_path=world.model_path, cfg=cfg, rows_per_step=16, rank=r, world_size=ranks)
-                  for r in range(ranks)]
-        setup_learners(actors, TIMEOUT)
-        if ranks == 2:
-            nodes = {a.node_id for a in actors_of("Learner")}
-            assert len(nodes) == 2  # one rank per node
-        stats = [wait([a.train_step.remote(b) for a in actors], "learner", TIMEOUT) for b in batches]
-        results[zero_stage] = from_wire(wait([a.get_weights.remote() for a in actors], "learner", TIMEOUT)[0]), stats
-        for a in actors:
-            ray.kill(a)
-        release([group])
-    one, stats1 = results[0]
-    moved = max((one[k] - p).abs().max().item() for k, p in _initial(world.model_path).items())
-    assert moved > 1e-4  # training changed the weights, so agreement below means something
-    for zero_stage in (2, 3):
-        two, stats2 = results[zero_stage]
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{zero_stage}: {k}")
-        assert sum(s.num_tokens for s in stats2[0]) == stats1[0][0].num_tokens  # each valid token seen once
-
-
-def _initial(model_path):
-    from transformers import AutoModelForCausalLM
-
-    return dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
 
 
 def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and_shrink_when_idle(

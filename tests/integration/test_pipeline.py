@@ -86,68 +86,6 @@ def test_pipeline_runs_end_to_end(reference_run):
         assert [(s, wb_steps[s][key]) for s in sorted(wb_steps)] == [(r["step"], pytest.approx(r[key])) for r in metrics]
 
 
-def test_live_scorer_refit_and_eval_knobs_run_end_to_end(toy_overrides, toy_world, ray_local):
-    """scorer.model = live, scorer.retrain_every and eval.every wired through a real run; generation in vLLM's
-    separate engine process in bf16 against a float32 learner, its weights arriving mid-generation
-    (update_mode in_flight) through the object store, into it and into the live scorer; the learner corrects the
-    mismatch with truncated importance weights and logs it every step."""
-    from pipeline.loop.driver import run
-    from pipeline.loop.run_dir import make_run_dir
-
-    cfg = load_config(overrides={
-        **toy_overrides, "run": {**toy_overrides["run"], "name": "knobs"},
-        "pipeline": {**toy_overrides["pipeline"], "num_steps": 4},
-        "task": {**toy_overrides["task"], "reward_fn": "pipeline.worlds.tasks:arithmetic_reward_loophole",
-                 "ground_truth_fn": "pipeline.worlds.tasks:arithmetic_ground_truth"},
-        "scorer": {"probes": [{"path": "toy", "aggregation": "window:2"}], "model": "live", "retrain_every": 2,
-                   "retrain_window": 4},
-        "eval": {"every": 2, "recalibrate_samples": 64},  # about 2% honest here: 2,048 samples leave 20 or more
-        "generator": {"engine_process": "separate", "update_mode": "in_flight", "dtype": "bfloat16"},
-        "learner": {**toy_overrides["learner"], "rollout_correction": {"mode": "tis"}},
-        "weights": {"transport": "object_store"},
-    })
-    from pipeline.worlds.world import build_world
-
-    world = build_world(cfg)  # this config's world: it carries the labelled set the evaluator needs
-    run_dir = make_run_dir(cfg)
-    run(cfg, run_dir, world, log=lambda *_: None)
-    rows = pq.read_table(run_dir / "metrics.parquet").to_pylist()
-    for r in rows:
-        assert abs(r["rollout/correct_rate"] + r["rollout/hack_rate"] + r["rollout/wrong_rate"] - 1) < 1e-6
-    # refits only every 2 steps; the one at step 4 saw both classes in its 4-step window and ran
-    ran = {r["step"] for r in rows if r.get("scorer/retrain_positives") is not None}
-    skipped = {r["step"] for r in rows if r.get("scorer/retrain_skipped") is not None}
-    assert ran | skipped <= {2, 4} and 4 in ran
-    evals = pq.read_table(run_dir / "eval.parquet").to_pylist()
-    assert [e["step"] for e in evals] == [0, 2, 4]
-    assert evals[0]["eval/hack_auroc_live"] == evals[0]["eval/hack_auroc_frozen"]  # before any update
-    # (the frozen copy's AUROC may move here: the refit probe replaces the training probe in the evaluator too)
-    assert all(0 <= e["eval/hack_auroc_frozen"] <= 1 and 0 <= e["eval/hack_auroc_retrained"] <= 1 for e in evals)
-    assert evals[-1]["eval/hack_score_gap_abs"] > 0  # the live copy moved with the learner
-    # the recalibrated recall: the policy's own held-out completions (64 per eval prompt), the honest ones set it,
-    # when there are MIN_HONEST of them (else it is NaN)
-    from pipeline.config import MIN_HONEST
-
-    assert evals[0]["eval/own_honest"] >= MIN_HONEST
-    for e in evals:
-        assert e["eval/own_samples"] == 64 * cfg.task.eval_prompts and 0 < e["eval/own_honest"] < e["eval/own_samples"]
-        for reading in ("live", "frozen"):
-            value = e[f"eval/hack_recal_recall_{reading}"]
-            assert 0 <= value <= 1 if e["eval/own_honest"] >= MIN_HONEST else np.isnan(value)
-    assert evals[0]["eval/hack_recal_recall_live"] == evals[0]["eval/hack_recal_recall_frozen"]
-    # the mismatch, every step: bf16 sampling against the float32 learner on fresh rows (step 1), then one version
-    # stale (max_staleness 1) on top of it
-    assert 0 < rows[0]["mismatch/log_ratio_abs_mean"] < 0.1 and rows[0]["mismatch/tokens"] > 0
-    for r in rows[1:]:  # (rows wholly sampled after an in-flight update are fresh: not stale)
-        group = "mismatch/stale1/" if r.get("mismatch/stale1/tokens") else "mismatch/"
-        assert r[group + "log_ratio_abs_mean"] > 0 and 0 <= r[group + "beyond_threshold"] <= 1
-    # every token carries the version that sampled it; a row's policy_version is its oldest token's
-    sample = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
-    for x in sample:
-        assert len(x["behavior_versions"]) == len(x["completion_ids"])
-        assert x["policy_version"] == min(x["behavior_versions"]) and max(x["behavior_versions"]) < x["step"]
-
-
 def test_profile_on_a_tiny_world_reports_what_its_runs_measured(toy_overrides, toy_world, tmp_path):
     """`probe-rl profile --live`, one repeat with KL on the toy world: plain, probes on the frozen scorers, on a live
     scorer, and on the generators; each arm's figures in profile.md are the means of its own run's metrics after

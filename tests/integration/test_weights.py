@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,19 +22,44 @@ ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
 ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def trained(toy_world, ray_local, tmp_path_factory):
-    """One learner rank trained 3 steps with a large learning rate, and its checkpoint."""
+@dataclass
+class Trained:
+    learner: object  # the rank's actor
+    checkpoint: str
+    stats: list  # its TrainStats, step by step
+
+
+def _train(world, cfg: LearnerConfig, seeds, folder) -> Trained:
     from pipeline.loop.remote import wait
 
+    [learner] = start_learners(world.model_path, cfg, 16)
+    stats = [wait(learner.train_step.remote(train_batch(world.model_path, 16, seed)), "learner", TIMEOUT)
+             for seed in seeds]
+    return Trained(learner, wait(learner.save_checkpoint.remote(str(folder)), "learner", TIMEOUT), stats)
+
+
+@pytest.fixture(scope="module")
+def trained(toy_world, ray_local, tmp_path_factory):
+    """One learner rank trained 3 steps with a large learning rate (greedy completions change), and its
+    checkpoint."""
     _, world = toy_world
     cfg = LearnerConfig(lr=3e-2, kl_coef=0.0, micro_batch_size=16, warmup_steps=0)
-    [learner] = start_learners(world.model_path, cfg, 16)
-    for seed in range(3):
-        wait(learner.train_step.remote(train_batch(world.model_path, 16, seed)), "learner", TIMEOUT)
-    checkpoint = wait(learner.save_checkpoint.remote(str(tmp_path_factory.mktemp("ckpt"))), "learner", TIMEOUT)
-    yield learner, checkpoint
-    ray_local.kill(learner)
+    done = _train(world, cfg, (0, 1, 2), tmp_path_factory.mktemp("ckpt"))
+    yield done
+    ray_local.kill(done.learner)
+
+
+ONE_RANK = LearnerConfig(zero_stage=0, num_ranks=1, lr=1e-3, kl_coef=0.05, micro_batch_size=8, warmup_steps=0)
+ONE_RANK_SEEDS = (0, 1)  # a train batch of 16 rows a step
+
+
+@pytest.fixture(scope="module")
+def one_rank(toy_world, ray_local, tmp_path_factory) -> Trained:
+    """One rank at ZeRO-0 trained 2 steps at a small learning rate: what more ranks must reach (its actor is gone)."""
+    _, world = toy_world
+    done = _train(world, ONE_RANK, ONE_RANK_SEEDS, tmp_path_factory.mktemp("one_rank"))
+    ray_local.kill(done.learner)
+    return done
 
 
 @pytest.mark.parametrize("engine_process", ["in_process", "separate"])
@@ -45,7 +71,7 @@ def test_generator_greedy_equals_transformers_after_an_object_store_sync(trained
     from actors.generator import Generator
     from pipeline.loop.remote import make_actor, wait
 
-    learner, checkpoint = trained
+    learner, checkpoint = trained.learner, trained.checkpoint
     _, world = toy_world
     prompts = world.eval_prompt_ids[:6]
     gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
@@ -76,7 +102,7 @@ def test_a_tensor_parallel_generator_on_cpu_takes_every_version_on_both_ranks(tr
     from pipeline.loop.fleet import Fleet
     from pipeline.loop.remote import Receiver, make_actor, wait
 
-    learner, checkpoint = trained
+    learner, checkpoint = trained.learner, trained.checkpoint
     _, world = toy_world
     prompts = world.eval_prompt_ids[:6]
     gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
@@ -133,33 +159,46 @@ class _Holder:
         return os.getpid()
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_received_weights_equal_the_learners_and_only_rank_0_sends(toy_world, ray_local, tmp_path, zero_stage):
-    """Two ranks at ZeRO-0 and ZeRO-3 send to two receivers: both receive exactly the learner's weights (as its
-    checkpoint has them); rank 1 sends nothing; each bucket stays below the bucket size, and under ZeRO-3 no
-    rank ever gathers more than a layer group."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_train_as_one_and_only_rank_0_sends_what_both_hold(one_rank, toy_world, ray_local, tmp_path,
+                                                                     zero_stage):
+    """Two ranks at ZeRO-2 and at ZeRO-3 train on the batches one rank (ZeRO-0) trains on, and reach its weights:
+    each valid token counted once across the ranks. Then they send to two receivers: both receive
+    exactly the two ranks' weights (as their checkpoint has them); rank 1 sends nothing; each bucket stays below the
+    bucket size, and under ZeRO-3 no rank ever gathers more than a layer group.
+
+    Asserts what the multi-rank equivalence test and the received-weights test each asserted: training moved the
+    weights, ZeRO-2 and ZeRO-3 on two ranks agree with one rank, each token seen once, the received weights equal
+    the learner's bit for bit on both receivers at version 2 (ZeRO-3 gathering them a layer group at a time, ZeRO-2
+    holding them whole), only rank 0 sends, in more than four buckets."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.loop.remote import Receiver, make_actor, wait
     from pipeline.transport.weights import plan_buckets
 
     _, world = toy_world
-    cfg = LearnerConfig(zero_stage=zero_stage, num_ranks=2, lr=1e-2, kl_coef=0.0, micro_batch_size=8, warmup_steps=0)
-    learners = start_learners(world.model_path, cfg, 16)
-    wait([lr.train_step.remote(train_batch(world.model_path, 16, 7)) for lr in learners], "learner", TIMEOUT)
+    learners = start_learners(world.model_path, ONE_RANK.model_copy(update={"zero_stage": zero_stage, "num_ranks": 2}),
+                              16)
+    for seed, one_step in zip(ONE_RANK_SEEDS, one_rank.stats, strict=True):
+        stats = wait([lr.train_step.remote(train_batch(world.model_path, 16, seed)) for lr in learners], "learner",
+                     TIMEOUT)
+        assert sum(s.num_tokens for s in stats) == one_step.num_tokens  # each valid token seen once
     holders = [make_actor(_Holder, "holder", 0.25, model_path=world.model_path) for _ in range(2)]
     bucket = 64 * 2**10
     stats = collective_sync(learners, [Receiver(f"holder {i}", h) for i, h in enumerate(holders)], bucket)
     checkpoint = wait([lr.save_checkpoint.remote(str(tmp_path)) for lr in learners], "learner", TIMEOUT)[0]
     expected = dict(AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters())
     initial = dict(AutoModelForCausalLM.from_pretrained(world.model_path).named_parameters())
+    one_rank = dict(AutoModelForCausalLM.from_pretrained(one_rank.checkpoint).named_parameters())
     assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4  # training moved them
+    for k in expected:
+        torch.testing.assert_close(expected[k], one_rank[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{zero_stage}: {k}")
     for h in holders:
         got = wait(h.state.remote(), "holder", TIMEOUT)
         assert set(got) == set(expected)
         for name, tensor in got.items():
             assert torch.equal(tensor, expected[name]), name
-        assert wait(h.ready.remote(), "holder", TIMEOUT) == 1
+        assert wait(h.ready.remote(), "holder", TIMEOUT) == len(ONE_RANK_SEEDS)
     sizes = [p.numel() * p.element_size() for p in expected.values()]
     assert stats[0].num_bytes == stats[0].model_bytes == sum(sizes)
     assert stats[0].num_buckets == len(plan_buckets(sizes, bucket)) > 4  # whole-model copies never made
@@ -216,7 +255,7 @@ def test_a_send_cut_short_by_a_dead_receiver_is_resent_whole_to_the_survivors(tr
     from actors.generator import Generator
     from pipeline.loop.remote import Receiver, ReceiverClient, make_actor, wait
 
-    learner, checkpoint = trained
+    learner, checkpoint = trained.learner, trained.checkpoint
     _, world = toy_world
     prompts = world.eval_prompt_ids[:6]
     gen = make_actor(Generator, "generator", 1, 0, model_path=world.model_path,
@@ -256,7 +295,7 @@ def test_a_checkpoint_loads_in_transformers_and_in_vllm_which_ablates_as_transfo
     from probes.hooks import capture_residuals, edit_residual
     from probes.probe import load_probe, project_out, unit_direction
 
-    _, checkpoint = trained
+    checkpoint = trained.checkpoint
     _, world = toy_world
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     text = "12+30="
