@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -60,16 +61,20 @@ class Background(threading.Thread):
     """A run on a thread of its own, so that the test's main thread can change the cluster meanwhile (Ray starts
     a node only from the main thread)."""
 
-    def __init__(self, cfg, world, log=lambda *_: None) -> None:
+    def __init__(self, cfg, world, log=lambda *_: None, resume: Path | None = None) -> None:
+        """`resume`: the run folder of a run to carry on (`probe-rl run --resume`), from its newest checkpoint."""
         super().__init__(daemon=True)
-        self.cfg, self.world, self.log, self.error = cfg, world, log, None
+        self.cfg, self.world, self.log, self.resume, self.error = cfg, world, log, resume, None
 
     def run(self) -> None:
         from pipeline.loop.driver import run
-        from pipeline.loop.run_dir import make_run_dir
+        from pipeline.loop.run_dir import latest_checkpoint, make_run_dir
 
         try:
-            run(self.cfg, make_run_dir(self.cfg), self.world, log=self.log)
+            if self.resume is None:
+                run(self.cfg, make_run_dir(self.cfg), self.world, log=self.log)
+            else:
+                run(self.cfg, self.resume, self.world, log=self.log, resume_from=latest_checkpoint(self.resume))
         except BaseException as e:  # handed to the test, which raises it
             self.error = e
 
@@ -115,7 +120,8 @@ def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and
     retire one at a time, each draining first, back to 1. Every step has all its rollouts. Then the run is
     stopped with a STOP file in its folder (each phase takes as many steps as the machine needs): it stops
     between steps, with a checkpoint of the last step and the rollouts already launched beside it, and no
-    summary.json (it did not finish).
+    summary.json (it did not finish). Resumed (`--resume`), it trains the next step on those rollouts (not on
+    new ones from the newer weights), appends its rows, and stops again at the next STOP.
 
     Asserts what the local scaling test and the placement test each asserted: the growth 1 -> 2 -> 3 one at a
     time, steps finishing while a scorer was joining, the log lines of a start, a join and a retirement, the
@@ -171,6 +177,24 @@ def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and
     assert not (run_dir / "STOP").exists() and not (run_dir / "summary.json").exists()
     inflight = read_inflight(run_dir / "checkpoints" / f"step_{len(rows):06d}")
     assert [(step, table.num_rows) for step, table, _, _ in inflight] == [(len(rows) + 1, 32)]
+
+    # Resumed: the next step is trained on the rollouts launched before the stop, then a second STOP ends it.
+    stopped = len(rows)
+    log.clear()
+    again = Background(cfg, world, log.append, resume=run_dir)
+    again.start()
+    wait_for(lambda: steps_done(metrics) > stopped or not again.is_alive(), what="a step after the resume")
+    (run_dir / "STOP").touch()
+    again.finish()
+    rows = rows_of(metrics)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > stopped  # appended, once each
+    assert [r["rollout/rows"] for r in rows] == [32] * len(rows)
+    assert any(f"stopping after step {len(rows)}" in m for m in log), log[-5:]
+    sampled = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
+    resumed_step = [x for x in sampled if x["step"] == stopped + 1]
+    [(_, launched, _, _)] = inflight
+    assert resumed_step and {x["policy_version"] for x in resumed_step} == set(launched.column("policy_version").to_pylist())
+    assert {tuple(x["completion_ids"]) for x in resumed_step} <= {tuple(c) for c in launched.column("completion_ids").to_pylist()}
 
 
 def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):
