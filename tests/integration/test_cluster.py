@@ -1,4 +1,6 @@
-"""A real Ray head (`ray start --head`) with token authentication, and `probe-rl submit` against it."""
+"""A real Ray head (`ray start --head`) with token authentication, and `probe-rl submit` against it: refused
+without the token; with it, a submitted run (the one that wires a live scorer, probe refits, evaluations and
+in-flight weight updates) succeeds and its files say what those knobs did."""
 
 from __future__ import annotations
 

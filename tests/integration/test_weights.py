@@ -189,10 +189,10 @@ def test_two_ranks_train_as_one_and_only_rank_0_sends_what_both_hold(one_rank, t
     checkpoint = wait([lr.save_checkpoint.remote(str(tmp_path)) for lr in learners], "learner", TIMEOUT)[0]
     expected = dict(AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters())
     initial = dict(AutoModelForCausalLM.from_pretrained(world.model_path).named_parameters())
-    one_rank = dict(AutoModelForCausalLM.from_pretrained(one_rank.checkpoint).named_parameters())
+    reached = dict(AutoModelForCausalLM.from_pretrained(one_rank.checkpoint).named_parameters())  # by one rank
     assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4  # training moved them
     for k in expected:
-        torch.testing.assert_close(expected[k], one_rank[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{zero_stage}: {k}")
+        torch.testing.assert_close(expected[k], reached[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{zero_stage}: {k}")
     for h in holders:
         got = wait(h.state.remote(), "holder", TIMEOUT)
         assert set(got) == set(expected)
