@@ -28,6 +28,8 @@ from pipeline.config import LearnerConfig, ShapingConfig
 from pipeline.faults import maybe_fail_step
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from learner.weight_source import PolicySource
     from pipeline.transport.weights import SendStats, WireWeights
 
@@ -177,21 +179,15 @@ class Learner:
         import torch
 
         from learner.losses import combine_sums, mismatch_sums, ppo_loss
-        from pipeline.data.batching import finite_rows, pack
+        from pipeline.data.batching import pack
         from pipeline.data.logprobs import model_logprobs
 
         start = time.perf_counter()
         maybe_fail_step(self.version + 1)
         assert table.num_rows == self.rows_per_rank * self.world_size, (table.num_rows, self.rows_per_rank)
         use_ref = self.cfg.kl_coef > 0
-        # A row with a non-finite behaviour or reference log-prob gets no gradient; every rank sees the whole
-        # table, so all agree on the denominators below.
-        finite = finite_rows(table, ["behavior_logprobs"] + (["ref_logprobs"] if use_ref else []))
-        rows = table.column("loss_mask").to_numpy(zero_copy_only=False)
-        nonfinite = int((rows & ~finite).sum())
-        if nonfinite:
-            field = table.schema.get_field_index("loss_mask")
-            table = table.set_column(field, table.schema.field(field), pa.array(rows & finite, pa.bool_()))
+        # every rank sees the whole table, so all agree on the denominators below
+        table, finite, nonfinite = _mask_nonfinite(table, ["behavior_logprobs"] + (["ref_logprobs"] if use_ref else []))
         global_tokens, global_rows = _valid_tokens(table), _valid_rows(table)
         shard = table.slice(self.rank * self.rows_per_rank, self.rows_per_rank)
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo both so
@@ -518,6 +514,21 @@ def _grad_norm(module) -> float:
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _mask_nonfinite(table: pa.Table, columns: list[str]) -> tuple[pa.Table, np.ndarray, int]:
+    """A row with a non-finite value in one of `columns` (log-probs) gets no gradient: the table with such rows
+    masked out of `loss_mask`, which rows are finite, and how many of the rows that would have counted were
+    masked."""
+    from pipeline.data.batching import finite_rows
+
+    finite = finite_rows(table, columns)
+    rows = table.column("loss_mask").to_numpy(zero_copy_only=False)
+    nonfinite = int((rows & ~finite).sum())
+    if nonfinite:
+        field = table.schema.get_field_index("loss_mask")
+        table = table.set_column(field, table.schema.field(field), pa.array(rows & finite, pa.bool_()))
+    return table, finite, nonfinite
 
 
 def _valid_rows(table: pa.Table) -> int:
