@@ -38,13 +38,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
-    from actors.scorer import Scorer
-    from pipeline.config import ScorerConfig
-    from pipeline.data.batching import pack, padding_waste, token_budget_batches
-    from pipeline.data.logprobs import token_logprobs
-    from probes.hooks import capture_residuals
     from probes.probe import LinearProbe
 
     tmp = Path(tempfile.gettempdir()) / f"probe-rl-bench-llama-{args.layers}x{args.hidden}"
@@ -57,8 +50,19 @@ def main() -> None:
     print(f"model: random Llama, {args.layers} layers, hidden {args.hidden}; {args.seqs} sequences, "
           f"{sum(len(p) + len(c) for p, c in zip(table['prompt_ids'].to_pylist(), table['completion_ids'].to_pylist(), strict=True))} tokens; "
           f"probe at layer {mid}; {args.threads} threads")
+    _hook_overhead(model_dir, table, mid, args.repeats)
+    _scorer_passes(model_dir, probe, table, (mid + 1) / args.layers, args.repeats)
+    _batching(model_dir, probe, table, args.repeats)
 
-    # 1. Hook overhead on the same padded batch: identical forward with and without the capture.
+
+def _hook_overhead(model_dir: str, table, layer: int, repeats: int) -> None:
+    """1. Hook overhead on the same padded batch: identical forward with and without the capture."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.batching import pack
+    from pipeline.data.logprobs import token_logprobs
+    from probes.hooks import capture_residuals
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     batch = pack(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist())
 
@@ -68,33 +72,43 @@ def main() -> None:
                                   batch.input_ids)
 
     def hooked():
-        with torch.no_grad(), capture_residuals(model, [mid]):
+        with torch.no_grad(), capture_residuals(model, [layer]):
             return token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                   batch.input_ids)
 
-    t = interleaved({"unhooked": plain, "hooked": hooked}, args.repeats)
+    t = interleaved({"unhooked": plain, "hooked": hooked}, repeats)
     r, spread = ratio(t["hooked"], t["unhooked"])
     print(f"\n[hook overhead] unhooked {summary(t['unhooked'])}\n                hooked   {summary(t['hooked'])}")
     print(f"  hooked / unhooked = {r:.4f} ± {spread:.4f}   (target <= 1.02)")
 
-    # 2. Scorer end to end: reference only (plain RLHF with KL) vs reference + probe in one fused pass,
-    #    and without KL: probe on a pass truncated after its layer vs a full pass.
+
+def _scorer_passes(model_dir: str, probe, table, expected: float, repeats: int) -> None:
+    """2. Scorer end to end: reference only (plain RLHF with KL) vs reference + probe in one fused pass, and
+    without KL: probe on a pass truncated after its layer vs a full pass (`expected`: layers used / total)."""
+    from actors.scorer import Scorer
+    from pipeline.config import ScorerConfig
+
     cfg = ScorerConfig(token_budget=1 << 20, batch_size=1 << 20)
     ref_only = Scorer(model_path=model_dir, probe_paths=[], cfg=cfg, compute_ref=True)
     fused = Scorer(model_path=model_dir, probe_paths=probe, cfg=cfg, compute_ref=True)
     cut = Scorer(model_path=model_dir, probe_paths=probe, cfg=cfg, compute_ref=False)
     t = interleaved({"ref": lambda: ref_only.score(table), "fused": lambda: fused.score(table),
-                     "truncated": lambda: cut.score(table)}, args.repeats)
+                     "truncated": lambda: cut.score(table)}, repeats)
     r, spread = ratio(t["fused"], t["ref"])
     r_cut, spread_cut = ratio(t["truncated"], t["ref"])
-    expected = (mid + 1) / args.layers
     print(f"\n[scorer] reference only     {summary(t['ref'])}\n         reference + probe {summary(t['fused'])}"
           f"\n         probe, truncated  {summary(t['truncated'])}")
     print(f"  fused / reference-only = {r:.4f} ± {spread:.4f}   (the probe's cost on top of a KL pass; target ~1)")
     print(f"  truncated / full pass  = {r_cut:.4f} ± {spread_cut:.4f}   (layers used / total = {expected:.3f}; "
           "the rest is embedding, no LM head, Arrow)")
 
-    # 3. Token-budget batching vs fixed-size batches in arrival order.
+
+def _batching(model_dir: str, probe, table, repeats: int) -> None:
+    """3. Token-budget batching vs fixed-size batches in arrival order."""
+    from actors.scorer import Scorer
+    from pipeline.config import ScorerConfig
+    from pipeline.data.batching import padding_waste, token_budget_batches
+
     lengths = [len(p) + len(c) for p, c in zip(table["prompt_ids"].to_pylist(), table["completion_ids"].to_pylist(), strict=True)]
     fixed_rows = 16
     fixed = [list(range(i, min(i + fixed_rows, len(lengths)))) for i in range(0, len(lengths), fixed_rows)]
@@ -102,7 +116,7 @@ def main() -> None:
     packed = token_budget_batches(lengths, budget, 1 << 20)
     by_budget = Scorer(model_path=model_dir, probe_paths=probe, cfg=ScorerConfig(token_budget=budget, batch_size=1 << 20), compute_ref=True)
     by_rows = Scorer(model_path=model_dir, probe_paths=probe, cfg=ScorerConfig(token_budget=1 << 30, batch_size=fixed_rows), compute_ref=True)
-    t = interleaved({"fixed": lambda: _in_order(by_rows, table), "budget": lambda: by_budget.score(table)}, args.repeats)
+    t = interleaved({"fixed": lambda: _in_order(by_rows, table), "budget": lambda: by_budget.score(table)}, repeats)
     r, spread = ratio(t["budget"], t["fixed"])
     print(f"\n[batching] fixed {fixed_rows} rows in arrival order: padding waste {padding_waste(lengths, fixed):.1%}, "
           f"{summary(t['fixed'])}")
