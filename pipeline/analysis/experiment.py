@@ -87,7 +87,8 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
     import ray
 
     from pipeline.analysis.report import write_report
-    from pipeline.loop.driver import init_ray, run
+    from pipeline.loop.driver import run
+    from pipeline.loop.remote import init_ray
     from pipeline.loop.run_dir import finished, restart_run_dir
     from pipeline.worlds.world import build_world
 

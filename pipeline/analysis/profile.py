@@ -94,7 +94,7 @@ class _Session:
     """The worlds and the one Ray instance the profile's runs share (started only when a run is left to do)."""
 
     def __init__(self, arms: dict[str, Config], log) -> None:
-        from pipeline.loop.driver import init_ray
+        from pipeline.loop.remote import init_ray
         from pipeline.worlds.world import build_world
 
         # one world per kind of arm (plain, probes, live, gen): they differ in where the probes are read

@@ -7,7 +7,8 @@ the generator actors while the learner trains, so the two overlap; the version e
 from is tracked and the staleness of each batch is checked. The actors themselves, and everything that
 keeps them alive (start, replace, scale, push weights, restart the learner), belong to
 `pipeline/loop/fleet.py`; evaluation points and the probe refit to `pipeline/loop/evaluation.py`; the metrics row and
-the summary to `pipeline/loop/metrics.py`; run folders and resuming to `pipeline/loop/run_dir.py`.
+the summary to `pipeline/loop/metrics.py`; run folders, resuming and the STOP file to
+`pipeline/loop/run_dir.py`; joining Ray (`init_ray`) to `pipeline/loop/remote.py`.
 
 Checkpoint v is taken in step v+1, after that step's rollouts are in and before the learner trains on
 them, together with every rollout already launched (`checkpoints/step_v.inflight.parquet`): those came
@@ -19,8 +20,6 @@ rollouts, so the steps after it are the steps an uninterrupted run takes.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pipeline.loop.evaluation import ProbeRetrainer, greedy_accuracy, probe_eval
 from pipeline.loop.loggers import Loggers
 from pipeline.loop.metrics import ParquetSink, StageTimer, log_step, step_metrics, summarize, sync_metrics
 from pipeline.loop.rewarder import Rewarder
-from pipeline.loop.run_dir import make_run_dir, previous_samples, write_samples
+from pipeline.loop.run_dir import make_run_dir, previous_samples, stop_requested, write_samples
 from pipeline.worlds.world import World, build_world
 
 if TYPE_CHECKING:
@@ -88,6 +87,7 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
     import ray
 
     from pipeline.loop.fleet import Fleet
+    from pipeline.loop.remote import init_ray
 
     owns_ray = not ray.is_initialized()  # a caller (a test, a notebook) may hold a Ray instance already
     if owns_ray:
@@ -104,27 +104,6 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
     if "stopped_at_step" not in summary:  # summary.json marks a finished run (experiment and profile skip it)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-# A new local instance starts no worker in advance (Ray would start one per CPU, and the roles, each started
-# once and kept, would not use them: they would only cost start-up CPU and memory).
-LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
-
-
-def init_ray(cfg: Config) -> None:
-    import ray
-
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")  # set inside a submitted Ray job
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    # A local instance with the CPUs the roles reserve (they share real cores; scorers up to scorer.max_workers)
-    # and no dashboard. Ray 2.60 resolves a loopback node address to the machine's own and binds its servers to
-    # every interface; its token authentication (on by default, token in ~/.ray/auth_token) keeps other hosts
-    # out (tests/integration/test_exposure.py). address="local": a new instance of its own, never a cluster that
-    # `ray start` (or Ray's test cluster) happened to leave registered on this machine.
-    ray.init(address="local", num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True,
-             configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def launch_step(cfg: Config, world: World, fleet: Fleet, step: int) -> InFlight:
@@ -308,21 +287,6 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         return {**summarize(loop.sink.rows, eval_start, None, final, run_dir), "stopped_at_step": loop.version}
     eval_end = greedy_accuracy(cfg, world, fleet)
     return summarize(loop.sink.rows, eval_start, eval_end, final, run_dir)
-
-
-STOP_FILE = "STOP"
-
-
-def stop_requested(run_dir: Path, version: int, log: Callable[[str], None] = print) -> bool:
-    """Whether a user asked the run to stop, by creating `run_dir/STOP` (`touch RUN_DIR/STOP`): checked between
-    steps; the file is removed, so `probe-rl run --resume RUN_DIR` carries on."""
-    stop = run_dir / STOP_FILE
-    if not stop.exists():
-        return False
-    stop.unlink(missing_ok=True)
-    log(f"{stop} found: stopping after step {version} with a checkpoint; continue with "
-        f"`probe-rl run --resume {run_dir}`")
-    return True
 
 
 class LoopState:

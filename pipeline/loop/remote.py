@@ -1,4 +1,5 @@
-"""The one place where plain classes become Ray actors, and every remote wait gets a timeout.
+"""The one place where plain classes become Ray actors, and every remote wait gets a timeout; and how a run
+joins Ray (`init_ray`: the cluster it was given, or a new local instance).
 
 Roles are plain classes (actors/, learner/); `make_actor` wraps one with `ray.remote` and the
 role's resources, inside the role's placement group when it has one (`reserve`). `wait` is the only
@@ -8,6 +9,7 @@ instead of a silent stall.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -19,7 +21,7 @@ import ray
 if TYPE_CHECKING:
     from ray import ObjectRef
 
-    from pipeline.config import RoleResources
+    from pipeline.config import Config, RoleResources
 
 
 class RoleTimeout(RuntimeError):
@@ -385,3 +387,24 @@ def bind_address() -> str:
     here = node_address()
     nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     return "127.0.0.1" if nodes <= {here} else here
+
+
+# A new local instance starts no worker in advance (Ray would start one per CPU, and the roles, each started
+# once and kept, would not use them: they would only cost start-up CPU and memory).
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster at run.ray_address (or RAY_ADDRESS, set inside a submitted job), else start a new local
+    instance sized to the roles."""
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")  # set inside a submitted Ray job
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local instance with the CPUs the roles reserve (they share real cores; scorers up to scorer.max_workers)
+    # and no dashboard. Ray 2.60 resolves a loopback node address to the machine's own and binds its servers to
+    # every interface; its token authentication (on by default, token in ~/.ray/auth_token) keeps other hosts
+    # out (tests/integration/test_exposure.py). address="local": a new instance of its own, never a cluster that
+    # `ray start` (or Ray's test cluster) happened to leave registered on this machine.
+    ray.init(address="local", num_cpus=math.ceil(cfg.reserved_cpus()), include_dashboard=False, log_to_driver=True,
+             configure_logging=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)

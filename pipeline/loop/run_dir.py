@@ -1,9 +1,10 @@
-"""Run folders: where a run writes (config, metrics, samples, checkpoints), how it is found again to resume, and
-how an experiment or a profile starts one afresh. `rollouts.parquet` holds the sampled rows of every step,
+"""Run folders: where a run writes (config, metrics, samples, checkpoints), how it is found again to resume, how
+a user asks it to stop (a STOP file), and how an experiment or a profile starts one afresh. `rollouts.parquet` holds the sampled rows of every step,
 rewritten whole after each step so that a crash keeps what was sampled."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -67,3 +68,18 @@ def previous_samples(run_dir: Path, up_to_step: int) -> list[pa.Table]:
 
     table = pq.read_table(path)
     return [table.filter(pc.less_equal(table.column("step"), up_to_step))]
+
+
+STOP_FILE = "STOP"
+
+
+def stop_requested(run_dir: Path, version: int, log: Callable[[str], None] = print) -> bool:
+    """Whether a user asked the run to stop, by creating `run_dir/STOP` (`touch RUN_DIR/STOP`): checked between
+    steps; the file is removed, so `probe-rl run --resume RUN_DIR` carries on."""
+    stop = run_dir / STOP_FILE
+    if not stop.exists():
+        return False
+    stop.unlink(missing_ok=True)
+    log(f"{stop} found: stopping after step {version} with a checkpoint; continue with "
+        f"`probe-rl run --resume {run_dir}`")
+    return True

@@ -84,7 +84,7 @@ def ray_local():
     import ray
 
     # Logical CPUs: the roles of a run reserve 2, the weight-sync test 1.5; they share the real cores.
-    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.remote import LOCAL_RAY_SYSTEM_CONFIG
 
     from ._helpers import environ
 

@@ -81,7 +81,7 @@ def slow_ray(tmp_path_factory):
     a receiver can be SIGKILLed between buckets from outside); the switch starts off."""
     import ray
 
-    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.remote import LOCAL_RAY_SYSTEM_CONFIG
 
     switch = tmp_path_factory.mktemp("slow") / "buckets"
     with environ(PROBE_RL_SLOW=f"receiver:0.3:{switch}"):  # inherited by every worker Ray starts

@@ -28,7 +28,7 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     switch = tmp_path_factory.mktemp("switch") / SLOW_SWITCH
-    from pipeline.loop.driver import LOCAL_RAY_SYSTEM_CONFIG
+    from pipeline.loop.remote import LOCAL_RAY_SYSTEM_CONFIG
 
     # Every node, also one added mid-test, starts from this process's environment, and its workers from the
     # node's (a job-level runtime_env would start every worker through a set-up process of its own).

@@ -110,7 +110,7 @@ def test_refit_probes_and_window_round_trip_beside_a_checkpoint(tmp_path):
 
 
 def test_a_stop_file_is_seen_once_and_says_how_to_resume(tmp_path):
-    from pipeline.loop.driver import stop_requested
+    from pipeline.loop.run_dir import stop_requested
 
     said: list[str] = []
     assert not stop_requested(tmp_path, 4, said.append) and said == []

@@ -36,7 +36,7 @@ def test_a_local_run_asks_ray_for_a_new_instance_and_a_cluster_run_for_its_addre
     so a cluster that `ray start` or Ray's test Cluster left registered in /tmp/ray is never joined by accident;
     set, it connects to that address."""
     from pipeline.config import load_config
-    from pipeline.loop.driver import init_ray
+    from pipeline.loop.remote import init_ray
 
     calls = []
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
