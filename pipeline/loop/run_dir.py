@@ -1,6 +1,6 @@
 """Run folders: where a run writes (config, metrics, samples, checkpoints), how it is found again to resume, how
-a user asks it to stop (a STOP file), and how an experiment or a profile starts one afresh. `rollouts.parquet` holds the sampled rows of every step,
-rewritten whole after each step so that a crash keeps what was sampled."""
+a user asks it to stop (a STOP file), and how an experiment or a profile starts one afresh. `rollouts.parquet`
+holds the sampled rows of every step, rewritten whole after each step so that a crash keeps what was sampled."""
 
 from __future__ import annotations
 

@@ -193,8 +193,10 @@ def test_scorers_grow_under_backlog_wait_for_room_join_when_a_node_offers_it_and
     sampled = pq.read_table(run_dir / "rollouts.parquet").to_pylist()
     resumed_step = [x for x in sampled if x["step"] == stopped + 1]
     [(_, launched, _, _)] = inflight
-    assert resumed_step and {x["policy_version"] for x in resumed_step} == set(launched.column("policy_version").to_pylist())
-    assert {tuple(x["completion_ids"]) for x in resumed_step} <= {tuple(c) for c in launched.column("completion_ids").to_pylist()}
+    assert resumed_step
+    assert {x["policy_version"] for x in resumed_step} == set(launched.column("policy_version").to_pylist())
+    launched_completions = {tuple(c) for c in launched.column("completion_ids").to_pylist()}
+    assert {tuple(x["completion_ids"]) for x in resumed_step} <= launched_completions
 
 
 def test_nodes_lost_mid_run_leave_a_run_equal_to_an_uninterrupted_one(toy_world, toy_overrides, cluster, tmp_path):
