@@ -16,6 +16,7 @@ same way in both, since the receiving engine lives in vLLM's workers and is regi
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import threading
 import time
@@ -47,10 +48,16 @@ class GenerateStats:
     end_time: float = 0.0  # wall clock when the table was done (a scorer's queueing time starts here)
 
 
-def request_seed(seed: int, group_id: int) -> int:
-    """The sampling seed of one prompt: a function of the run's seed and the prompt's group, so a prompt's
-    completions do not depend on which generator got it or which prompts shared its batch."""
-    return (seed * 1_000_003 + group_id) % 2**31
+def completion_seed(seed: int, group_id: int, index: int) -> int:
+    """The sampling seed of completion `index` of prompt group `group_id` (group ids are unique across a run's
+    steps): a hash of the run's seed, the group and the index, so no two completions of a run share a random
+    stream, and a completion does not depend on which generator got it or which prompts shared its batch.
+
+    vLLM seeds child k of a request with n > 1 as `seed + k`, so per-group bases that differ by one (the
+    scheme this replaces) made completion k of group g+1 replay completion k+1 of group g: a 64 x 8 step
+    drew 71 distinct streams, not 512. Each completion is therefore its own request (n = 1) with its own seed."""
+    digest = hashlib.blake2b(f"{seed}/{group_id}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
 
 
 def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False) -> None:
@@ -190,7 +197,8 @@ class Generator:
         if self.probes:
             self.llm.collective_rpc("probe_rl_reads_start", args=self._probe_tensors())
         # The first sampling call with log-probs pays a one-off warm-up (on GPUs vLLM compiles its sampler ops then);
-        # pay it at start-up.
+        # pay it at start-up. A one-token prompt as the engine's first request is also the case that killed bf16
+        # engines on CPUs with AMX before the plugin asked for AMX permission (vllm_weights.allow_amx).
         self.greedy([[0]], 2)
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
@@ -198,8 +206,8 @@ class Generator:
     @_dies_with_its_engine
     def generate(self, prompts: pa.Table, n: int, seed: int | None,
                  min_version: int = 0) -> tuple[pa.Table, GenerateStats]:
-        """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each prompt
-        samples with its own seed (`request_seed`); `seed` None samples unseeded. Sampling starts only once this
+        """`n` sampled completions per prompt row; rows come out grouped by prompt, in prompt order. Each completion
+        samples with its own seed (`completion_seed`); `seed` None samples unseeded. Sampling starts only once this
         generator holds weights version `min_version` (the newest the driver had published when it launched the
         call): in-flight updates load in a concurrency group of their own, so a load queued before this call
         may still be on its way."""
@@ -211,41 +219,47 @@ class Generator:
         self._await_version(min_version)
         maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
-        params = [SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens, logprobs=0,
-                                 seed=None if seed is None else request_seed(seed, g), detokenize=False) for g in rows["group_id"]]
-        outputs = self._run(rows["prompt_ids"], params)
+        params, prompt_of = [], []
+        for i, g in enumerate(rows["group_id"]):
+            for k in range(n):  # one request per completion: each its own random stream
+                params.append(SamplingParams(n=1, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens,
+                                             logprobs=0, seed=None if seed is None else completion_seed(seed, g, k),
+                                             detokenize=False))
+                prompt_of.append(i)
+        outputs, ids = self._run([rows["prompt_ids"][i] for i in prompt_of], params)
         cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         num_tokens = 0
-        keys = [read_key(out.request_id, comp.index, n) for out in outputs for comp in out.outputs]
-        read = self.llm.collective_rpc("probe_rl_take_scores", args=(keys,))[0] if self.probes else {}
+        read = self.llm.collective_rpc("probe_rl_take_scores", args=(ids,))[0] if self.probes else {}
         tokens: list[list[list[float]]] = []  # per row, per probe: scores of completion tokens 0..T-2
-        for i, out in enumerate(outputs):
-            for comp in out.outputs:
-                if self.probes:
-                    tokens.append(completion_reads(read.get(read_key(out.request_id, comp.index, n)),
-                                                   len(rows["prompt_ids"][i]), len(comp.token_ids), len(self.probes)))
-                token_ids = list(comp.token_ids)
-                # logprobs=0 returns exactly the sampled token's log-prob at each step
-                logprobs = [step[tok].logprob for step, tok in zip(comp.logprobs, token_ids, strict=True)]
-                cols["prompt_id"].append(rows["prompt_id"][i])
-                cols["group_id"].append(rows["group_id"][i])
-                cols["prompt_ids"].append(rows["prompt_ids"][i])
-                cols["completion_ids"].append(token_ids)
-                cols["behavior_logprobs"].append(logprobs)
-                versions = token_versions(comp.weight_versions, len(token_ids), self.version)
-                cols["behavior_versions"].append(versions)
-                cols["policy_version"].append(min(versions, default=self.version))
-                cols["answer"].append(rows["answer"][i])
-                num_tokens += len(token_ids)
+        for i, rid, out in zip(prompt_of, ids, outputs, strict=True):
+            comp = out.outputs[0]
+            if self.probes:
+                tokens.append(completion_reads(read.get(rid), len(rows["prompt_ids"][i]), len(comp.token_ids),
+                                               len(self.probes)))
+            token_ids = list(comp.token_ids)
+            # logprobs=0 returns exactly the sampled token's log-prob at each step; the engine reports them at the
+            # sampling temperature (logprobs_mode "processed_logprobs"), the distribution that drew the token
+            logprobs = [step[tok].logprob for step, tok in zip(comp.logprobs, token_ids, strict=True)]
+            cols["prompt_id"].append(rows["prompt_id"][i])
+            cols["group_id"].append(rows["group_id"][i])
+            cols["prompt_ids"].append(rows["prompt_ids"][i])
+            cols["completion_ids"].append(token_ids)
+            cols["behavior_logprobs"].append(logprobs)
+            versions = token_versions(comp.weight_versions, len(token_ids), self.version)
+            cols["behavior_versions"].append(versions)
+            cols["policy_version"].append(min(versions, default=self.version))
+            cols["answer"].append(rows["answer"][i])
+            num_tokens += len(token_ids)
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
         if self.probes:
             table = self._with_probe_columns(table, tokens)
         return table, GenerateStats(time.perf_counter() - start, num_tokens, min(cols["policy_version"],
                                                                                  default=self.version), time.time())
 
-    def _run(self, prompt_ids: list[list[int]], params: list) -> list:
-        """vLLM's outputs for these prompts, in their order: LLM.generate's loop, with a turn at the engine per
-        decoding step so that an in-flight weight update lands between two steps."""
+    def _run(self, prompt_ids: list[list[int]], params: list) -> tuple[list, list[str]]:
+        """vLLM's outputs for these prompts, in their order, and their request ids (what vLLM's workers know each
+        by, less a random suffix): LLM.generate's loop, with a turn at the engine per decoding step so that an
+        in-flight weight update lands between two steps."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -266,7 +280,7 @@ class Generator:
             for out in outs:
                 if out.finished:
                     done[out.request_id] = out
-        return [done[rid] for rid in ids]
+        return [done[rid] for rid in ids], ids
 
     def _await_version(self, version: int, timeout_s: float = WEIGHTS_WAIT_S) -> None:
         with self._turn:
@@ -421,7 +435,7 @@ class Generator:
         if lift:
             self._ablate(False)
         try:
-            outs = self._run(prompt_ids, [params.clone() for _ in prompt_ids])
+            outs, _ = self._run(prompt_ids, [params.clone() for _ in prompt_ids])
         finally:
             if lift:
                 self._ablate(True)
@@ -504,12 +518,6 @@ def token_versions(spans: list[Any] | None, num_tokens: int, current: int) -> li
         for t in range(span.start, min(span.end, num_tokens)):
             out[t] = int(span.version)
     return out
-
-
-def read_key(request_id: str, index: int, n: int) -> str:
-    """The name vLLM's workers know completion `index` of request `request_id` by, less vLLM's random suffix:
-    `<index>_<id>` for the children of a request with n > 1, the id itself for n = 1."""
-    return f"{index}_{request_id}" if n > 1 else request_id
 
 
 def completion_reads(read: tuple[list[int], list[list[float]]] | None, prompt_len: int, completion_len: int,

@@ -129,7 +129,17 @@ class GeneratorConfig(RoleResources):
     max_new_tokens: PositiveInt = 8
     """Longest completion, in tokens."""
     temperature: PositiveFloat = 1.0
-    """Sampling temperature. Behaviour log-probs are exact only at 1.0 (vLLM reports raw log-probs)."""
+    """Sampling temperature; only 1.0 is accepted: vLLM reports the log-probs of the raw logits and the learner and
+    scorer compute raw ones too, so at any other temperature the PPO ratio, the corrections, the KL and the
+    mismatch metrics would be of a distribution other than the one that sampled."""
+
+    @model_validator(mode="after")
+    def _temperature(self) -> GeneratorConfig:
+        if self.temperature != 1.0:
+            raise ValueError(f"generator.temperature={self.temperature:g}: only 1.0 is supported; the behaviour, "
+                             "learner and reference log-probs are of the untempered distribution, so the PPO ratio, "
+                             "rollout corrections and KL would be biased at another temperature")
+        return self
     max_model_len: PositiveInt = 64
     """vLLM context length."""
     kv_cache_gib: PositiveInt = 1

@@ -54,14 +54,32 @@ if TYPE_CHECKING:
 GLOO, INLINE = BACKEND_GLOO, BACKEND_INLINE
 
 
+def allow_amx() -> bool:
+    """Ask Linux for this process's permission to use AMX tiles (arch_prctl ARCH_REQ_XCOMP_PERM, through torch's
+    `init_amx`); True where the CPU has AMX and the kernel granted it, False elsewhere (nothing to do).
+
+    Why: on a CPU with AMX, vLLM's CPU attention takes its AMX kernel for bf16 (`cpu_attn.py: _get_attn_isa`), and
+    that kernel loads a tile configuration without asking for the permission Linux requires of a process before
+    its first AMX instruction: without it the instruction traps (SIGILL, "Illegal instruction" in
+    `cpu_attention::AttentionMainLoop`). oneDNN asks for it when one of its bf16 matmuls dispatches to AMX, which a
+    prompt of 5 or more tokens triggers in the QKV projection before attention runs; a first prompt of 1-4 tokens
+    reaches attention first and kills the engine. The permission is per process (its threads included), so every
+    process that runs a vLLM worker asks for it: this function runs from the plugin vLLM loads in each of them."""
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+
+
 def register() -> None:
     """vLLM plugin entry point: make both backends known to vLLM's factories in this process, and probe-rl's
-    model loader (generator-read probes) to vLLM's loader registry."""
+    model loader (generator-read probes) to vLLM's loader registry; on CPUs with AMX, allow this process to use
+    it (`allow_amx`)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     from pipeline.transport.vllm_probes import register_loader
 
     register_loader()  # load_format "probe_rl": probes read in the sampling pass (pipeline/transport/vllm_probes.py)
+    allow_amx()
 
     for name, cls in ((GLOO, "GlooWorkerEngine"), (INLINE, "InlineWorkerEngine")):
         if name not in WeightTransferEngineFactory._registry:

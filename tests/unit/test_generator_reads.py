@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.generator import completion_reads, read_key
+from actors.generator import completion_reads
 from pipeline.analysis.cost import PRESETS, Workload, live_read_cost, step_cost
 from pipeline.transport.vllm_probes import StepLog
 
@@ -57,7 +57,6 @@ def test_completion_reads_cover_tokens_0_to_t_minus_2_and_name_what_is_missing()
     assert completion_reads(None, 4, 1, 2) == [[], []]  # one token: nothing was fed back
     with pytest.raises(RuntimeError, match=r"positions \[7\]"):
         completion_reads(read, 4, 5, 2)
-    assert read_key("12", 3, 8) == "3_12" and read_key("12", 0, 1) == "12"
 
 
 def test_live_read_costs_match_the_passes_they_stand_for():
