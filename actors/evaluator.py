@@ -20,7 +20,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from actors.frozen import load_checkpoint_weights, load_frozen_model
+from actors.frozen import load_checkpoint_weights, load_frozen_model, role_device
 from pipeline.config import MIN_HONEST  # fewer honest completions set no threshold worth reading
 from probes.probe import load_probe
 from probes.toolkit import (
@@ -40,13 +40,15 @@ RECALIBRATED_FPR = 0.01
 class ProbeEvaluator:
     def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
                  dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5,
-                 own: dict | None = None) -> None:
+                 own: dict | None = None, num_gpus: float = 0.0) -> None:
         """`own` (pipeline.loop.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
-        completions per prompt, their length and temperature, for the recalibrated recall; None: not measured."""
+        completions per prompt, their length and temperature, for the recalibrated recall; None: not measured.
+        The two copies sit on the GPU Ray gives the evaluator (eval.num_gpus), else on the CPU."""
         from transformers import AutoTokenizer
 
-        self.frozen = load_frozen_model(model_path, dtype)
-        self.live = load_frozen_model(model_path, dtype)
+        self.device = role_device(num_gpus)
+        self.frozen = load_frozen_model(model_path, dtype, self.device)
+        self.live = load_frozen_model(model_path, dtype, self.device)
         self.pad_id, self.threshold = pad_id, threshold
         self.probes = []
         for path, aggregation in probe_paths:
@@ -130,8 +132,8 @@ class ProbeEvaluator:
             torch.manual_seed(self.seed)
             for length in sorted({len(e) for e in enc}):  # equal-length batches: no padding
                 idx = [i for i, e in enumerate(enc) if len(e) == length]
-                ids = torch.tensor([enc[i] for i in idx])
-                out = self.live.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                ids = torch.tensor([enc[i] for i in idx], device=self.device)
+                out = self.live.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, use_cache=True,
                                          temperature=own["temperature"], max_new_tokens=own["max_new_tokens"],
                                          num_return_sequences=own["samples"], eos_token_id=eos,
                                          pad_token_id=self.pad_id)

@@ -10,11 +10,23 @@ if TYPE_CHECKING:
     import torch
 
 
+def role_device(num_gpus: float) -> str:
+    """Where a role's plain transformers model runs: the GPU Ray gave it (CUDA_VISIBLE_DEVICES names only
+    that one), else the CPU."""
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 def load_frozen_model(model_path: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
+    """The model frozen for scoring passes: eval mode, no gradients, and no KV cache (`use_cache` off: a
+    scoring pass reads each sequence once, and a cache it never reads would cost memory the size of the
+    batch's keys and values on every pass). Sampling from it (`generate`) asks for its cache itself."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model

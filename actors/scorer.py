@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from actors.frozen import load_frozen_model
+from actors.frozen import load_frozen_model, role_device
 from pipeline.config import ScorerConfig
 from pipeline.data.batching import token_budget_batches
 from pipeline.data.schema import ROLLOUT_SCHEMA, scored_schema
@@ -57,7 +57,7 @@ class Scorer:
 
         from probes.probe import load_probe
 
-        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = role_device(cfg.num_gpus)
         if self.device == "cpu":
             torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
         self.cfg = cfg

@@ -145,18 +145,32 @@ class Learner:
         dist.init_process_group("nccl" if self.on_gpu else "gloo", store=store, rank=self.rank,
                                 world_size=self.world_size)
 
+    @property
+    def ds_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs. In bf16 it is at least 1: DeepSpeed 0.19's stage 0 can only accumulate
+        gradients in the model's own precision (`_do_optimizer_sanity_check` refuses a bf16 model with float32
+        accumulation), so a sum of many bf16 micro-gradients would round at every add. Stage 1 in bf16 is
+        DeepSpeed's BF16_Optimizer: float32 gradient buffers, float32 masters and moments split over the ranks;
+        the update is the same as stage 0's, the optimizer state per rank smaller."""
+        return max(self.cfg.zero_stage, 1) if self.dtype == "bfloat16" else self.cfg.zero_stage
+
     def _ds_config(self) -> dict:
         cfg = self.cfg
-        return {
+        config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
             "train_batch_size": cfg.micro_batch_size * self.grad_accum * self.world_size,
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": {"stage": self.ds_stage},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": self.dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
+        if self.dtype == "bfloat16":
+            # Micro-gradients add up, and ranks reduce them, in float32 (DeepSpeed's default is the model's dtype).
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+            config["communication_data_type"] = "fp32"
+        return config
 
     def _build_model(self, ds_config: dict):
         import torch
@@ -230,7 +244,7 @@ class Learner:
                 loss = loss + self.shaping.coef * probe_sum / row_denom
                 sums["probe"] += float(probe_sum.detach())
             self.engine.backward(loss)
-            if m == self.grad_accum - 1 and self.cfg.zero_stage == 0:
+            if m == self.grad_accum - 1 and self.ds_stage == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 keeps whole grads; DeepSpeed reports none
             self.engine.step()
             # parts are normalised by `denom`; rescale to this rank's token mean for reporting
@@ -241,7 +255,7 @@ class Learner:
             sums["kl"] += float(parts.kl) * denom
             sums["clip_frac"] += float(parts.clip_frac) * denom
         self.version += 1
-        if self.cfg.zero_stage > 0:
+        if self.ds_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
         mean = {k: v / max(local_tokens, 1) for k, v in sums.items() if k != "probe"}
         return TrainStats(
@@ -335,8 +349,8 @@ class Learner:
     @property
     def _fragments(self) -> bool:
         """ZeRO 1-3: DeepSpeed keeps fp32 masters and moments in flat partitions, read and written per parameter
-        through `deepspeed.utils` (collectives under ZeRO-3)."""
-        return self.cfg.zero_stage > 0
+        through `deepspeed.utils` (collectives under ZeRO-3); bf16 always (see `ds_stage`)."""
+        return self.ds_stage > 0
 
     def _whole_masters(self) -> dict[int, object]:
         """ZeRO-0: id(parameter) -> the fp32 tensor Adam updates. That is the parameter itself in float32; in a

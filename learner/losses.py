@@ -20,13 +20,22 @@ class LossParts:
     num_tokens: torch.Tensor  # scalar, valid tokens
 
 
+# Bounds on log-ratios before `exp` and on the k3 estimate, as veRL sets them (core_algos.py: kl_penalty's
+# low_var_kl, rollout_corr_helper.py): a token the learner finds e^20 times likelier than the generator did is
+# a numerical accident, not a weight, and one such token must not turn a step's loss into inf. Clamped values
+# carry no gradient, so a token past a bound stops pushing.
+LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || ref) from samples of the policy (Schulman): always >= 0."""
-    log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1
+    """Per-token k3 estimate of KL(policy || ref) from samples of the policy (Schulman): always >= 0; the
+    log-ratio clamped to +-LOG_RATIO_CLAMP before exp, the estimate to at most K3_CLAMP (veRL's low_var_kl)."""
+    log_ratio = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, max=K3_CLAMP)
 
 
-CORRECTIONS = ("off", "tis", "mis_token", "mis_sequence", "geometric", "decoupled")
+CORRECTIONS = ("off", "tis", "mis_token", "mis_sequence", "geometric", "geometric_weighted", "decoupled")
 
 
 def correction_weights(old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask: torch.Tensor, mode: str,
@@ -39,6 +48,7 @@ def correction_weights(old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask
     low = 1.0 / threshold if low is None else low
     zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
     log_w = torch.where(mask, old_logp.detach() - torch.where(mask, behavior_logp, old_logp.detach()), zero)
+    log_w = torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     w = torch.exp(log_w)
     if mode == "tis":
         out = torch.clamp(w, max=threshold)
@@ -50,9 +60,10 @@ def correction_weights(old_logp: torch.Tensor, behavior_logp: torch.Tensor, mask
         count = mask.sum(-1)
         seq_log = log_w.sum(-1)
         row_log = seq_log if mode == "mis_sequence" else seq_log / count.clamp(min=1)
-        row = torch.exp(row_log)
+        row = torch.exp(torch.clamp(row_log, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         keep = (row >= low) & (row <= threshold) & (count > 0)
-        out = torch.where(keep, row, zero)[:, None].expand_as(w)
+        kept = torch.ones_like(row) if mode == "geometric" else row  # geometric rejects only (veRL's geometric RS)
+        out = torch.where(keep, kept, zero)[:, None].expand_as(w)
     return torch.where(mask, out, zero)
 
 
@@ -140,7 +151,7 @@ def ppo_loss(
         weight = correction_weights(logp, behavior_logp, mask, correction, threshold, low)
         behavior = logp.detach()  # the proximal policy: the learner's own
     adv = torch.where(mask, advantages[:, None], zero)
-    ratio = torch.exp(torch.where(mask, logp - behavior, zero))
+    ratio = torch.exp(torch.clamp(torch.where(mask, logp - behavior, zero), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     if weight is not None:
         surrogate = weight * surrogate

@@ -267,15 +267,17 @@ class RolloutCorrection(_Strict):
     - mis_token: w_t where lower <= w_t <= threshold, else 0: token-level masked IS (slime, ms-swift MIS).
     - mis_sequence: the row's product of w_t where it lies in [lower, threshold], else the row is masked:
       sequence-level IS with rejection (NeMo-RL's masked sequence-level correction; veRL's sequence IS + RS).
-    - geometric: the row's geometric mean of w_t (exp of the mean log-ratio, length-independent) where it lies
-      in [lower, threshold], else the row is masked: geometric-mean rejection (veRL's geometric RS). Geometric
-      means sit near 1: thresholds such as 1.01 and 0.99 suit it.
+    - geometric: rejection only, as veRL's geometric RS: a row whose geometric mean of w_t (exp of the mean
+      log-ratio, length-independent) lies outside [lower, threshold] is masked, every other row keeps weight 1.
+      Geometric means sit near 1: thresholds such as 1.01 and 0.99 suit it.
+    - geometric_weighted: the same rejection, and the rows kept are weighted by their geometric mean (a
+      sequence-level weight whose size does not grow with length, as GSPO's sequence ratio).
     - decoupled: w_t where w_t <= threshold, else 0 (AReaL's decoupled PPO objective, its behaviour-weight cap):
       the proximal policy is the learner's own at the version it trains (one update per batch here).
 
     Tokens a correction zeroes still count in the token-mean normaliser (it is global, fixed before the pass)."""
 
-    mode: Literal["off", "tis", "mis_token", "mis_sequence", "geometric", "decoupled"] = "off"
+    mode: Literal["off", "tis", "mis_token", "mis_sequence", "geometric", "geometric_weighted", "decoupled"] = "off"
     threshold: float = Field(2.0, gt=1.0)
     """Upper bound on the importance weight (truncation for tis, rejection otherwise)."""
     lower: float | None = Field(None, gt=0.0, lt=1.0)

@@ -136,6 +136,43 @@ def register_loader() -> None:
         register_model_loader(LOAD_FORMAT)(ProbeReadLoader)
 
 
+def step_layout(runner: Any, scheduler_output: Any) -> tuple[list[str], Any, Any] | None:
+    """The rows of the model step just run, in the order the forward pass laid them out: (request ids, rows of
+    each, each one's computed-token count before the step), or None when the step ran no request. Called right
+    after the runner's `execute_model`, before it samples.
+
+    - vLLM's V1 model runner (`vllm/v1/worker/gpu_model_runner.py`, also the CPU runner's base) keeps one
+      persistent `runner.input_batch`; its requests' rows are laid out in its order.
+    - Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`, what vLLM 0.32 runs on GPUs whenever Triton
+      imports) has no persistent batch: each step builds an `InputBatch` in its own sorted order and leaves it in
+      `runner.execute_model_state.input_batch` until `sample_tokens` takes it. Request i's rows are
+      `query_start_loc_np[i]:query_start_loc_np[i + 1]` of the flattened step."""
+    import numpy as np
+
+    if hasattr(runner, "input_batch"):  # V1
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids)
+        if not req_ids:
+            return None
+        counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        return req_ids, counts, batch.num_computed_tokens_cpu[:len(req_ids)].astype(np.int64)
+    state = getattr(runner, "execute_model_state", None)
+    batch = getattr(state, "input_batch", None)
+    if batch is None:
+        if not hasattr(runner, "execute_model_state"):
+            raise TypeError(f"probes read on the generator support vLLM's V1 model runner and Model Runner V2; "
+                            f"{type(runner).__name__} is neither (set generator probes off, or pin vLLM 0.32)")
+        return None
+    n = int(batch.num_reqs)
+    if n == 0:
+        return None
+    starts_loc = np.asarray(batch.query_start_loc_np[:n + 1], dtype=np.int64)
+    counts = np.diff(starts_loc)
+    if int(starts_loc[n]) != int(batch.num_tokens):  # adaptive verification (spec decoding): refused at start-up
+        raise ValueError(f"a step of {batch.num_tokens} tokens whose requests' rows add up to {int(starts_loc[n])}")
+    return list(batch.req_ids[:n]), counts, np.asarray(batch.num_computed_tokens_np[:n], dtype=np.int64)
+
+
 class StepLog:
     """What the worker keeps per model step until the generator takes it: (request ids, rows per request,
     positions of the rows, device scores of the rows)."""
@@ -147,15 +184,16 @@ class StepLog:
     def record(self, runner: Any, scheduler_output: Any, reads: ProbeReads) -> None:
         import numpy as np
 
-        req_ids = list(runner.input_batch.req_ids)
-        if not req_ids or not scheduler_output.total_num_scheduled_tokens:
+        if not scheduler_output.total_num_scheduled_tokens:
             return
-        counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        layout = step_layout(runner, scheduler_output)
+        if layout is None:
+            return
+        req_ids, counts, starts = layout
         rows = int(counts.sum())
         # The runner's positions: each request's computed-token count before this step, plus 0..count-1 (its
         # device copy of them is not read: that would sync). Speculative decoding, where the host count is
         # optimistic, is refused when probes are read on the generator.
-        starts = runner.input_batch.num_computed_tokens_cpu[:len(req_ids)].astype(np.int64)
         positions = np.repeat(starts, counts) + (np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts))
         self.steps.append((req_ids, counts, positions, reads.snapshot(rows)))
 

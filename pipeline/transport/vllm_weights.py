@@ -86,6 +86,29 @@ def register() -> None:
             WeightTransferEngineFactory.register_engine(name, __name__, cls)
     if GLOO not in WeightTransferTrainerFactory._registry:
         WeightTransferTrainerFactory.register_engine(GLOO, __name__, "GlooTrainerEngine")
+    # vLLM's own NCCL receiver, made to close the communicator of a group it leaves (`closing_nccl_worker_engine`)
+    WeightTransferEngineFactory._registry["nccl"] = closing_nccl_worker_engine
+
+
+_CLOSING_NCCL: type | None = None
+
+
+def closing_nccl_worker_engine() -> type:
+    """vLLM's NCCL worker engine, except that joining a new transfer group first destroys the communicator of
+    the old one. The fleet rebuilds the group whenever a receiver is replaced (an NCCL group admits no new
+    member); vLLM's `init_transfer_engine` overwrites `model_update_group` without destroying it, so every
+    surviving receiver would keep one open communicator (its NCCL buffers and sockets) per rebuild."""
+    global _CLOSING_NCCL
+    if _CLOSING_NCCL is None:
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+        class ClosingNcclWorkerEngine(NCCLWeightTransferEngine):
+            def init_transfer_engine(self, init_info) -> None:
+                self.shutdown()  # destroys the old communicator, if any
+                super().init_transfer_engine(init_info)
+
+        _CLOSING_NCCL = ClosingNcclWorkerEngine
+    return _CLOSING_NCCL
 
 
 # --- worker side (inside vLLM's workers) -------------------------------------------------------------------
@@ -353,20 +376,46 @@ def bounded_nccl_trainer_engine() -> type:
 
         def send_weights(self) -> None:
             version = getattr(self.client, "version", 0)
+            start, inner = time.perf_counter(), self.source
+            if not self.is_sender:
+                # A rank that sends nothing only keeps step with rank 0's gathers (collectives of the learner
+                # ranks, bounded by their process group's own timeout). It is not watched: while rank 0 waits
+                # for the receivers to finish a generation, these ranks wait in their first gather, and that
+                # is no fault.
+                super().send_weights()
+                self.last = SendStats(version, max_gathered_bytes=getattr(inner, "max_gathered_bytes", 0),
+                                      seconds=time.perf_counter() - start)
+                return
+            # Waiting for receivers that are busy (a generation in flight finishes first) is bounded by the
+            # client's call timeout and its health pings, not by weights.timeout_s: that bounds the transfer.
+            self.client.start_weight_update()
             dog = Watchdog(self.timeout_s, f"NCCL broadcast of weights version {version}")
-            source = _Ticking(self.source, dog)
-            inner, self.source = self.source, source
-            start = time.perf_counter()
+            source, client = _Ticking(inner, dog), self.client
+            self.source, self.client = source, _Started(client)
             try:
                 dog.run(super().send_weights)
             finally:
-                self.source = inner
+                self.source, self.client = inner, client
             # What this rank handed to the broadcast (vLLM's engine keeps no statistics of its own).
-            self.last = SendStats(version, num_bytes=source.num_bytes if self.is_sender else 0,
+            self.last = SendStats(version, num_bytes=source.num_bytes,
                                   max_gathered_bytes=getattr(inner, "max_gathered_bytes", 0),
                                   seconds=time.perf_counter() - start)
 
     return BoundedNcclTrainerEngine
+
+
+class _Started:
+    """A weight-sync client whose `start_weight_update` already ran (outside the transfer's watchdog); every
+    other call goes to the client itself."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def start_weight_update(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
 class _Ticking(WeightSource):

@@ -371,6 +371,7 @@ class NcclModelReceiver(ModelReceiver):
         from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_process_group
 
         self.info = NCCLWeightTransferInitInfo(**init_info)
+        self.shutdown()  # a rebuilt group: destroy the old communicator before joining the new one
 
         class _Single:  # a plain model is one worker of one engine: its rank is the offset itself
             data_parallel_index, world_size, rank = 0, 1, 0

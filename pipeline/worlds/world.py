@@ -266,11 +266,18 @@ def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
     SFT data), or a user dataset with task.eval_dataset, or its task.eval_fraction split off by prompt."""
     t = cfg.task
     if t.dataset is None:
+        if t.num_prompts < cfg.pipeline.prompts_per_step:
+            raise ValueError(f"task.num_prompts={t.num_prompts} is fewer than the pipeline.prompts_per_step="
+                             f"{cfg.pipeline.prompts_per_step} a step draws; raise the one or lower the other")
         prompts = arithmetic_prompts(t.num_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 100, part="rl")
         if not t.eval_prompts:
             return prompts, None
         return prompts, arithmetic_prompts(t.eval_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 200, part="eval")
     prompts = load_prompt_file(t.dataset)
+    need = cfg.pipeline.prompts_per_step
+    if len(prompts.prompts) < need:  # a step draws its prompts without replacement: refuse before any work
+        raise ValueError(f"task.dataset {t.dataset} holds {len(prompts.prompts)} prompts, fewer than the "
+                         f"pipeline.prompts_per_step={need} a step draws; lower pipeline.prompts_per_step or add prompts")
     if t.eval_dataset is not None:
         held = load_prompt_file(t.eval_dataset, "task.eval_dataset")
         shared = set(held.prompts) & set(prompts.prompts)
@@ -280,7 +287,11 @@ def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
         return prompts, held
     if not t.eval_fraction:
         return prompts, None
-    return split_held_out(prompts, t.eval_fraction, t.dataset)
+    train, held = split_held_out(prompts, t.eval_fraction, t.dataset)
+    if len(train.prompts) < need:
+        raise ValueError(f"task.eval_fraction={t.eval_fraction} leaves {len(train.prompts)} prompts of task.dataset "
+                         f"{t.dataset} to train on, fewer than pipeline.prompts_per_step={need}; lower either")
+    return train, held
 
 
 def split_held_out(prompts: PromptSet, fraction: float, where: str) -> tuple[PromptSet, PromptSet]:

@@ -151,3 +151,22 @@ def test_shaping_probes_the_learner_cannot_use_are_refused_naming_them():
                       intermediate_size=128, context_length=32)
     with pytest.raises(ValueError, match="shaping.kind = 'loss' needs probe 'hack' on a layer the learner can hook"):
         check_shaping_probe("loss", LinearProbe("hack", 0, torch.ones(64), torch.zeros(1)), rwkv)
+
+
+def test_datasets_smaller_than_a_step_are_refused_at_load(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.worlds.world import prompt_sets
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(40)))
+    with pytest.raises(ValueError, match="holds 40 prompts, fewer than the pipeline.prompts_per_step=64"):
+        prompt_sets(load_config(overrides={"task": {"dataset": str(data)}, "pipeline": {"prompts_per_step": 64}}))
+    ok = load_config(overrides={"task": {"dataset": str(data), "eval_fraction": 0.0},
+                                "pipeline": {"prompts_per_step": 40}})
+    assert len(prompt_sets(ok)[0]) == 40
+    split = load_config(overrides={"task": {"dataset": str(data), "eval_fraction": 0.2},
+                                   "pipeline": {"prompts_per_step": 38}})
+    with pytest.raises(ValueError, match="to train on, fewer than pipeline.prompts_per_step=38"):
+        prompt_sets(split)
+    with pytest.raises(ValueError, match="task.num_prompts=10 is fewer than"):
+        prompt_sets(load_config(overrides={"task": {"num_prompts": 10}, "pipeline": {"prompts_per_step": 16}}))

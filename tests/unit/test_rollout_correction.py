@@ -23,6 +23,7 @@ MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)  # row 
     ("decoupled", [[0.0, 0.5, 1.0], [0.0, 0.0, 0.0]]),  # above the cap: masked; below kept
     ("mis_sequence", [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]),  # row products 1 (kept) and 16 (masked)
     ("geometric", [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]),  # row geometric means 1 (kept) and 4 (masked)
+    ("geometric_weighted", [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]),
 ])
 def test_correction_weights_by_hand(mode, want):
     w = correction_weights(OLD, BEH, MASK, mode, threshold=1.5)
@@ -32,8 +33,11 @@ def test_correction_weights_by_hand(mode, want):
 
 
 def test_geometric_and_sequence_weights_with_their_own_bounds():
-    w = correction_weights(OLD, BEH, MASK, "geometric", threshold=5.0, low=0.5)  # row 1's mean 4 now passes
+    w = correction_weights(OLD, BEH, MASK, "geometric_weighted", threshold=5.0, low=0.5)  # row 1's mean 4 passes
     assert torch.allclose(w[1, :2], torch.tensor([4.0, 4.0])) and w[1, 2] == 0
+    w = correction_weights(OLD, BEH, MASK, "geometric", threshold=5.0, low=0.5)  # kept, but not weighted
+    assert torch.allclose(w[1, :2], torch.tensor([1.0, 1.0])) and w[1, 2] == 0
+    assert (correction_weights(OLD, BEH, MASK, "geometric", threshold=3.0, low=0.5)[1] == 0).all()  # 4 > 3
     w = correction_weights(OLD, BEH, MASK, "mis_sequence", threshold=20.0)  # row 1's product 16 passes
     assert torch.allclose(w[1, :2], torch.tensor([16.0, 16.0]))
     with pytest.raises(ValueError, match="unknown correction"):
@@ -74,3 +78,23 @@ def test_mismatch_sums_and_metrics_by_hand():
     assert m["mismatch/beyond_threshold"] == pytest.approx(2 / 3)
     assert m["mismatch/stale2/k3"] == pytest.approx(4 - L(4) - 1)
     assert m["mismatch/stale2/tokens"] == 4.0 and m["mismatch/tokens"] == 6.0
+
+
+def test_wild_log_ratios_are_clamped_before_exp_as_verl_does():
+    from learner.losses import K3_CLAMP, LOG_RATIO_CLAMP, k3_kl
+
+    logp = torch.tensor([[0.0, -1.0, -80.0]], requires_grad=True)
+    beh = torch.tensor([[-60.0, -1.0, 0.0]])  # a token 60 nats likelier to the learner than to the generator
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    w = correction_weights(logp, beh, mask, "tis", threshold=1e12)
+    assert w[0, 0].item() == pytest.approx(math.exp(LOG_RATIO_CLAMP), rel=1e-5)  # not e^60
+    assert w[0, 2].item() == pytest.approx(math.exp(-LOG_RATIO_CLAMP), rel=1e-5)
+    parts = ppo_loss(logp, beh, torch.tensor([1.0]), mask, clip_eps=0.2, ref_logp=beh, kl_coef=0.1)
+    assert torch.isfinite(parts.loss)
+    kl = k3_kl(logp, beh)
+    # k3 of a log-ratio of 80 would be e^80 - 81; clamped to 10, as is the -60 side (e^-20 + 20 - 1 > 10)
+    assert kl[0, 2].item() == K3_CLAMP and kl[0, 0].item() == K3_CLAMP and kl[0, 1].item() == 0.0
+    parts.loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    # within the bounds nothing changes: k3 by hand at a log-ratio of 0.5
+    assert k3_kl(torch.tensor([0.0]), torch.tensor([0.5])).item() == pytest.approx(math.exp(0.5) - 1.5)

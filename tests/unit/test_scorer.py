@@ -123,3 +123,26 @@ def test_token_budget_batches_bound_padded_size_and_cover_all_rows():
     fixed = [list(range(0, 4)), list(range(4, 8))]  # fixed-size batches in arrival order
     assert padding_waste(lengths, batches) < padding_waste(lengths, fixed)
     assert padding_waste([4, 4], [[0, 1]]) == 0.0
+
+
+def test_frozen_copies_keep_no_kv_cache_and_sit_on_the_roles_gpu(tiny_model_dir, probes, monkeypatch):
+    import actors.evaluator as evaluator
+    import actors.frozen as frozen
+    from probes.toolkit import Labelled
+
+    model = frozen.load_frozen_model(str(tiny_model_dir), "float32")
+    assert model.config.use_cache is False and not model.training
+    out = model(input_ids=torch.tensor([PROMPTS[0]]))
+    assert out.past_key_values is None  # a scoring pass builds no cache it would never read
+    assert frozen.role_device(0) == "cpu" and frozen.role_device(1) == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert frozen.role_device(0.5) == "cuda" and frozen.role_device(0) == "cpu"
+    # The evaluator puts both copies where its GPU is (this host has none: they load on the CPU all the same)
+    asked = []
+    monkeypatch.setattr(evaluator, "load_frozen_model",
+                        lambda path, dtype, device="cpu": asked.append(device) or frozen.load_frozen_model(path, dtype))
+    labelled = Labelled(["1+2=", "3+4=", "5+6=", "7+8="], ["3", "9", "11", "2"], [0, 1, 0, 1])
+    ev = evaluator.ProbeEvaluator(str(tiny_model_dir), probes, labelled, num_gpus=1)
+    assert asked == ["cuda", "cuda"] and ev.device == "cuda"
+    evaluator.ProbeEvaluator(str(tiny_model_dir), probes, labelled)
+    assert asked[2:] == ["cpu", "cpu"]
