@@ -40,13 +40,13 @@ RECALIBRATED_FPR = 0.01
 class ProbeEvaluator:
     def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
                  dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5,
-                 own: dict | None = None, num_gpus: float = 0.0) -> None:
+                 own: dict | None = None, gpus: float = 0.0) -> None:
         """`own` (pipeline.loop.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
         completions per prompt, their length and temperature, for the recalibrated recall; None: not measured.
-        The two copies sit on the GPU Ray gives the evaluator (eval.num_gpus), else on the CPU."""
+        The two copies sit on the GPU Ray gives the evaluator (`gpus`: eval.num_gpus), else on the CPU."""
         from transformers import AutoTokenizer
 
-        self.device = role_device(num_gpus)
+        self.device = role_device(gpus)
         self.frozen = load_frozen_model(model_path, dtype, self.device)
         self.live = load_frozen_model(model_path, dtype, self.device)
         self.pad_id, self.threshold = pad_id, threshold

@@ -100,7 +100,7 @@ class Fleet:
             fleet.evaluator = fleet._make(ProbeEvaluator, "evaluator", cfg.eval, 0, dict(
                 model_path=world.model_path, probe_paths=world.evaluated_probes(), labelled=world.eval_labelled,
                 dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold,
-                own=own_samples(cfg, world), num_gpus=cfg.eval.num_gpus))
+                own=own_samples(cfg, world), gpus=cfg.eval.num_gpus))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
         fleet.await_started("scorer", fleet.scorers, fleet.new_scorer)
         fleet.await_started("generator", fleet.generators, fleet.new_generator)

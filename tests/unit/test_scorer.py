@@ -142,7 +142,7 @@ def test_frozen_copies_keep_no_kv_cache_and_sit_on_the_roles_gpu(tiny_model_dir,
     monkeypatch.setattr(evaluator, "load_frozen_model",
                         lambda path, dtype, device="cpu": asked.append(device) or frozen.load_frozen_model(path, dtype))
     labelled = Labelled(["1+2=", "3+4=", "5+6=", "7+8="], ["3", "9", "11", "2"], [0, 1, 0, 1])
-    ev = evaluator.ProbeEvaluator(str(tiny_model_dir), probes, labelled, num_gpus=1)
+    ev = evaluator.ProbeEvaluator(str(tiny_model_dir), probes, labelled, gpus=1)
     assert asked == ["cuda", "cuda"] and ev.device == "cuda"
     evaluator.ProbeEvaluator(str(tiny_model_dir), probes, labelled)
     assert asked[2:] == ["cpu", "cpu"]
