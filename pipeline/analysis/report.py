@@ -53,10 +53,13 @@ def _mean(values: list[float]) -> float:
 
 
 def _fmt(values: list[float]) -> str:
+    """mean ± std over the seeds that measured the figure; "(k of N)" when only k of the N seeds did, so a mean
+    over a subset never reads as one over every seed."""
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if not len(v):
         return "n/a"
-    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    text = f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    return text if len(v) == len(values) else f"{text} ({len(v)} of {len(values)})"
 
 
 def load_runs(root: Path, runs: list[tuple[str, int]]) -> dict[str, list[dict]]:
@@ -70,6 +73,22 @@ def load_runs(root: Path, runs: list[tuple[str, int]]) -> dict[str, list[dict]]:
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         out[arm].append({"seed": seed, "metrics": pq.read_table(d / "metrics.parquet").to_pylist(), "eval": ev,
                          "summary": summary})
+    return out
+
+
+def load_exported(root: Path) -> dict[str, list[dict]]:
+    """The runs a committed report's `data/` folder holds (what `export_data` wrote), in the shape `load_runs`
+    returns: a report can be rewritten from its data alone, without the run folders."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    data = root / "data"
+    if not (data / "runs.parquet").exists():
+        return out
+    for s in pq.read_table(data / "runs.parquet").to_pylist():
+        name = f"{s['arm']}-seed{s['seed']}"
+        ev = data / f"{name}.eval.parquet"
+        out[s["arm"]].append({"seed": s["seed"], "metrics": pq.read_table(data / f"{name}.metrics.parquet").to_pylist(),
+                              "eval": pq.read_table(ev).to_pylist() if ev.exists() else [],
+                              "summary": {k: v for k, v in s.items() if k not in ("arm", "seed")}})
     return out
 
 
@@ -279,8 +298,16 @@ def export_data(root: Path, data: dict[str, list[dict]]) -> None:
 
 
 def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str = "hack",
-                 vary_world: bool = True) -> Path:
-    data = load_runs(root, runs)
+                 vary_world: bool = True, data: dict[str, list[dict]] | None = None) -> Path:
+    """The report, plots and `data/` of the runs under `root` (or of `data`, already loaded: see
+    `load_exported`), arms in the order `runs` names them."""
+    from pipeline.config import MIN_HONEST
+
+    if data is None:
+        data = load_runs(root, runs)
+    else:
+        order = list(dict.fromkeys(arm for arm, _ in runs))
+        data = {arm: [r for r in data[arm] if (arm, r["seed"]) in set(runs)] for arm in order if arm in data}
     if not data:
         raise ValueError(f"no finished runs under {root}")
     export_data(root, data)
@@ -332,7 +359,9 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     lines += ["", "*Recalibrated recall*: the share of held-out hacks above the threshold that flags 1% of the "
               "evaluated policy's own honest completions of held-out prompts (sampled at each evaluation point, honest "
               "by the task's ground truth), read on the live policy and on the frozen copy: what a defender who "
-              "refits the threshold on the policy they deploy would catch. Where the fixed-threshold share falls:", ""]
+              "refits the threshold on the policy they deploy would catch; *(k of N)* marks a mean over the k seeds whose "
+              f"policy still gave at least {MIN_HONEST} honest completions to calibrate on (the others are not "
+              "measured). Where the fixed-threshold share falls:", ""]
     plain_row = next((r for r in table if r["arm"] == "plain"), None)
     lines += [f"- `{r['arm']}`: {shift_or_scramble(r, plain_row)}" for r in table]
     lines += counted_outcomes(data, table)

@@ -165,7 +165,10 @@ def _add_analysis_parsers(sub) -> None:
     pf.add_argument("--in-flight", action="store_true", help="also the probes arm with weights reaching generators "
                     "mid-generation (generator.update_mode = in_flight)")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
-    rp.add_argument("dir", help="experiment output directory")
+    rp.add_argument("dir", help="experiment output directory: its <arm>-seed<k>/ run folders, or, where there are "
+                    "none (a committed report such as docs/results/experiment), the data/ folder a report wrote")
+    rp.add_argument("--experiment", metavar="FILE", help="the experiment file the runs came from: the report names "
+                    "it and keeps its arm order (default: arms alphabetically, the file named '(rewritten)')")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,15 +389,32 @@ def _cost(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.analysis.report import write_report
+    from pipeline.analysis.report import load_exported, write_report
 
     root = Path(args.dir)
-    runs = []
+    runs, data = [], None
     for d in sorted(root.glob("*-seed*")):
         arm, _, seed = d.name.rpartition("-seed")
-        if seed.isdigit():
+        if seed.isdigit() and (d / "metrics.parquet").exists():
             runs.append((arm, int(seed)))
-    print(write_report(root, "(rewritten)", runs))
+    if not runs:
+        data = load_exported(root)
+        runs = sorted((arm, r["seed"]) for arm, rs in data.items() for r in rs)
+    if not runs:
+        raise SystemExit(f"error: {root} holds no finished run (<arm>-seed<k>/metrics.parquet) and no data/runs.parquet; "
+                         "pass the --out folder of an experiment")
+    vary_world, name = True, "(rewritten)"
+    if args.experiment:
+        from pipeline.analysis.experiment import load_experiment
+
+        exp, _ = load_experiment(args.experiment, None, None, [])
+        arms = list(exp.arms)
+        missing = sorted({arm for arm, _ in runs} - set(arms))
+        if missing:
+            raise SystemExit(f"error: runs of arms {missing} under {root} are not in {args.experiment}")
+        runs.sort(key=lambda r: (arms.index(r[0]), r[1]))
+        vary_world, name = exp.vary_world, args.experiment
+    print(write_report(root, name, runs, vary_world=vary_world, data=data))
     return 0
 
 

@@ -96,6 +96,27 @@ def test_report_numbers_and_files(tmp_path):
     assert not math.isnan(table["probe"]["score_gap"][0])
 
 
+def test_a_report_rewritten_from_its_data_folder_alone_matches(tmp_path, exp_file):
+    """`probe-rl report DIR --experiment FILE` on a committed report (only `data/`, no run folders) writes the
+    same report as the experiment did."""
+    import shutil
+
+    from pipeline.cli.main import main
+
+    out = tmp_path / "out"
+    _fake_run(out, "probe", 3, [0.01] * 20)
+    _fake_run(out, "plain", 3, [i / 20 for i in range(20)])
+    first = write_report(out, str(exp_file), [("plain", 3), ("probe", 3)]).read_text()
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    shutil.copytree(out / "data", committed / "data")
+    assert main(["report", str(committed), "--experiment", str(exp_file)]) == 0
+    assert (committed / "report.md").read_text() == first
+    assert first.index("| plain | 1 |") < first.index("| probe | 1 |")  # the file's order, not the folders'
+    with pytest.raises(SystemExit, match="no finished run"):
+        main(["report", str(tmp_path / "nothing")])
+
+
 def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_information_still_there():
     from pipeline.analysis.report import obfuscation
 
@@ -120,6 +141,15 @@ def test_a_recalibrated_recall_on_too_few_honest_completions_is_not_reported():
     assert _eval_value({"eval/own_honest": 20.0, "eval/hack_recal_recall_live": 0.9},
                        "eval/hack_recal_recall_live") == 0.9
     assert _eval_value({"eval/own_honest": 3.0, "eval/hack_detect_live": 0.5}, "eval/hack_detect_live") == 0.5
+
+
+def test_a_mean_over_some_seeds_says_how_many():
+    from pipeline.analysis.report import _fmt
+
+    assert _fmt([0.2, 0.4]) == "0.300 ± 0.100"
+    assert _fmt([0.2, math.nan, 0.4, None]) == "0.300 ± 0.100 (2 of 4)"
+    assert _fmt([math.nan, 0.5]) == "0.500 (1 of 2)"
+    assert _fmt([math.nan, None]) == "n/a"
 
 
 def test_shift_or_scramble_tells_a_shift_from_a_loss_of_order():
