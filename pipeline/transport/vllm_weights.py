@@ -107,6 +107,10 @@ def closing_nccl_worker_engine() -> type:
                 self.shutdown()  # destroys the old communicator, if any
                 super().init_transfer_engine(init_info)
 
+            def finish_weight_update(self) -> None:
+                super().finish_weight_update()
+                refresh_tied_heads(self.model)  # a tied output head's processed copy (see refresh_tied_heads)
+
         _CLOSING_NCCL = ClosingNcclWorkerEngine
     return _CLOSING_NCCL
 
@@ -129,6 +133,33 @@ class GlooUpdateInfo(WeightTransferUpdateInfo, UpdateInfo):
     pass
 
 
+def refresh_tied_heads(model: torch.nn.Module) -> int:
+    """After a layerwise reload: re-run the weight processing of every unquantized embedding-like module whose
+    weight is shared with another module (a tied output head, `tie_word_embeddings`); the number refreshed.
+
+    Why: a tied model's checkpoint holds the embedding only (vLLM's loader skips `lm_head.*`), so the reload
+    processes the input embedding and leaves the output head alone: it puts the head's own tensors back, which
+    share the embedding's storage and so hold the new values, but on CPU the head also holds what its processing
+    made of the old ones (`dispatch_cpu_unquantized_gemm`: a oneDNN or packed copy of the weight, which is what
+    computes the logits), so the head would keep producing the old model's logits. Re-running the processing
+    rebuilds that copy from the shared weight; on GPU the unquantized method has nothing to rebuild."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and isinstance(getattr(module, "quant_method", None),
+                                                         UnquantizedEmbeddingMethod):
+            owners.setdefault(id(weight), []).append(module)
+    refreshed = 0
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
+
+
 class _ReloadingEngine(WeightTransferEngine):
     """Checkpoint-format weights land through vLLM's layerwise reload, as in vLLM's own NCCL engine. An update
     aborted halfway (its sender died) leaves layers waiting for weights; the next update finalizes that one
@@ -148,6 +179,7 @@ class _ReloadingEngine(WeightTransferEngine):
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_heads(self.model)
         self._active = False
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
