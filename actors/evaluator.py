@@ -128,7 +128,7 @@ class ProbeEvaluator:
         own, tok = self.own, self.tokenizer
         eos = tok.eos_token_id
         enc = own.get("prompt_ids") or [tok(p)["input_ids"] for p in own["prompts"]]  # as the run encodes them
-        prompt_ids, completion_ids, texts, answers = [], [], [], []
+        prompt_ids, completion_ids, texts, answers, rows = [], [], [], [], []
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(self.seed)
             for length in sorted({len(e) for e in enc}):  # equal-length batches: no padding
@@ -145,7 +145,9 @@ class ProbeEvaluator:
                     completion_ids.append(row)
                     texts.append(tok.decode(row, skip_special_tokens=True))
                     answers.append(own["answers"][i])
-        truth = self.truth_fn(texts, answers)
+                    rows.append(i)
+        extra = {k: [v[i] for i in rows] for k, v in own.get("truth_args", {}).items()}  # keyword columns, per row
+        truth = self.truth_fn(texts, answers, **extra)
         keep = [k for k, t in enumerate(truth) if t == "correct"]
         return [prompt_ids[k] for k in keep], [completion_ids[k] for k in keep], len(texts)
 

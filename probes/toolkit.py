@@ -150,10 +150,12 @@ def fit_probe(acts: list[torch.Tensor], labels: list[int], name: str, layer: int
 
 def train_probes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Labelled, layers: list[int], name: str, aggregation: str = "mean",
                  l2: float = 1e-3, held_out_frac: float = 0.2, seed: int = 0, balance: bool = True,
-                 batch_size: int = 64) -> list[tuple[LinearProbe, dict[str, float]]]:
-    """One probe per layer, fitted on the train split; each with its held-out metrics in `notes`."""
+                 batch_size: int = 64, prompt_ids: list[list[int]] | None = None,
+                 ) -> list[tuple[LinearProbe, dict[str, float]]]:
+    """One probe per layer, fitted on the train split; each with its held-out metrics in `notes`. `prompt_ids`: the
+    prompts encoded as the run encodes them (a chat template); None: their raw text."""
     train, test = split_by_prompt(data, held_out_frac, seed)
-    p_ids, c_ids = encode(tokenizer, data.prompts, data.completions)
+    p_ids, c_ids = encode(tokenizer, data.prompts, data.completions, prompt_ids=prompt_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     acts = completion_activations(model, p_ids, c_ids, layers, batch_size, pad)
     labels = torch.tensor(data.labels, dtype=torch.float32)

@@ -80,6 +80,7 @@ def greedy_accuracy(cfg: Config, world: World, fleet: Fleet) -> float | None:
         "generator (eval)", cfg.pipeline.timeout_s,
     )
     texts = world.decode(outs)
+    rows = list(range(len(texts)))
     if world.ground_truth_fn is not None:
-        return float(np.mean([t == "correct" for t in world.ground_truth_fn(texts, world.eval_prompts.answers)]))
-    return float(np.mean(world.reward_fn(texts, world.eval_prompts.answers)))
+        return float(np.mean([t == "correct" for t in world.truth(texts, world.eval_prompts.answers, rows, True)]))
+    return float(np.mean(world.reward(texts, world.eval_prompts.answers, rows, True)))

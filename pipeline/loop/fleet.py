@@ -611,5 +611,6 @@ def own_samples(cfg: Config, world: World) -> dict | None:
         return None
     return {"prompts": list(world.eval_prompts.prompts), "answers": list(world.eval_prompts.answers),
             "prompt_ids": [list(ids) for ids in world.eval_prompt_ids],
+            "truth_args": world.eval_prompts.arguments(world.truth_args, list(range(len(world.eval_prompts)))),
             "truth_fn": cfg.task.ground_truth_fn, "samples": cfg.eval.recalibrate_samples,
             "max_new_tokens": cfg.generator.max_new_tokens, "temperature": cfg.generator.temperature}

@@ -36,13 +36,14 @@ class Rewarder:
         check_schema(scored, scored_schema(self.probe_names), "scorer -> rewarder")
         texts = self.world.decode(scored.column("completion_ids").to_pylist())
         answers = scored.column("answer").to_pylist()
-        task = np.asarray(self.world.reward_fn(texts, answers), dtype=np.float32)
+        rows = scored.column("prompt_id").to_pylist()
+        task = np.asarray(self.world.reward(texts, answers, rows), dtype=np.float32)
         if task.shape != (scored.num_rows,):
             raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
                              f"for {scored.num_rows} completions; it must return one float per completion")
         score = None
         if self.shaping.monitor == "truth":
-            score = truth_monitor(self.world.ground_truth_fn(texts, answers), self.shaping.truth_accuracy,
+            score = truth_monitor(self.world.truth(texts, answers, rows), self.shaping.truth_accuracy,
                                   self.seed, scored.column("group_id").to_numpy())
         elif self.shaping_probe is not None:
             score = scored.column(f"probe/{self.monitored}/score").to_numpy(zero_copy_only=False)
@@ -63,7 +64,7 @@ class Rewarder:
             "rollout/nonfinite_logprob_rows": int((~finite_logprobs).sum()),
             "rollout/completion_len": float(lengths.mean()),
         }
-        truth = self.world.ground_truth_fn(texts, answers) if self.world.ground_truth_fn else None
+        truth = self.world.truth(texts, answers, rows) if self.world.ground_truth_fn else None
         if truth is not None:
             truth = np.asarray(truth)
             for cls in GROUND_TRUTH:

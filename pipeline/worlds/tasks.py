@@ -1,11 +1,14 @@
 """Tasks: a prompt dataset plus a reward function named by dotted path.
 
 A dataset is Parquet or JSONL with a `prompt` column (text) and an `answer` column (text handed to
-the reward function). A reward function has the signature
+the reward function), and any other columns. A reward function has the signature
 
     def reward(completions: list[str], answers: list[str]) -> list[float]
 
-and is named in the config as `package.module:function`. The built-in one verifies toy arithmetic.
+and is named in the config as `package.module:function`; it may also take keyword arguments named `prompts` (each
+completion's prompt text) or after any other column of the dataset (each completion's value of it), or `**kwargs`
+for all of them (`task_fn_arguments`). A ground-truth function (task.ground_truth_fn) takes the same arguments and
+returns "correct", "hack" or "wrong" per completion. The built-in ones verify toy arithmetic.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import importlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,9 +33,44 @@ if TYPE_CHECKING:
 class PromptSet:
     prompts: list[str]
     answers: list[str]
+    columns: dict[str, list] = field(default_factory=dict)  # a dataset's other columns, row for row
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, rows: list[int]) -> PromptSet:
+        return PromptSet([self.prompts[i] for i in rows], [self.answers[i] for i in rows],
+                         {k: [v[i] for i in rows] for k, v in self.columns.items()})
+
+    def arguments(self, names: tuple[str, ...], rows: list[int]) -> dict[str, list]:
+        """The keyword arguments `names` of a reward or ground-truth function for completions of prompts `rows`."""
+        return {n: [self.prompts[i] for i in rows] if n == "prompts" else [self.columns[n][i] for i in rows]
+                for n in names}
+
+
+def task_fn_arguments(fn: Callable, key: str, prompts: PromptSet | None) -> tuple[str, ...]:
+    """What `fn` takes beyond (completions, answers): `prompts` and the dataset columns it names, every one of them
+    if it takes **kwargs. A clear error at load when it cannot take two positional arguments, or requires one that
+    the data does not have."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise ValueError(f"{key}: {fn.__name__} must take (completions, answers) first; it takes "
+                         f"({', '.join(p.name for p in params)})")
+    available = ["prompts", *(prompts.columns if prompts is not None else ())]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return tuple(available)
+    wanted = [p for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in wanted if p.name not in available and p.default is p.empty]
+    if missing:
+        raise ValueError(f"{key}: {fn.__name__} requires {missing}, which the data does not have; it can take "
+                         f"{available} (the prompt text, and the dataset's own columns)")
+    return tuple(p.name for p in wanted if p.name in available)
 
 
 # The toy's number space is cut once, by a fixed hash of each sum, into parts that share no sum: SFT data, RL
@@ -214,7 +252,12 @@ def load_prompt_file(path: str | Path, key: str = "task.dataset") -> PromptSet:
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
             raise ValueError(f"{key} {path}, row {n}: needs a text `prompt` and an `answer`")
-    return PromptSet([r["prompt"] for r in rows], [str(r["answer"]) for r in rows])
+    others = sorted({k for r in rows for k in r} - {"prompt", "answer"})
+    if "prompts" in others:
+        raise ValueError(f"{key} {path}: a column may not be named `prompts` (the reward function's name for the "
+                         "prompt texts); rename it")
+    return PromptSet([r["prompt"] for r in rows], [str(r["answer"]) for r in rows],
+                     {k: [r.get(k) for r in rows] for k in others})
 
 
 def load_labelled(path: str | Path) -> Labelled:

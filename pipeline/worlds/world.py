@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.worlds.pretrained import ensure_packaged_model, is_packaged
+from pipeline.worlds.pretrained import ensure_packaged_model, ensure_packaged_probe, is_packaged
 from pipeline.worlds.tasks import (
     GroundTruthFn,
     PromptSet,
@@ -24,6 +24,7 @@ from pipeline.worlds.tasks import (
     arithmetic_prompts,
     load_prompt_file,
     load_reward_fn,
+    task_fn_arguments,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +61,18 @@ class World:
     eval_labelled: object = None  # probes.toolkit.Labelled: the fixed set of evaluation checkpoints
     generator_probes: list[GeneratorProbe] = field(default_factory=list)  # probes read in the sampling pass
     encode: Callable[[list[str]], list[list[int]]] | None = None  # prompt texts -> ids, as the run encodes them
+    reward_args: tuple[str, ...] = ()  # keyword arguments the reward function takes (tasks.task_fn_arguments)
+    truth_args: tuple[str, ...] = ()  # and the ground-truth function
+
+    def reward(self, texts: list[str], answers: list[str], rows: list[int], held_out: bool = False) -> list[float]:
+        """task.reward_fn on completions of prompts `rows` (of the RL prompts, or of the held-out ones)."""
+        prompts = self.eval_prompts if held_out else self.prompts
+        return self.reward_fn(texts, answers, **prompts.arguments(self.reward_args, rows))
+
+    def truth(self, texts: list[str], answers: list[str], rows: list[int], held_out: bool = False) -> list[str]:
+        """task.ground_truth_fn on completions of prompts `rows`, likewise."""
+        prompts = self.eval_prompts if held_out else self.prompts
+        return self.ground_truth_fn(texts, answers, **prompts.arguments(self.truth_args, rows))
 
     @property
     def column_names(self) -> list[str]:
@@ -135,13 +148,19 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     else:
         model_path = resolve_model_path(cfg.model.path)
     model_cfg = AutoConfig.from_pretrained(model_path)
-    probe_paths, names, generator_probes = load_probes(cfg, toy, model_cfg)
+    probe_paths, names, generator_probes = load_probes(cfg, toy, model_cfg, model_path, log)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_vocabulary(tokenizer, model_cfg, cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, eval_prompts = prompt_sets(cfg)
     reward_fn = load_reward_fn(cfg.task.reward_fn)
     truth_fn = load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn") if cfg.task.ground_truth_fn else None
+    reward_args = task_fn_arguments(reward_fn, "task.reward_fn", prompts)
+    truth_args = task_fn_arguments(truth_fn, "task.ground_truth_fn", prompts) if truth_fn else ()
+    lacking = sorted({*reward_args, *truth_args} - {"prompts", *(eval_prompts.columns if eval_prompts else {})})
+    if eval_prompts is not None and lacking:
+        raise ValueError(f"the reward or ground-truth function takes the columns {lacking}, which the held-out prompts "
+                         "(task.eval_dataset) do not have; add them there")
     encode = prompt_encoder(tokenizer, cfg.task.chat_template, cfg.task.system_prompt, cfg.model.path)
     prompt_ids = encode(prompts.prompts)
     eval_ids = encode(eval_prompts.prompts) if eval_prompts else []
@@ -164,7 +183,7 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
             eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
                                          cfg=cfg.toy)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
-                 reward_fn, truth_fn, eval_labelled, generator_probes, encode)
+                 reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args)
 
 
 def check_vocabulary(tokenizer, model_cfg: PretrainedConfig, where: str) -> None:
@@ -204,10 +223,12 @@ def prompt_encoder(tokenizer, chat_template: bool | None, system_prompt: str | N
     return encode
 
 
-def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
+def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig, model_path: str | None = None,
+                log: Callable[[str], None] = print) -> tuple[list[tuple[str, str | None]], list[str], list[GeneratorProbe]]:
     """(stem, aggregation) and name of every probe the scorers read, and the probes the generators read; each
     checked against the model, the shaping probe also against what its shaping kind does with it. "toy" is the
-    toy's hack probe, "toy:<name>" another."""
+    toy's hack probe, "toy:<name>" another; "smollm2" (or "smollm2:hack") a hack probe fitted once on the packaged
+    model's own activations at its middle layer (pipeline/worlds/pretrained.py: ensure_packaged_probe)."""
     from probes.probe import load_probe
 
     probe_paths, probes, on_generator = [], [], []
@@ -217,6 +238,13 @@ def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig) 
             if (name or "hack") not in toy.probe_stems:
                 raise ValueError(f"scorer.probes: {spec.path!r} names no toy probe; the toy has {sorted(toy.probe_stems)}")
             stem = str(toy.probe_stems[name or "hack"])
+        elif is_packaged(source):
+            if cfg.model.path != source:
+                raise ValueError(f"scorer.probes: {spec.path!r} is fitted on model {source!r}, but model.path is "
+                                 f"{cfg.model.path!r}; set model.path = {source!r} or give another probe")
+            stem = str(ensure_packaged_probe(Path(model_path), name or "hack", model_cfg.num_hidden_layers // 2,
+                                             cfg.task.prompt_template, cfg.task.system_prompt, cfg.task.chat_template,
+                                             cfg.toy.max_operand, cfg.toy.seed, log))
         else:
             stem = spec.path
         probe = load_probe(stem)  # raises ValueError naming the file and what is wrong
@@ -349,11 +377,11 @@ def split_held_out(prompts: PromptSet, fraction: float, where: str) -> tuple[Pro
     def rank(text: str) -> float:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
-    rows = list(zip(prompts.prompts, prompts.answers, strict=True))
-    cut = max(fraction, min(rank(p) for p, _ in rows))
-    train = [r for r in rows if rank(r[0]) > cut]
-    test = [r for r in rows if rank(r[0]) <= cut]
+    ranks = [rank(p) for p in prompts.prompts]
+    cut = max(fraction, min(ranks))
+    train = [i for i, r in enumerate(ranks) if r > cut]
+    test = [i for i, r in enumerate(ranks) if r <= cut]
     if not train or not test:
         raise ValueError(f"task.eval_fraction={fraction} leaves {len(train)} prompts to train on and {len(test)} held "
                          f"out in {where}; change it, or give task.eval_dataset")
-    return PromptSet(*map(list, zip(*train, strict=True))), PromptSet(*map(list, zip(*test, strict=True)))
+    return prompts.subset(train), prompts.subset(test)
