@@ -1,7 +1,8 @@
 """Tasks: a prompt dataset plus a reward function named by dotted path.
 
-A dataset is Parquet or JSONL with a `prompt` column (text) and an `answer` column (text handed to
-the reward function), and any other columns. A reward function has the signature
+A dataset is Parquet or JSONL with a `prompt` column (text; or, for a model with a chat template, a
+`messages` column: the conversation so far as a list of {"role", "content"} turns) and an `answer` column
+(text handed to the reward function), and any other columns. A reward function has the signature
 
     def reward(completions: list[str], answers: list[str]) -> list[float]
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PromptSet:
-    prompts: list[str]
+    prompts: list[str | list[dict]]  # text, or a conversation (a dataset's `messages`) for the chat template
     answers: list[str]
     columns: dict[str, list] = field(default_factory=dict)  # a dataset's other columns, row for row
 
@@ -46,6 +47,21 @@ class PromptSet:
         """The keyword arguments `names` of a reward or ground-truth function for completions of prompts `rows`."""
         return {n: [self.prompts[i] for i in rows] if n == "prompts" else [self.columns[n][i] for i in rows]
                 for n in names}
+
+
+def check_messages(messages, where: str) -> None:
+    """A dataset row's `messages`: a non-empty list of {"role": system|user|assistant, "content": text} turns."""
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
+        for t in messages)
+    if not ok:
+        raise ValueError(f"{where}: `messages` must be a non-empty list of {{\"role\": \"system\" | \"user\" | "
+                         f"\"assistant\", \"content\": text}} turns; got {str(messages)[:120]}")
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A prompt as text, for hashing and comparing: the text itself, or a conversation as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def task_fn_arguments(fn: Callable, key: str, prompts: PromptSet | None) -> tuple[str, ...]:
@@ -250,13 +266,25 @@ def load_prompt_file(path: str | Path, key: str = "task.dataset") -> PromptSet:
     if not rows:
         raise ValueError(f"{key} {path} has no rows")
     for n, row in enumerate(rows, 1):
+        if isinstance(row, dict) and "messages" in row and "prompt" not in row:
+            check_messages(row["messages"], f"{key} {path}, row {n}")
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
-            raise ValueError(f"{key} {path}, row {n}: needs a text `prompt` and an `answer`")
-    others = sorted({k for r in rows for k in r} - {"prompt", "answer"})
+            raise ValueError(f"{key} {path}, row {n}: needs a text `prompt` (or the chat turns as `messages`) and an "
+                             "`answer`")
+    for n, row in enumerate(rows, 1):
+        if "answer" not in row:
+            raise ValueError(f"{key} {path}, row {n}: needs an `answer`")
+    kinds = {"messages" in r and "prompt" not in r for r in rows}
+    if len(kinds) > 1:
+        raise ValueError(f"{key} {path}: some rows give a `prompt` and others `messages`; give every row the same")
+    chat = kinds == {True}
+    others = sorted({k for r in rows for k in r} - {"prompt", "answer", "messages" if chat else "prompt"})
     if "prompts" in others:
         raise ValueError(f"{key} {path}: a column may not be named `prompts` (the reward function's name for the "
                          "prompt texts); rename it")
-    return PromptSet([r["prompt"] for r in rows], [str(r["answer"]) for r in rows],
+    return PromptSet([[dict(t) for t in r["messages"]] if chat else r["prompt"] for r in rows],
+                     [str(r["answer"]) for r in rows],
                      {k: [r.get(k) for r in rows] for k in others})
 
 

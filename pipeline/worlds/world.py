@@ -24,6 +24,7 @@ from pipeline.worlds.tasks import (
     arithmetic_prompts,
     load_prompt_file,
     load_reward_fn,
+    prompt_key,
     task_fn_arguments,
 )
 
@@ -209,14 +210,20 @@ def prompt_encoder(tokenizer, chat_template: bool | None, system_prompt: str | N
     if system_prompt is not None and not (has and chat_template is not False):
         raise ValueError("task.system_prompt needs the chat template (task.chat_template and a tokenizer that has one)")
     if not (has if chat_template is None else chat_template):
-        return lambda texts: [list(tokenizer(t)["input_ids"]) for t in texts]
+        def raw(texts: list[str]) -> list[list[int]]:
+            if any(not isinstance(t, str) for t in texts):
+                raise ValueError("the dataset gives chat turns (`messages`), which need the chat template: the "
+                                 f"tokenizer of model.path {where!r} has none, or task.chat_template = false")
+            return [list(tokenizer(t)["input_ids"]) for t in texts]
 
-    def encode(texts: list[str]) -> list[list[int]]:
+        return raw
+
+    def encode(texts: list[str | list[dict]]) -> list[list[int]]:
         out = []
         for t in texts:
             turns = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-            ids = tokenizer.apply_chat_template(turns + [{"role": "user", "content": t}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
+            turns += [{"role": "user", "content": t}] if isinstance(t, str) else t  # a dataset's `messages` as given
+            ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
             out.append([int(i) for i in ids])
         return out
 
@@ -355,7 +362,7 @@ def prompt_sets(cfg: Config) -> tuple[PromptSet, PromptSet | None]:
                          f"pipeline.prompts_per_step={need} a step draws; lower pipeline.prompts_per_step or add prompts")
     if t.eval_dataset is not None:
         held = load_prompt_file(t.eval_dataset, "task.eval_dataset")
-        shared = set(held.prompts) & set(prompts.prompts)
+        shared = {prompt_key(p) for p in held.prompts} & {prompt_key(p) for p in prompts.prompts}
         if shared:
             raise ValueError(f"task.eval_dataset shares {len(shared)} prompts with task.dataset (first: "
                              f"{next(iter(shared))!r}); held-out prompts must not be trained on")
@@ -377,7 +384,7 @@ def split_held_out(prompts: PromptSet, fraction: float, where: str) -> tuple[Pro
     def rank(text: str) -> float:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
-    ranks = [rank(p) for p in prompts.prompts]
+    ranks = [rank(prompt_key(p)) for p in prompts.prompts]
     cut = max(fraction, min(ranks))
     train = [i for i, r in enumerate(ranks) if r > cut]
     test = [i for i, r in enumerate(ranks) if r <= cut]

@@ -77,3 +77,26 @@ def test_the_built_folder_is_a_plain_transformers_model_with_tied_embeddings(smo
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(out[0, len(ids):]) == "23 + 14 = 37<|im_end|>"  # it can add, and it stops
+
+
+def test_a_dataset_of_chat_turns_goes_through_the_template_as_given(tokenizer, tmp_path):
+    from pipeline.worlds.tasks import load_prompt_file
+
+    turns = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "7 + 5?"},
+             {"role": "assistant", "content": "12"}, {"role": "user", "content": "And 7 + 6?"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": turns, "answer": 13, "level": 2}) + "\n")
+    data = load_prompt_file(tmp_path / "chat.jsonl")
+    assert data.prompts == [turns] and data.answers == ["13"] and data.columns == {"level": [2]}
+    [ids] = prompt_encoder(tokenizer, None, None, "smollm2")(data.prompts)
+    assert tokenizer.decode(ids) == ("<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n7 + 5?"
+                                     "<|im_end|>\n<|im_start|>assistant\n12<|im_end|>\n<|im_start|>user\nAnd 7 + 6?"
+                                     "<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="the dataset gives chat turns .* need the chat template"):
+        prompt_encoder(tokenizer, False, None, "smollm2")(data.prompts)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}], "answer": 1}))
+    with pytest.raises(ValueError, match=r"row 1: `messages` must be a non-empty list of"):
+        load_prompt_file(tmp_path / "bad.jsonl")
+    (tmp_path / "mixed.jsonl").write_text(json.dumps({"messages": turns, "answer": 1}) + "\n"
+                                          + json.dumps({"prompt": "1+1=", "answer": 2}) + "\n")
+    with pytest.raises(ValueError, match="some rows give a `prompt` and others `messages`"):
+        load_prompt_file(tmp_path / "mixed.jsonl")

@@ -65,7 +65,7 @@ def test_bad_prompt_files(tmp_path):
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         load_prompt_file(tmp_path / "bad.jsonl")
     (tmp_path / "nocol.jsonl").write_text('{"question": "a"}\n')
-    with pytest.raises(ValueError, match="row 1: needs a text `prompt` and an `answer`"):
+    with pytest.raises(ValueError, match=r"row 1: needs a text `prompt` \(or the chat turns as `messages`\) and an `answer`"):
         load_prompt_file(tmp_path / "nocol.jsonl")
     (tmp_path / "x.csv").write_text("prompt,answer\n")
     with pytest.raises(ValueError, match="unsupported extension"):
