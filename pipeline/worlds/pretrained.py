@@ -68,24 +68,18 @@ def model_root(model: PackagedModel, cache_dir: str | Path) -> Path:
 def ensure_packaged_model(name: str, cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """The cached transformers folder of packaged model `name`, built on first use (under a lock, so runs started
     at once build it once; written whole or not at all)."""
-    import fcntl
-
-    from pipeline.worlds.toy import _atomic_build
+    from pipeline.worlds.toy import _atomic_build, build_once
 
     model = PACKAGED[name]
     root = model_root(model, cache_dir)
 
-    def built() -> bool:
-        return (root / "config.json").is_file() and (root / "model.safetensors").is_file()
+    def build() -> None:
+        log(f"building {model.description} in {root} from {gguf_file(model).name} (once; about half a minute; "
+            "cached afterwards)")
+        _atomic_build(root, lambda tmp: convert_gguf(gguf_file(model), tmp, log))
 
-    if not built():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f"{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not built():
-                log(f"building {model.description} in {root} from {gguf_file(model).name} (once; about half a "
-                    "minute; cached afterwards)")
-                _atomic_build(root, lambda tmp: convert_gguf(gguf_file(model), tmp, log))
+    build_once(root.parent / f"{root.name}.lock",
+               lambda: (root / "config.json").is_file() and (root / "model.safetensors").is_file(), build)
     return root
 
 
@@ -170,9 +164,7 @@ def ensure_packaged_probe(model_dir: Path, name: str, layer: int, template: str,
     """The stem of probe `name` ("hack") fitted on the packaged model at `model_dir`, at `layer`, on its own
     activations over `free_form_labelled` completions of prompts encoded as the run encodes them; built once (held-out
     AUROC logged and kept in the probe's notes) and cached beside the model."""
-    import fcntl
-
-    from pipeline.worlds.toy import _atomic_build
+    from pipeline.worlds.toy import _atomic_build, build_once
 
     if name != "hack":
         raise ValueError(f"the packaged models have one probe, \"hack\"; {name!r} is not one")
@@ -180,12 +172,10 @@ def ensure_packaged_probe(model_dir: Path, name: str, layer: int, template: str,
                           .encode(), digest_size=6).hexdigest()
     folder = model_dir / f"probe-{key}"
     stem = folder / name
-    if not stem.with_suffix(".json").is_file():
-        with open(model_dir.parent / f"{model_dir.name}.{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not stem.with_suffix(".json").is_file():
-                _atomic_build(folder, lambda tmp: _fit_probe(model_dir, tmp / name, layer, template, system_prompt,
-                                                             chat_template, max_operand, seed, log))
+    build_once(model_dir.parent / f"{model_dir.name}.{key}.lock", stem.with_suffix(".json").is_file,
+               lambda: _atomic_build(folder, lambda tmp: _fit_probe(model_dir, tmp / name, layer, template,
+                                                                    system_prompt, chat_template, max_operand, seed,
+                                                                    log)))
     return stem
 
 

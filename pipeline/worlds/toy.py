@@ -95,23 +95,30 @@ def ensure_toy_world(cfg: ToyConfig, log: Callable[[str], None] = print) -> ToyW
     def built() -> bool:
         return (model_dir / "config.json").is_file() and all(s.with_suffix(".json").is_file() for s in stems.values())
 
-    if not built():
-        # Runs started at once on one cache (several `probe-rl run`s, a submitted job beside a local run) build it once:
-        # the first takes the lock and builds, the others wait for it and find the world built.
-        import fcntl
+    def build() -> None:
+        log(f"building the toy world in {root} (once; cached afterwards)")
+        done = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
+                              env={**os.environ, **BUILD_ENV})
+        if done.returncode != 0:
+            raise RuntimeError(f"the toy world build failed (exit code {done.returncode}); its output is above")
 
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with open(root.parent / f"{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not built():
-                log(f"building the toy world in {root} (once; cached afterwards)")
-                build = subprocess.run([sys.executable, "-m", "pipeline.worlds.toy", cfg.model_dump_json()],
-                                       env={**os.environ, **BUILD_ENV})
-                if build.returncode != 0:
-                    raise RuntimeError(f"the toy world build failed (exit code {build.returncode}); its output is "
-                                       "above")
+    build_once(root.parent / f"{root.name}.lock", built, build)
     info = json.loads((model_dir / "toy_info.json").read_text())
     return ToyWorld(model_dir, stems, info)
+
+
+def build_once(lock_path: Path, built: Callable[[], bool], build: Callable[[], None]) -> None:
+    """`build()` unless `built()`: runs started at once on one cache (several `probe-rl run`s, a submitted job beside a
+    local run) build it once; the first takes the lock and builds, the others wait for it and find it built."""
+    import fcntl
+
+    if built():
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built():
+            build()
 
 
 def _build_here(cfg: ToyConfig, log=print) -> None:
