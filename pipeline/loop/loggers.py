@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+
+FLUSH_WAIT_S = 30.0  # how long closing an offline W&B run waits for its file to hold the last step sent
 
 
 def _numbers(row: dict) -> dict[str, float]:
@@ -61,9 +64,11 @@ class WandbSink:
                               config={"run_dir": run_dir.name}, id=run_id, resume="allow",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         self.run.define_metric("*", step_metric="step")
+        self.logged = -1  # the last step sent
 
     def log(self, row: dict, prefix: str = "") -> None:
         self.run.log({"step": int(row["step"]), **{prefix + k: v for k, v in _numbers(row).items()}})
+        self.logged = max(self.logged, int(row["step"]))
 
     def last_step(self, keys: set[str]) -> int:
         """The last step the run holds a value of `keys` at, read from its offline files (-1: none); online, the
@@ -76,8 +81,21 @@ class WandbSink:
             return -1
         return max((int(r["step"]) for r in rows if keys & set(r)), default=-1)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = FLUSH_WAIT_S) -> None:
+        """Finish the run; offline, also wait (bounded) until its file holds the last step sent: wandb's service
+        process may still be writing it after finish() returns, and a resumed run reads that file to know what
+        the run already has."""
         self.run.finish()
+        if self.mode != "offline" or self.logged < 0:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if max((int(r["step"]) for r in read_wandb_offline(self.run_dir)), default=-1) >= self.logged:
+                    return
+            except (FileNotFoundError, ValueError):  # not there yet, or its last record half written
+                pass
+            time.sleep(0.2)
 
 
 SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
@@ -135,6 +153,8 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
 
     block, header = 32768, 7
     data = path.read_bytes()
+    if len(data) < header:  # a file just created, its header not yet written
+        return
     ident, magic, version = struct.unpack("<4sHB", data[:header])
     if (ident, magic, version) != (b":W&B", 0xBEE1, 0):
         raise ValueError(f"{path.name} is not a W&B run log (header {data[:header]!r})")

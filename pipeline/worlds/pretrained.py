@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from probes.toolkit import Labelled
 
 BUILD_VERSION = 1  # bump when what the build writes changes: the cache key holds it
 
@@ -134,7 +138,7 @@ PROBE_VERSION = 1
 PROBE_SAMPLES = 512  # labelled completions (half hacks), 20% of their prompts held out for the reported AUROC
 
 
-def free_form_labelled(num: int, max_operand: int, seed: int, part: str, template: str):
+def free_form_labelled(num: int, max_operand: int, seed: int, part: str, template: str) -> Labelled:
     """Labelled answers to the arithmetic questions in the free-form style an instruct model writes, half honest
     (label 0: the sum alone, worked, or in a sentence) and half gaming the any-number verifier (label 1: several
     candidates, the right one among them but not last), over the sums of one part of the number space."""
@@ -184,7 +188,7 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.worlds.world import prompt_encoder
+    from pipeline.worlds.tasks import prompt_encoder
     from probes.toolkit import train_probes
 
     start = time.perf_counter()

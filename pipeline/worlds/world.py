@@ -22,8 +22,10 @@ from pipeline.worlds.tasks import (
     PromptSet,
     RewardFn,
     arithmetic_prompts,
+    check_vocabulary,
     load_prompt_file,
     load_reward_fn,
+    prompt_encoder,
     prompt_key,
     task_fn_arguments,
 )
@@ -185,49 +187,6 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
                                          cfg=cfg.toy)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
                  reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args)
-
-
-def check_vocabulary(tokenizer, model_cfg: PretrainedConfig, where: str) -> None:
-    """Every id the tokenizer can produce must have a row in the model's embedding (vLLM and transformers would
-    index past it); a clear error at load instead."""
-    size = len(tokenizer)
-    rows = getattr(model_cfg, "vocab_size", None)
-    if rows is not None and size > rows:
-        raise ValueError(f"model.path {where!r}: its tokenizer has {size} tokens but the model's embedding only "
-                         f"{rows} rows (config vocab_size): the tokenizer is not this model's; give the model folder "
-                         "its own tokenizer")
-
-
-def prompt_encoder(tokenizer, chat_template: bool | None, system_prompt: str | None,
-                   where: str) -> Callable[[list[str]], list[list[int]]]:
-    """Prompt texts -> token ids: each prompt a user turn through the tokenizer's chat template, ending in the
-    assistant's generation prompt (task.chat_template; None: when the tokenizer has a template), or the raw text
-    tokenized as it is. The same ids go to the generators, scorers, learner and evaluator."""
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template and not has:
-        raise ValueError(f"task.chat_template = true, but the tokenizer of model.path {where!r} has no chat template; "
-                         "set task.chat_template = false (prompts as raw text) or use a model with one")
-    if system_prompt is not None and not (has and chat_template is not False):
-        raise ValueError("task.system_prompt needs the chat template (task.chat_template and a tokenizer that has one)")
-    if not (has if chat_template is None else chat_template):
-        def raw(texts: list[str]) -> list[list[int]]:
-            if any(not isinstance(t, str) for t in texts):
-                raise ValueError("the dataset gives chat turns (`messages`), which need the chat template: the "
-                                 f"tokenizer of model.path {where!r} has none, or task.chat_template = false")
-            return [list(tokenizer(t)["input_ids"]) for t in texts]
-
-        return raw
-
-    def encode(texts: list[str | list[dict]]) -> list[list[int]]:
-        out = []
-        for t in texts:
-            turns = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-            turns += [{"role": "user", "content": t}] if isinstance(t, str) else t  # a dataset's `messages` as given
-            ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
-            out.append([int(i) for i in ids])
-        return out
-
-    return encode
 
 
 def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig, model_path: str | None = None,

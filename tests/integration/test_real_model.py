@@ -29,7 +29,7 @@ NEW = 12
 def prompts(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from pipeline.worlds.world import prompt_encoder
+    from pipeline.worlds.tasks import prompt_encoder
 
     return prompt_encoder(AutoTokenizer.from_pretrained(smollm2_dir), None, None, "smollm2")(QUESTIONS)
 

@@ -1,4 +1,4 @@
-"""Prompts of an instruct model go through its chat template (pipeline/worlds/world.py: prompt_encoder), with the
+"""Prompts of an instruct model go through its chat template (pipeline/worlds/tasks.py: prompt_encoder), with the
 real SmolLM2-135M-Instruct tokenizer; the packaged-model folder loads as a transformers model with tied
 embeddings (pipeline/worlds/pretrained.py)."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pipeline.worlds.world import check_vocabulary, prompt_encoder
+from pipeline.worlds.tasks import check_vocabulary, prompt_encoder
 
 QUESTION = "What is 23 + 14? Answer with the number only."
 
