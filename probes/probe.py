@@ -73,6 +73,9 @@ class LinearProbe:
         return stem
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".npy")
+
+
 def _probe_stem(path: str | Path) -> Path:
     p = Path(path).expanduser()
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
@@ -83,6 +86,10 @@ def load_probe(path: str | Path) -> LinearProbe:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"probe {path}: probes are never unpickled (a pickle runs code when loaded); save it as "
+                         "safetensors: <stem>.safetensors with `weight` (H,) and `bias` (1,), plus <stem>.json with "
+                         "name, layer, hidden_size and aggregation (probes.probe.LinearProbe.save writes both)")
     stem = _probe_stem(path)
     meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     for p in (meta_path, tensor_path):
@@ -95,9 +102,10 @@ def load_probe(path: str | Path) -> LinearProbe:
     required = {"name": str, "layer": int, "hidden_size": int, "aggregation": str}
     if not isinstance(meta, dict):
         raise ValueError(f"probe metadata {meta_path} must be a JSON object with keys {sorted(required)}")
-    for key, typ in required.items():
-        if not isinstance(meta.get(key), typ):
-            raise ValueError(f"probe metadata {meta_path}: key {key!r} must be a {typ.__name__}, got {meta.get(key)!r}")
+    wrong = [f"{key!r} must be {'an' if typ is int else 'a'} {typ.__name__}"
+             + (" (missing)" if key not in meta else f", got {meta[key]!r}") for key, typ in required.items() if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool)]
+    if wrong:
+        raise ValueError(f"probe metadata {meta_path}: " + "; ".join(wrong))
     try:
         check_aggregation(meta["aggregation"])
     except ValueError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, dump_toml, load_config
 
@@ -52,9 +53,19 @@ other commands (each with --help):
 """
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("probe-rl")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe-rl", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"probe-rl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="train (the default command)", description=DESCRIPTION, epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -120,15 +131,30 @@ def _add_probe_parser(sub) -> None:
     ptd.add_argument("--config", default=None)
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least`, else a one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
 def _add_analysis_parsers(sub) -> None:
     ex = sub.add_parser("experiment", help="run arms x seeds and write a report",
                         description="Run every arm of an experiment file with every seed (by default configs/"
-                        "experiment.toml: plain RL and the probe in the reward, in the loss, and ablated, in three toy "
-                        "worlds, 50 steps each: about 25 minutes on 2 cores), sharing one Ray instance; an arm "
+                        "experiment.toml: plain RL and the probe in the reward (read on the frozen copy, and live in the "
+                        "generators' sampling pass), in the loss, and ablated: 5 arms in three toy worlds, 15 runs of "
+                        "50 steps, about 20 minutes on 2 cores once the worlds are built), sharing one Ray instance; an arm "
                         "already finished in --out is not run again (rerun with the same --out to resume). Then "
                         "write report.md: hack, correct and evasion rates, held-out accuracy, the probe's live, frozen "
-                        "and refit AUROC and the share of hacks it flags, the four methods side by side with what each "
-                        "is predicted to do, PNG plots, and every run's metrics as Parquet in data/.",
+                        "and refit AUROC and the share of hacks it flags, every arm side by side with plain RL and what "
+                        "each is predicted to do, PNG plots, and every run's metrics as Parquet in data/.",
                         epilog="Extra --section.key VALUE overrides apply to every run, after the file's shared "
                         "[overrides] and its arms', e.g. --pipeline.num_steps 20.",
                         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -142,12 +168,12 @@ def _add_analysis_parsers(sub) -> None:
                         "probes) for Llama-style models, and the overhead probe shaping adds over plain RLHF, with "
                         "and without a KL term. See pipeline/analysis/cost.py for the model and its assumptions.")
     co.add_argument("--model", nargs="+", default=["toy", "0.5b", "7b", "70b", "405b"], help="presets to tabulate")
-    co.add_argument("--prompts", type=int, default=64)
-    co.add_argument("--group", type=int, default=8)
-    co.add_argument("--prompt-len", type=int, default=256)
-    co.add_argument("--completion-len", type=int, default=1024)
-    co.add_argument("--probe-layer", type=int, default=None, help="deepest probed layer (default: the middle)")
-    co.add_argument("--num-probes", type=int, default=1)
+    co.add_argument("--prompts", type=_count(1), default=64)
+    co.add_argument("--group", type=_count(1), default=8)
+    co.add_argument("--prompt-len", type=_count(1), default=256)
+    co.add_argument("--completion-len", type=_count(1), default=1024)
+    co.add_argument("--probe-layer", type=_count(0), default=None, help="deepest probed layer (default: the middle)")
+    co.add_argument("--num-probes", type=_count(1), default=1)
     pf = sub.add_parser("profile", help="overhead of probes against plain RLHF, measured A B A B",
                         description="Run the plain arm (no probes: scorers compute reference log-probs only) and the "
                         "probe-shaped arm on the same config and seed, alternating, and write profile.md with seconds "
@@ -157,7 +183,7 @@ def _add_analysis_parsers(sub) -> None:
                         epilog="Extra --section.key VALUE overrides apply to every run.", allow_abbrev=False)
     pf.add_argument("--config", default=None, help=f"TOML config; may also come first, as `profile CONFIG` "
                     f"(default: {DEFAULT_CONFIG.name})")
-    pf.add_argument("--repeats", type=int, default=2, help="A B pairs per KL setting")
+    pf.add_argument("--repeats", type=_count(1), default=2, help="A B pairs per KL setting")
     pf.add_argument("--kl", choices=["on", "off", "both"], default="both", help="with a KL term, without, or both")
     pf.add_argument("--out", default=None, help="output directory (default: <run.output_dir>/profile)")
     pf.add_argument("--live", action="store_true", help="also the live readings: the probes on a live scorer copy "

@@ -40,6 +40,17 @@ def test_cross_field_checks():
         Config.model_validate({"shaping": {"kind": "penalty"}})
     with pytest.raises(ValueError, match="multiple of 64"):
         Config.model_validate({"toy": {"hidden_size": 96}})
+    with pytest.raises(ConfigError) as err:  # one line that names the keys, not the whole config it checked
+        load_config(overrides=["--shaping.kind", "penalty", "--scorer.probes", "[]"])
+    assert str(err.value).splitlines()[1:] == ["  shaping.kind='penalty' needs at least one probe in scorer.probes (or "
+                                               "set shaping.kind = \"none\" for plain RLHF)"]
+
+
+@pytest.mark.parametrize("key", ["learner.lr", "shaping.coef", "learner.kl_coef", "pipeline.timeout_s"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_infinite_or_nan_numbers_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: Input should be a finite number"):
+        load_config(overrides=[f"--{key}", value])
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -121,6 +132,27 @@ def test_run_help_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     for name in commands:
         assert f"probe-rl {name}" in out or f"|{name}" in out or f"{name}|" in out, name
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["cost", "--prompts", "-4"], "argument --prompts: -4 is less than 1"),
+    (["cost", "--completion-len", "x"], "argument --completion-len: 'x' is not a whole number"),
+    (["profile", "--repeats", "0"], "argument --repeats: 0 is less than 1"),
+])
+def test_counts_on_the_command_line_are_checked(argv, says, capsys):
+    from pipeline.cli.main import main
+
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_version():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "--version"], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert out.strip() == f"probe-rl {version('probe-rl')}"
 
 
 def test_every_shipped_run_config_loads():

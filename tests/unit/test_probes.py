@@ -53,7 +53,11 @@ def test_corrupt_probe_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_probe(tmp_path / "q")
     (tmp_path / "q.json").write_text(json.dumps({"name": "q", "layer": "two", "hidden_size": 4, "aggregation": "mean"}))
-    with pytest.raises(ValueError, match="'layer' must be a int"):
+    with pytest.raises(ValueError, match="'layer' must be an int"):
+        load_probe(tmp_path / "q")
+    (tmp_path / "q.json").write_text(json.dumps({"name": "q", "layer": 0}))  # every missing key named, not the first
+    with pytest.raises(ValueError, match=r"'hidden_size' must be an int \(missing\); 'aggregation' must be a str "
+                                         r"\(missing\)"):
         load_probe(tmp_path / "q")
     (tmp_path / "q.json").write_text(json.dumps({"name": "q", "layer": 0, "hidden_size": 5, "aggregation": "mean"}))
     with pytest.raises(ValueError, match="weight has 4 entries but its metadata says hidden_size 5"):
@@ -69,6 +73,9 @@ def test_pickle_is_never_loaded(tmp_path):
     (tmp_path / "p.safetensors").write_bytes(pickle.dumps({"weight": torch.zeros(4)}))
     with pytest.raises(ValueError, match="safetensors"):
         load_probe(tmp_path / "p")
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps({"weight": torch.zeros(4)}))  # a torch.save'd probe
+    with pytest.raises(ValueError, match=r"pickled.pt: probes are never unpickled .* save it as safetensors"):
+        load_probe(tmp_path / "pickled.pt")
 
 
 def test_auroc_hand_computed_cases():
