@@ -90,6 +90,10 @@ class TaskConfig(_Strict):
     """Prompt dataset, Parquet or JSONL, with columns `prompt` and `answer`. None: the toy arithmetic set."""
     reward_fn: str = "pipeline.worlds.tasks:arithmetic_reward"
     """Dotted path `module:function` of the reward function (see pipeline/worlds/tasks.py for its signature)."""
+    python_path: list[str] = []
+    """Folders searched first for the reward and ground-truth modules. Set at load when a module is not importable
+    but lies in the config file's folder or the working directory (a `myreward.py` beside the config needs no
+    PYTHONPATH); the resolved config every role and a resumed run read keeps it."""
     ground_truth_fn: str | None = None
     """Optional `module:function` labelling each completion "correct", "hack" or "wrong" (what really
     happened, independent of any probe); enables hack-rate metrics and probe retraining."""
@@ -622,12 +626,81 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    data = resolve_file_paths(data, path.parent)
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{path}: " + _format_validation_error(e)) from None
+    find_task_modules(cfg, path.parent)
+    return cfg
+
+
+BUILT_IN_NAMES = ("toy", "smollm2")  # model.path and probe paths that name a built world, not a file
+
+
+def resolve_file_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's relative input paths (model.path, task.dataset, task.eval_dataset, eval.probe_data, each
+    probe's path) resolved against the file's own folder when something is there, so a config works from any
+    working directory; otherwise left as written (a hub id; or relative to the working directory, as
+    command-line overrides always are). run.output_dir stays relative to the working directory."""
+    def resolve(value: Any, probe: bool = False) -> Any:
+        if not isinstance(value, str) or not value or value.split(":")[0] in BUILT_IN_NAMES:
+            return value
+        p = Path(value)
+        if p.is_absolute() or value.startswith("~"):
+            return value
+        there = folder / p
+        found = there.exists() or (probe and any(there.with_name(there.name + s).is_file()
+                                                 for s in (".json", ".safetensors")))
+        return str(there.resolve()) if found else value
+
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, key in (("model", "path"), ("task", "dataset"), ("task", "eval_dataset"), ("eval", "probe_data")):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = resolve(data[section][key])
+    probes = data.get("scorer", {}).get("probes") if isinstance(data.get("scorer"), dict) else None
+    if isinstance(probes, list):
+        data["scorer"]["probes"] = [{**p, "path": resolve(p.get("path"), probe=True)} if isinstance(p, dict) else p
+                                    for p in probes]
+    return data
+
+
+def find_task_modules(cfg: Config, folder: Path) -> None:
+    """The reward and ground-truth modules: importable as they are, or found in the config file's folder or the
+    working directory (then added to task.python_path); else a ConfigError saying where it was looked for. Only
+    located here (importlib.util.find_spec), never imported: the world imports it when it is built."""
+    import importlib.util
+    import sysconfig
+
+    installed = {REPO_ROOT, *(Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib",
+                                                                              "platlib"))}
+    for key in ("reward_fn", "ground_truth_fn"):
+        dotted = getattr(cfg.task, key)
+        if not dotted:
+            continue
+        top = dotted.partition(":")[0].split(".")[0]
+        if not top:
+            continue
+        spec = importlib.util.find_spec(top)
+        if spec is not None:  # importable here: from an installed package or probe-rl, or from a folder on this
+            if not (spec.has_location and spec.origin):  # process's path only (the working directory): remember it
+                continue
+            origin = Path(spec.origin).resolve()
+            entry = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+            if entry not in installed and str(entry) not in cfg.task.python_path:
+                cfg.task.python_path = [*cfg.task.python_path, str(entry)]
+            continue
+        searched = [Path(p) for p in cfg.task.python_path] + [folder.resolve(), Path.cwd()]
+        here = [d for d in searched if (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file()]
+        if here:
+            if str(here[0]) not in cfg.task.python_path:
+                cfg.task.python_path = [*cfg.task.python_path, str(here[0])]
+        else:
+            raise ConfigError(f"task.{key}={dotted!r}: no module {top!r} on the Python path, in the config's folder "
+                              f"({folder.resolve()}) or the working directory ({Path.cwd()}); put {top}.py beside the "
+                              "config, or add its folder to task.python_path")
 
 
 def dump_toml(cfg: Config) -> str:

@@ -264,8 +264,14 @@ def arithmetic_ground_truth(completions: list[str], answers: list[str]) -> list[
     return out
 
 
-def load_reward_fn(dotted: str, key: str = "task.reward_fn") -> RewardFn:
-    """Import `module:function` (or `module.function`); a clear error names the config key and what is missing."""
+def load_reward_fn(dotted: str, key: str = "task.reward_fn", python_path: list[str] | tuple[str, ...] = ()) -> RewardFn:
+    """Import `module:function` (or `module.function`), looking in the folders `python_path` (task.python_path)
+    first; a clear error names the config key and what is missing."""
+    import sys
+
+    for folder in reversed(python_path):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     module_name, sep, attr = dotted.partition(":")
     if not sep:
         module_name, _, attr = dotted.rpartition(".")

@@ -156,8 +156,9 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     check_vocabulary(tokenizer, model_cfg, cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, eval_prompts = prompt_sets(cfg)
-    reward_fn = load_reward_fn(cfg.task.reward_fn)
-    truth_fn = load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn") if cfg.task.ground_truth_fn else None
+    reward_fn = load_reward_fn(cfg.task.reward_fn, python_path=cfg.task.python_path)
+    truth_fn = (load_reward_fn(cfg.task.ground_truth_fn, "task.ground_truth_fn", cfg.task.python_path)
+                if cfg.task.ground_truth_fn else None)
     reward_args = task_fn_arguments(reward_fn, "task.reward_fn", prompts)
     truth_args = task_fn_arguments(truth_fn, "task.ground_truth_fn", prompts) if truth_fn else ()
     lacking = sorted({*reward_args, *truth_args} - {"prompts", *(eval_prompts.columns if eval_prompts else {})})

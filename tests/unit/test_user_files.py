@@ -1,0 +1,78 @@
+"""A user's own files named by a config: a reward module beside the config file needs no PYTHONPATH, and the
+config's relative input paths resolve against its own folder, from any working directory
+(pipeline/config.py: find_task_modules, resolve_file_paths)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.worlds.tasks import load_reward_fn
+
+
+def _project(tmp_path: Path, module: str, body: str) -> Path:
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / f"{module}.py").write_text(body)
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(40)]
+    (proj / "data" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "elsewhere").mkdir()
+    return proj
+
+
+def test_a_reward_module_beside_the_config_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    proj = _project(tmp_path, "beside_reward", "def score(completions, answers):\n"
+                    "    return [float(c.strip() == a) for c, a in zip(completions, answers)]\n")
+    (proj / "my.toml").write_text('[task]\nreward_fn = "beside_reward:score"\ndataset = "data/prompts.jsonl"\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(proj / "my.toml")
+    assert cfg.task.python_path == [str(proj.resolve())]
+    assert cfg.task.dataset == str((proj / "data" / "prompts.jsonl").resolve())  # against the file's folder
+    fn = load_reward_fn(cfg.task.reward_fn, python_path=cfg.task.python_path)
+    assert fn([" 4", "5"], ["4", "4"]) == [1.0, 0.0]
+    # an override is relative to the working directory, as a shell user expects: left as given
+    assert load_config(proj / "my.toml", ["--task.dataset", "data/prompts.jsonl"]).task.dataset == "data/prompts.jsonl"
+
+
+def test_a_reward_module_in_the_working_directory_is_remembered_for_the_roles(tmp_path, monkeypatch):
+    proj = _project(tmp_path, "cwd_reward", "def score(completions, answers):\n    return [0.5] * len(completions)\n")
+    cfg_file = tmp_path / "elsewhere" / "c.toml"
+    cfg_file.write_text('[task]\nreward_fn = "cwd_reward:score"\n')
+    monkeypatch.chdir(proj)
+    assert load_config(cfg_file).task.python_path == [str(proj.resolve())]
+
+
+def test_a_reward_module_found_nowhere_is_refused_at_load_naming_where_it_looked(tmp_path, monkeypatch):
+    proj = _project(tmp_path, "unrelated", "")
+    (proj / "my.toml").write_text('[task]\nreward_fn = "nowhere_reward:score"\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"task.reward_fn='nowhere_reward:score': no module 'nowhere_reward' on the "
+                       r"Python path, in the config's folder \(.*proj\) or the working directory \(.*elsewhere\)"):
+        load_config(proj / "my.toml")
+
+
+def test_installed_modules_add_nothing_to_the_python_path(tmp_path):
+    (tmp_path / "c.toml").write_text('[task]\nreward_fn = "pipeline.worlds.tasks:arithmetic_reward"\n'
+                                     'ground_truth_fn = "json:loads"\n')  # probe-rl's own, and the standard library
+    assert load_config(tmp_path / "c.toml").task.python_path == []
+
+
+def test_probe_and_model_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    import torch
+
+    from probes.probe import LinearProbe
+
+    proj = _project(tmp_path, "unused", "")
+    LinearProbe("hack", 1, torch.zeros(64), torch.zeros(1)).save(proj / "probes" / "hack")
+    (proj / "model").mkdir()
+    (proj / "my.toml").write_text('[model]\npath = "model"\n[[scorer.probes]]\npath = "probes/hack"\n'
+                                  '[[scorer.probes]]\npath = "toy"\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(proj / "my.toml")
+    assert cfg.model.path == str((proj / "model").resolve())
+    assert [p.path for p in cfg.scorer.probes] == [str((proj / "probes" / "hack").resolve()), "toy"]
+    (proj / "hub.toml").write_text('[model]\npath = "Qwen/Qwen2.5-0.5B-Instruct"\n')  # nothing there: a hub id
+    assert load_config(proj / "hub.toml").model.path == "Qwen/Qwen2.5-0.5B-Instruct"
