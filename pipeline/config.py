@@ -637,6 +637,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
+def cluster_address(configured: str | None, env: dict[str, str] | None = None) -> str | None:
+    """The cluster `probe-rl run` joins: run.ray_address, else RAY_ADDRESS (Ray sets it inside a submitted job),
+    else None (a new local instance). A dashboard URL (http://host:8265, what job commands and a Ray user's
+    exported RAY_ADDRESS for them use) is not a cluster address: a ConfigError that says what to do instead."""
+    import os
+
+    env = os.environ if env is None else env
+    address = configured or env.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        where, fix = (("run.ray_address", "set run.ray_address to host:6379") if configured
+                      else ("RAY_ADDRESS", "unset RAY_ADDRESS"))
+        raise ConfigError(f"{where}={address} is a Ray dashboard URL, which the job commands (`probe-rl submit`, "
+                          "`status`, `logs`, `stop`) use; `probe-rl run` joins a cluster at its address (host:6379, "
+                          f"or \"auto\" on a cluster node) or starts Ray locally: {fix}, or send the run to that "
+                          f"cluster with `probe-rl submit --address {address}`")
+    return address
+
+
 BUILT_IN_NAMES = ("toy", "smollm2")  # model.path and probe paths that name a built world, not a file
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, dump_toml, load_config
+from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, cluster_address, dump_toml, load_config
 
 DESCRIPTION = """\
 probe-rl: asynchronous RL for language models with interpretability probes in the reward.
@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_toml(cfg))
         return 0
+    try:
+        cluster_address(cfg.run.ray_address)  # before a run folder is made
+    except ConfigError as e:
+        print(f"probe-rl: {e}", file=sys.stderr)
+        return 2
     return _run(cfg, getattr(args, "resume", None))
 
 
@@ -321,8 +326,13 @@ def _job_errors(fn):
             print(f"probe-rl {args.command}: cannot reach the Ray job server at {address_of(args.address)} ({e}). "
                   "Is the cluster up and its dashboard running? Token-authenticated clusters also need "
                   "RAY_AUTH_TOKEN set here.", file=sys.stderr)
+        except TimeoutError as e:
+            print(f"probe-rl {args.command}: {e}", file=sys.stderr)
         except RuntimeError as e:
             print(f"probe-rl {args.command}: the Ray job server refused the request: {e}", file=sys.stderr)
+        except ValueError as e:  # an address that is not a dashboard's
+            print(f"probe-rl {args.command}: {e}", file=sys.stderr)
+            return 2
         return 1
 
     return wrapped
@@ -346,17 +356,22 @@ def _submit(args: argparse.Namespace, cfg: Config) -> int:
 def _job(args: argparse.Namespace) -> int:
     from pipeline.cli import jobs
 
-    c = jobs.client(args.address)
+    c, url = jobs.client(args.address), jobs.address_of(args.address)
+
+    def ask(call, what: str):
+        return jobs.bounded(call, jobs.ANSWER_WAIT_S, what, url)
+
     if args.command == "status":
-        info = c.get_job_info(args.job_id)
+        info = ask(lambda: c.get_job_info(args.job_id), f"the status of job {args.job_id}")
         print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
     elif args.command == "logs":
         if args.follow:
             jobs.follow_logs(args.job_id, args.address)
         else:
-            print(c.get_job_logs(args.job_id), end="")
+            print(ask(lambda: c.get_job_logs(args.job_id), f"the logs of job {args.job_id}"), end="")
     else:
-        print(f"{args.job_id}: {'stop requested' if c.stop_job(args.job_id) else 'already finished'}")
+        stopped = ask(lambda: c.stop_job(args.job_id), f"the stop of job {args.job_id}")
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
 

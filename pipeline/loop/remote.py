@@ -397,7 +397,9 @@ LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker
 def init_ray(cfg: Config) -> None:
     """Join the cluster at run.ray_address (or RAY_ADDRESS, set inside a submitted job), else start a new local
     instance sized to the roles."""
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")  # set inside a submitted Ray job
+    from pipeline.config import cluster_address
+
+    address = cluster_address(cfg.run.ray_address)  # RAY_ADDRESS is set inside a submitted Ray job
     if address:
         ray.init(address=address, log_to_driver=True)
         return
