@@ -114,10 +114,34 @@ class World:
         return self.tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"  # "name" or "org/name", as the hub names them
+HUB_REACH_S = 3.0  # how long to try the hub's host before calling the machine offline
+
+
+def hub_reachable(timeout_s: float = HUB_REACH_S) -> bool:
+    """Whether the hub's host (HF_ENDPOINT, default huggingface.co) accepts a connection within `timeout_s`."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_model_path(path: str) -> str:
-    """A local model directory or a hub id; a clear error when neither can be loaded."""
+    """A local model directory or a hub id; a clear error when neither can be loaded. A value that can only be a
+    path (a leading /, . or ~, more than one /, or a first part that is a local folder) is never sent to the hub; a
+    hub id is read from the local cache first, and an unreachable hub is said in one line, fast."""
+    import os
+    import re
+
     local = Path(path).expanduser()
-    looks_local = path.startswith(("/", ".", "~")) or local.exists()
+    looks_local = (path.startswith(("/", ".", "~")) or local.exists() or not re.fullmatch(HUB_ID, path)
+                   or Path(path.split("/")[0]).is_dir())
     if looks_local:
         if not local.is_dir():
             raise ValueError(f"model.path {path!r} does not exist; give a model directory, a hub id, or \"toy\"")
@@ -127,12 +151,23 @@ def resolve_model_path(path: str) -> str:
     from transformers import AutoConfig
 
     try:
+        AutoConfig.from_pretrained(path, local_files_only=True)  # in the hub cache already: no network needed
+        return path
+    except (OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not hub_reachable():
+        why = ("HF_HUB_OFFLINE is set" if offline else f"the hub did not answer within {HUB_REACH_S:.0f} s (on a "
+               "machine without network, set HF_HUB_OFFLINE=1)")
+        raise ValueError(f"model.path {path!r} is not a local directory nor in the hub cache, and {why}: download it "
+                         "where there is network (`huggingface-cli download` fills the cache), or give a local model "
+                         "directory (or \"toy\")")
+    try:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"model.path {path!r} is not a local directory and could not be loaded as a hub id ({e}); "
-            "on an offline machine use a local path or \"toy\""
-        ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model.path {path!r} is not a local directory and could not be loaded as a hub id "
+                         f"({first})") from None
     return path
 
 
@@ -140,16 +175,17 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     from transformers import AutoConfig, AutoTokenizer
 
     toy = None
+    user_model = cfg.model.path != "toy" and not is_packaged(cfg.model.path)
+    if user_model:  # checked first: a wrong path fails before any world is built
+        model_path = resolve_model_path(cfg.model.path)
     if cfg.model.path == "toy" or any(p.path.split(":")[0] == "toy" for p in cfg.scorer.probes):
         from pipeline.worlds.toy import ensure_toy_world
 
         toy = ensure_toy_world(cfg.toy, log)
     if cfg.model.path == "toy":
         model_path = str(toy.model_dir)
-    elif is_packaged(cfg.model.path):
+    elif not user_model:
         model_path = str(ensure_packaged_model(cfg.model.path, cfg.toy.cache_dir, log))
-    else:
-        model_path = resolve_model_path(cfg.model.path)
     model_cfg = AutoConfig.from_pretrained(model_path)
     probe_paths, names, generator_probes = load_probes(cfg, toy, model_cfg, model_path, log)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -76,3 +76,26 @@ def test_probe_and_model_paths_resolve_against_the_config_folder(tmp_path, monke
     assert [p.path for p in cfg.scorer.probes] == [str((proj / "probes" / "hack").resolve()), "toy"]
     (proj / "hub.toml").write_text('[model]\npath = "Qwen/Qwen2.5-0.5B-Instruct"\n')  # nothing there: a hub id
     assert load_config(proj / "hub.toml").model.path == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_a_mistyped_folder_is_never_sent_to_the_hub_and_an_offline_hub_fails_fast(tmp_path, monkeypatch):
+    from pipeline.worlds import world
+
+    asked = []
+    monkeypatch.setattr(world, "hub_reachable", lambda *a: asked.append(1) or False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for typo in ("models/mine", "models/mine/v2", "./mine", "no/such/folder"):  # a path, not "org/name"
+        with pytest.raises(ValueError, match=f"model.path '{typo}' does not exist"):
+            world.resolve_model_path(typo)
+    assert not asked
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ValueError, match=r"not a local directory nor in the hub cache, and the hub did not answer "
+                       r"within 3 s \(on a machine without network, set HF_HUB_OFFLINE=1\)"):
+        world.resolve_model_path("someorg/some-model")
+    assert asked == [1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # told so: the hub is not even tried
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        world.resolve_model_path("someorg/some-model")
+    assert asked == [1]
