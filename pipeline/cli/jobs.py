@@ -1,8 +1,10 @@
 """Ray job submission: `probe-rl submit|status|logs|stop`.
 
-`submit` validates the config here first (a bad key fails before anything is uploaded), then submits
-`python -m pipeline.cli.main run` as a Ray job whose working directory is this project, with the resolved
-config passed in the job's environment, so the cluster runs exactly what was validated. Clusters with
+`submit` validates the config here first (a bad key or a missing file fails before anything is uploaded), then
+submits `python -m pipeline.cli.main run` as a Ray job whose working directory is an upload of the user's working
+directory (their reward module and data; probe-rl itself is installed on the nodes), with the resolved config
+passed in the job's environment and its file paths relative to that upload, so the cluster runs exactly what was
+validated. Clusters with
 Ray token authentication need the token on this side too: `export RAY_AUTH_TOKEN=...` (or
 `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`).
 """
@@ -15,9 +17,10 @@ import shlex
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pipeline.config import REPO_ROOT, Config, dump_toml
+from pipeline.config import BUILT_IN_NAMES, Config, dump_toml
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -25,7 +28,78 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONFIG_ENV = "PROBE_RL_RESOLVED_CONFIG"
-UPLOAD_EXCLUDES = [".venv", ".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", "*.parquet", "*.egg-info"]
+UPLOAD_EXCLUDES = [".venv", "venv", ".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info",
+                   "node_modules", ".mypy_cache", "wandb"]
+UPLOAD_LIMIT_MIB = 100  # Ray packs the working directory into its object store; beyond this, move data to storage
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    return any(name == p or (p.startswith("*") and name.endswith(p[1:])) for p in patterns)
+
+
+def upload_size(root: Path, patterns: list[str], limit: int) -> tuple[int, list[tuple[int, str]]]:
+    """Bytes of what `submit` would upload from `root` (stopping once past `limit`), and the largest top-level
+    entries, so a refusal can say what to move out."""
+    tops: dict[str, int] = {}
+    total = 0
+    for top in root.iterdir():
+        if _excluded(top.name, patterns) or top.is_symlink():
+            continue
+        size = 0
+        if top.is_file():
+            size = top.stat().st_size
+        else:
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if not _excluded(d, patterns)]
+                size += sum((Path(folder) / f).stat().st_size for f in files
+                            if not _excluded(f, patterns) and not (Path(folder) / f).is_symlink())
+                if total + size > limit:
+                    break
+        tops[top.name] = size
+        total += size
+        if total > limit:
+            break
+    return total, sorted(((v, k) for k, v in tops.items()), reverse=True)[:3]
+
+
+def for_upload(cfg: Config, root: Path) -> tuple[Config, list[str]]:
+    """The config as the job reads it in the uploaded copy of `root` (its working directory on the cluster): input
+    files under `root` named relative to it; files elsewhere that exist here kept at their path (they are not
+    uploaded: every node must see them there, e.g. shared storage), and said so; names that are no file here (a
+    hub id, a cluster path) kept as they are. The notes say what was not uploaded."""
+    root = root.resolve()
+    cfg = cfg.model_copy(deep=True)
+    notes: list[str] = []
+
+    def place(value: str | None, key: str, probe: bool = False) -> str | None:
+        if not value or value.split(":")[0] in BUILT_IN_NAMES:
+            return value
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+        here = path.exists() or (probe and path.with_name(path.name + ".json").is_file())
+        if not here:
+            if Path(value).is_absolute():
+                notes.append(f"{key} = {value}: not on this machine; it must exist at that path on the cluster")
+            return value
+        path = path.resolve()
+        if path.is_relative_to(root):
+            rel = path.relative_to(root)
+            if any(_excluded(part, UPLOAD_EXCLUDES) for part in rel.parts):
+                raise ValueError(f"{key} = {value} is under {rel.parts[0]}/, which submit does not upload; move it "
+                                 f"elsewhere under {root}")
+            return rel.as_posix() or "."
+        notes.append(f"{key} = {value}: outside the uploaded folder {root}; not uploaded, so it must exist at that "
+                     "path on every node (shared storage)")
+        return str(path)
+
+    cfg.model.path = place(cfg.model.path, "model.path")
+    cfg.task.dataset = place(cfg.task.dataset, "task.dataset")
+    cfg.task.eval_dataset = place(cfg.task.eval_dataset, "task.eval_dataset")
+    cfg.eval.probe_data = place(cfg.eval.probe_data, "eval.probe_data")
+    cfg.task.python_path = [place(p, "task.python_path") for p in cfg.task.python_path]
+    for i, probe in enumerate(cfg.scorer.probes):
+        probe.path = place(probe.path, f"scorer.probes[{i}].path", probe=True)
+    return cfg, notes
 
 
 ANSWER_WAIT_S = 15.0  # how long a job command waits for the dashboard to answer a request
@@ -80,10 +154,30 @@ def client(address: str | None) -> JobSubmissionClient:
 
 
 def submit(cfg: Config, address: str | None, python: str = "python", job_id: str | None = None,
-           agent_wait_s: float = 120.0) -> str:
-    """Submit a run; returns the job id."""
+           agent_wait_s: float = 120.0, working_dir: str | Path | None = None,
+           log: Callable[[str], None] = print) -> str:
+    """Submit a run whose working directory on the cluster is an upload of `working_dir` (default: this process's
+    working directory, the user's project; probe-rl itself is installed on the cluster's nodes), after checking
+    the files the config names and the upload's size; returns the job id."""
+    root = Path(working_dir or Path.cwd()).resolve()
+    if not root.is_dir():
+        raise ValueError(f"--working-dir {root} is not a folder")
+    cfg, notes = for_upload(cfg, root)
+    excludes = list(UPLOAD_EXCLUDES)
+    out = Path(cfg.run.output_dir).expanduser()
+    if not out.is_absolute() and out.parts:
+        excludes.append(out.parts[0])  # earlier runs' outputs stay here
+    limit = UPLOAD_LIMIT_MIB * 2**20
+    size, largest = upload_size(root, excludes, limit)
+    if size > limit:
+        biggest = ", ".join(f"{name} ({n / 2**20:.0f} MiB)" for n, name in largest)
+        raise ValueError(f"submit uploads the working directory {root} to the cluster, and it holds over "
+                         f"{UPLOAD_LIMIT_MIB} MiB (largest: {biggest}): run submit from your project's folder, give "
+                         "--working-dir, or move large data to storage every node sees and name it by its path")
+    for note in notes:
+        log(f"note: {note}")
     entrypoint = f"{shlex.quote(python)} -m pipeline.cli.main run --config-env {CONFIG_ENV}"
-    runtime_env = {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
+    runtime_env = {"working_dir": str(root), "excludes": excludes,
                    "env_vars": {CONFIG_ENV: dump_toml(cfg), "PYTHONUNBUFFERED": "1"}}
     c, url = client(address), address_of(address)
     deadline = time.monotonic() + agent_wait_s

@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265); "
                              "token-authenticated clusters read $RAY_AUTH_TOKEN")
     sm = sub.add_parser("submit", parents=[jobs_common], help="submit a run as a Ray job to a cluster",
-                        description="Validate CONFIG (+ dotted overrides) here, then submit it as a Ray job whose "
-                        "working directory is this project. Prints the job id.",
+                        description="Validate CONFIG (+ dotted overrides) and the files it names here, then submit "
+                        "it as a Ray job whose working directory is an upload of this folder (--working-dir; up to "
+                        "100 MiB, outputs and environments left out): the files the config names under it go with "
+                        "it, named relative to it; probe-rl itself must be installed on the cluster (deploy/). "
+                        "Prints the job id.",
                         epilog="example: probe-rl submit configs/gpu.toml --pipeline.num_steps 50 "
                         "--address http://127.0.0.1:8265 --follow", allow_abbrev=False)
     sm.add_argument("--config", default=None, help=f"TOML config; may also come first, as `submit CONFIG` "
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     sm.add_argument("--python", default="python", help="python executable on the cluster (default: python)")
     sm.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
+    sm.add_argument("--working-dir", default=None, help="the folder uploaded as the job's working directory "
+                    "(default: the current one)")
     for name, text in (("status", "print a job's status"), ("logs", "print (or --follow) a job's logs"),
                        ("stop", "stop a job")):
         jp = sub.add_parser(name, parents=[jobs_common], help=text)
@@ -342,7 +347,8 @@ def _job_errors(fn):
 def _submit(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.cli import jobs
 
-    job_id = jobs.submit(cfg, args.address, args.python, args.job_id)
+    job_id = jobs.submit(cfg, args.address, args.python, args.job_id, working_dir=args.working_dir,
+                         log=lambda line: print(line, file=sys.stderr))
     print(job_id)
     if args.follow:
         jobs.follow_logs(job_id, args.address)

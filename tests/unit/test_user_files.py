@@ -99,3 +99,40 @@ def test_a_mistyped_folder_is_never_sent_to_the_hub_and_an_offline_hub_fails_fas
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
         world.resolve_model_path("someorg/some-model")
     assert asked == [1]
+
+
+def test_submit_uploads_the_users_folder_with_the_files_its_config_names(tmp_path, monkeypatch):
+    """The job's working directory is an upload of the user's folder: the reward module, dataset and probe under
+    it go with it, named relative to it; a file elsewhere is kept at its path and said not to be uploaded; a
+    folder too large to upload is refused before anything is sent (pipeline/cli/jobs.py: for_upload)."""
+    import torch
+
+    from pipeline.cli import jobs
+    from probes.probe import LinearProbe
+
+    proj = _project(tmp_path, "upload_reward", "def score(completions, answers):\n    return [1.0] * len(completions)\n")
+    LinearProbe("hack", 1, torch.zeros(64), torch.zeros(1)).save(proj / "probes" / "hack")
+    outside = tmp_path / "shared" / "eval.jsonl"
+    outside.parent.mkdir()
+    outside.write_text((proj / "data" / "prompts.jsonl").read_text())
+    (proj / "my.toml").write_text(f'[task]\nreward_fn = "upload_reward:score"\ndataset = "data/prompts.jsonl"\n'
+                                  f'eval_dataset = "{outside}"\n[[scorer.probes]]\npath = "probes/hack"\n'
+                                  '[eval]\nprobe_data = "/cluster/labelled.jsonl"\n')
+    monkeypatch.chdir(proj)
+    cfg, notes = jobs.for_upload(load_config("my.toml"), proj)
+    assert cfg.task.dataset == "data/prompts.jsonl" and cfg.scorer.probes[0].path == "probes/hack"
+    assert cfg.task.python_path == ["."]  # the module beside the config, in the job's working directory
+    assert cfg.task.eval_dataset == str(outside.resolve())
+    assert notes == [f"task.eval_dataset = {outside.resolve()}: outside the uploaded folder {proj.resolve()}; not "
+                     "uploaded, so it must exist at that path on every node (shared storage)",
+                     "eval.probe_data = /cluster/labelled.jsonl: not on this machine; it must exist at that path on "
+                     "the cluster"]
+    size, _ = jobs.upload_size(proj, jobs.UPLOAD_EXCLUDES, 2**30)
+    assert size == sum(f.stat().st_size for f in proj.rglob("*") if f.is_file())
+    with open(proj / "data" / "huge.bin", "wb") as f:  # sparse: 200 MiB on paper, nothing on disk
+        f.truncate(200 * 2**20)
+    (proj / ".venv").mkdir()
+    with open(proj / ".venv" / "site.bin", "wb") as f:  # an environment is never uploaded, whatever its size
+        f.truncate(4 * 2**30)
+    with pytest.raises(ValueError, match=r"holds over 100 MiB \(largest: data \(200 MiB\)"):
+        jobs.submit(load_config("my.toml"), "http://127.0.0.1:1", log=lambda line: None)
