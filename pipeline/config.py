@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (configs/ in a checkout links here)
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "toy.toml"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -617,11 +618,21 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shipped_config(path: Path) -> Path:
+    """`path` where it exists; else, for a shipped config named as in the docs (`configs/smollm2.toml`, or just
+    `smollm2.toml`), the installed package's copy, so the documented commands work after `pip install`."""
+    if path.exists() or path.is_absolute() or (path.parent != Path(".") and path.parent.name != "configs"):
+        return path
+    shipped = SHIPPED_CONFIGS / path.name
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read a TOML file (default `configs/toy.toml`), apply overrides, validate. Raises ConfigError."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = shipped_config(Path(path)) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped ones)")
+        names = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.toml")))
+        raise ConfigError(f"config file {path} does not exist (shipped configs, found by name from anywhere: {names})")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

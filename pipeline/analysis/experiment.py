@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from pipeline.config import Config, ConfigError, _merge, load_config, parse_overrides
+from pipeline.config import Config, ConfigError, _merge, load_config, parse_overrides, shipped_config
 
 
 class ExperimentConfig(BaseModel):
@@ -48,7 +48,7 @@ class ExperimentConfig(BaseModel):
 def load_experiment(path: str | Path, arms: list[str] | None, seeds: list[int] | None,
                     overrides: list[str]) -> tuple[ExperimentConfig, dict[tuple[str, int], Config]]:
     """Parse the experiment file and validate every run's config up front (a bad arm fails before any run)."""
-    path = Path(path)
+    path = shipped_config(Path(path))
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
     try:

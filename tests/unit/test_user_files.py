@@ -136,3 +136,48 @@ def test_submit_uploads_the_users_folder_with_the_files_its_config_names(tmp_pat
         f.truncate(4 * 2**30)
     with pytest.raises(ValueError, match=r"holds over 100 MiB \(largest: data \(200 MiB\)"):
         jobs.submit(load_config("my.toml"), "http://127.0.0.1:1", log=lambda line: None)
+
+
+def test_the_my_model_template_runs_its_checks_in_a_users_folder(tmp_path, monkeypatch, tiny_model_dir):
+    """configs/my_model.toml copied into a project with the files its header names: it loads from another working
+    directory, and its world builds on them (model, tokenizer, dataset, reward module with its arguments)."""
+    import shutil
+
+    from pipeline.config import SHIPPED_CONFIGS
+    from pipeline.worlds.world import build_world
+
+    proj = _project(tmp_path, "myreward", "def score(completions, answers, prompts):\n"
+                    "    return [float(a in c) for c, a in zip(completions, answers)]\n")
+    shutil.copytree(tiny_model_dir, proj / "models" / "my-model")
+    shutil.copy(SHIPPED_CONFIGS / "my_model.toml", proj / "my_model.toml")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(proj / "my_model.toml", ["--generator.max_model_len", "64", "--generator.max_new_tokens", "8"])
+    world = build_world(cfg, log=lambda line: None)
+    assert world.model_path == str((proj / "models" / "my-model").resolve())
+    assert len(world.prompts) + len(world.eval_prompts) == 40 and world.reward_args == ("prompts",)
+    assert world.reward(["it is 4", "5"], ["4", "4"], [2, 2]) == [1.0, 0.0]
+
+
+def test_the_wheel_ships_the_configs_and_finds_them_from_anywhere(tmp_path):
+    """`pip install` users get configs/ as package data: the wheel holds every shipped config, and the
+    documented `--config configs/<name>.toml` finds the installed copy from any working directory."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from pipeline.config import REPO_ROOT, SHIPPED_CONFIGS
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(REPO_ROOT)], check=True, capture_output=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("probe_rl-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        shipped = {n.rpartition("/")[2] for n in z.namelist() if n.startswith("pipeline/configs/")}
+    assert shipped == {p.name for p in SHIPPED_CONFIGS.glob("*.toml")} and "toy.toml" in shipped
+    (tmp_path / "work").mkdir()
+    out = subprocess.run([sys.executable, "-c", "import pipeline, pipeline.config as c; print(pipeline.__file__); "
+                          "print(c.load_config('configs/smollm2.toml').model.path)"], cwd=tmp_path / "work",
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(tmp_path / "site" / "pipeline" / "__init__.py"), "smollm2"]
