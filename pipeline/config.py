@@ -732,6 +732,37 @@ def find_task_modules(cfg: Config, folder: Path) -> None:
                               "config, or add its folder to task.python_path")
 
 
+def dump_toml_with_unset(cfg: Config) -> str:
+    """`dump_toml`, plus a comment line `# key = (unset)` in its section for every optional key left unset, so
+    `--dry-run` shows every key there is (TOML has no null: unset keys cannot be written as values)."""
+    text = dump_toml(cfg)
+    unset: dict[str, list[str]] = {}
+
+    def walk(model: BaseModel, section: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{section}.{name}" if section else name)
+            elif value is None:
+                unset.setdefault(section, []).append(name)
+
+    walk(cfg, "")
+    blocks: list[list[str]] = [[]]  # the text cut at each table header
+    for line in text.splitlines():
+        if line.startswith("[") and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append(line)
+    out: list[str] = []
+    for block in blocks:
+        header = block[0][1:-1] if block[0].startswith("[") and not block[0].startswith("[[") else None
+        while block and not block[-1].strip():
+            block.pop()
+        out.extend([*block, *(f"# {key} = (unset)" for key in unset.pop(header, [])), ""])
+    for section, keys in unset.items():  # sections with no key set at all
+        out.extend([f"[{section}]", *(f"# {key} = (unset)" for key in keys), ""])
+    return "\n".join(out)
+
+
 def dump_toml(cfg: Config) -> str:
     """The resolved config as TOML (what `--dry-run` prints and a run directory keeps); unset optional keys
     (None) are left out, and read back as None."""

@@ -10,7 +10,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, cluster_address, dump_toml, load_config
+from pipeline.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    cluster_address,
+    dump_toml_with_unset,
+    load_config,
+)
 
 DESCRIPTION = """\
 probe-rl: asynchronous RL for language models with interpretability probes in the reward.
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train (the default command)", description=DESCRIPTION, epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     run.add_argument("--config", default=None, help=f"TOML config file (default: {DEFAULT_CONFIG.name})")
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved config, every key (unset ones as "
+                     "comments), check the files it names (model, dataset, reward module, probes) and exit")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue RUN_DIR from its last checkpoint: its config.toml, same step numbering, "
                      "metrics appended (overrides such as --pipeline.num_steps still apply)")
@@ -245,7 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(args, cfg)
     if args.dry_run:
-        print(dump_toml(cfg))
+        print(dump_toml_with_unset(cfg), end="")
+        from pipeline.worlds.world import check_files
+
+        try:
+            checked = check_files(cfg)
+        except ValueError as e:
+            print(f"probe-rl: {e}", file=sys.stderr)
+            return 2
+        print(f"# checked: {'; '.join(checked)}", file=sys.stderr)
         return 0
     try:
         cluster_address(cfg.run.ray_address)  # before a run folder is made

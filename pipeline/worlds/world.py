@@ -171,6 +171,37 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def check_files(cfg: Config) -> list[str]:
+    """What `--dry-run` checks, building nothing: with a model of the user's own (a folder or a hub id) and no
+    built probe, the whole world as a run loads it (model config, tokenizer, dataset, reward and ground-truth
+    functions with their arguments, probes against the model, prompt lengths); with the toy or a packaged model,
+    which a first run builds, the user's files alone (dataset, functions, probe files, labelled data). Returns
+    what was checked; raises ValueError naming what to change."""
+    from probes.probe import load_probe
+
+    built = [p.path for p in cfg.scorer.probes if p.path.split(":")[0] in ("toy", "smollm2")]
+    if cfg.model.path != "toy" and not is_packaged(cfg.model.path) and not built:
+        world = build_world(cfg, log=lambda line: None)
+        return [f"model {world.model_path}", f"{len(world.prompts)} prompts"
+                + (f" and {len(world.eval_prompts)} held out" if world.eval_prompts else ""),
+                f"reward {cfg.task.reward_fn}", *(f"probe {p}" for p in world.probe_names)]
+    prompts, eval_prompts = prompt_sets(cfg)
+    done = [f"{len(prompts)} prompts" + (f" and {len(eval_prompts)} held out" if eval_prompts else "")]
+    for key in ("reward_fn", "ground_truth_fn"):
+        if dotted := getattr(cfg.task, key):
+            task_fn_arguments(load_reward_fn(dotted, f"task.{key}", cfg.task.python_path), f"task.{key}", prompts)
+            done.append(f"{key.split('_fn')[0].replace('_', ' ')} {dotted}")
+    for p in cfg.scorer.probes:
+        if p.path not in built:
+            load_probe(p.path)
+            done.append(f"probe {p.path}")
+    if cfg.eval.probe_data:
+        from pipeline.worlds.tasks import load_labelled
+
+        done.append(f"{len(load_labelled(cfg.eval.probe_data))} labelled completions")
+    return done
+
+
 def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     from transformers import AutoConfig, AutoTokenizer
 

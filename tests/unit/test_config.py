@@ -63,14 +63,20 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cli_answers_fast_without_heavy_imports():
+    """A config mistake is answered before torch is imported; --dry-run, which also reads the files a config
+    names (probes are tensors), imports no vLLM, Ray or DeepSpeed."""
     code = (
         "import sys; from pipeline.cli.main import main; rc = main(['--dry-run', '--pipeline.num_steps', '3']);"
-        "heavy = [m for m in ('torch', 'vllm', 'ray', 'deepspeed') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)"
+        "heavy = [m for m in ('vllm', 'ray', 'deepspeed') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "num_steps = 3" in out.stdout
     assert "HEAVY []" in out.stdout
+    code = ("import sys; from pipeline.cli.main import main; rc = main(['--learner.zero_stage', '5']);"
+            "print('HEAVY', [m for m in ('torch', 'vllm', 'ray', 'deepspeed') if m in sys.modules]); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "HEAVY []" in out.stdout
 
 
 def test_cli_rejects_bad_config_with_exit_code_2():

@@ -181,3 +181,49 @@ def test_the_wheel_ships_the_configs_and_finds_them_from_anywhere(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [str(tmp_path / "site" / "pipeline" / "__init__.py"), "smollm2"]
+
+
+def test_dry_run_shows_every_key_and_checks_the_files(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    from pydantic import BaseModel
+
+    from pipeline.cli.main import main
+    from pipeline.config import Config
+
+    assert main(["run", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "# checked: 4096 prompts and 256 held out" in err
+
+    def leaves(model: type[BaseModel], section: str) -> list[tuple[str, str]]:
+        found = []
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += leaves(kind, f"{section}.{name}" if section else name)
+            elif section and not (section == "scorer" and name == "probes"):
+                found.append((section, name))
+        return found
+
+    blocks: dict[str, str] = {}
+    for part in ("\n" + out).split("\n["):
+        header, _, body = part.partition("]\n")
+        blocks[header.strip("[]")] = body
+    missing = [f"{s}.{k}" for s, k in leaves(Config, "")
+               if f"{s}.{k}" not in blocks  # a table of its own (a dict, such as resources)
+               and not any(line.startswith((f"{k} = ", f"# {k} = (unset)")) for line in blocks.get(s, "").splitlines())]
+    assert not missing  # every key, its value or `(unset)`
+    assert load_config(_write(tmp_path / "again.toml", out)).model_dump() == load_config().model_dump()
+
+    proj = _project(tmp_path, "dry_reward", "def score(completions, answers, difficulty):\n    return [0.0]\n")
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(tiny_model_dir, proj / "model")
+    (proj / "c.toml").write_text('[model]\npath = "model"\n[task]\nreward_fn = "dry_reward:score"\n'
+                                 'dataset = "data/prompts.jsonl"\n[generator]\nmax_model_len = 64\nmax_new_tokens = 8\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["run", "--config", str(proj / "c.toml"), "--dry-run"]) == 2  # a column the data lacks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("probe-rl: task.reward_fn: score requires ['difficulty'], which the data does not have")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
