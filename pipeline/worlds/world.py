@@ -147,6 +147,9 @@ def resolve_model_path(path: str) -> str:
             raise ValueError(f"model.path {path!r} does not exist; give a model directory, a hub id, or \"toy\"")
         if not (local / "config.json").is_file():
             raise ValueError(f"model.path {path!r} has no config.json: it is not a transformers model directory")
+        if not any(local.glob("*.safetensors")) and not any(local.glob("pytorch_model*.bin")):
+            raise ValueError(f"model.path {path!r} has a config.json but no weights (*.safetensors): save the model "
+                             "there with save_pretrained, or point model.path at the folder that has them")
         return str(local.resolve())
     from transformers import AutoConfig
 

@@ -227,3 +227,39 @@ def test_dry_run_shows_every_key_and_checks_the_files(tmp_path, monkeypatch, cap
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_a_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from pipeline.worlds.world import resolve_model_path
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ValueError, match=r"model.path '.*m' has a config.json but no weights \(\*.safetensors\)"):
+        resolve_model_path(str(tmp_path / "m"))
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir.resolve())
+
+
+def test_the_readmes_python_example_calls_the_api_as_it_is():
+    """The README's notebook example: every name it imports exists and each call binds to its signature."""
+    import ast
+    import importlib
+    import inspect
+
+    from pipeline.config import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    [code] = [b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "prepare(cfg)" in b]
+    tree = ast.parse(code)
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            names.update({a.name: getattr(module, a.name) for a in node.names})
+    assert {"load_config", "prepare", "run"} <= set(names)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id in ("load_config", "prepare", "run")]
+    assert len(calls) == 3
+    for call in calls:
+        inspect.signature(names[call.func.id]).bind(*[object() for _ in call.args],
+                                                    **{k.arg: object() for k in call.keywords})
