@@ -43,8 +43,9 @@ outputs (in run.output_dir/run.name):
   metrics.parquet   one row per step: rewards, probe scores, KL, loss, staleness, tokens/s, seconds per stage
   rollouts.parquet  a sample of rollouts with their scores and decoded text
   eval.parquet      with eval.every: probe AUROC on the live policy, the frozen copy and a refit probe
-  checkpoints/      step_N/: weights, config and tokenizer (a transformers/vLLM model folder), Adam
-                    moments in optimizer/; step_N.inflight.parquet: rollouts launched before it.
+  checkpoints/      step_000010/ (the step, six digits): weights, config and tokenizer (a transformers/vLLM
+                    model folder), Adam moments in optimizer/; step_000010.inflight.parquet: rollouts
+                    launched before it.
                     Every 10 steps or 30 minutes by default; a lost learner restarts from the newest
                     by itself, and --resume continues a stopped run from it
   STOP              create it (touch RUN_DIR/STOP) to stop a run cleanly: after the step in hand it
@@ -102,12 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--job-id", default=None, help="submission id to use (default: generated)")
     sm.add_argument("--working-dir", default=None, help="the folder uploaded as the job's working directory "
                     "(default: the current one)")
-    for name, text in (("status", "print a job's status"), ("logs", "print (or --follow) a job's logs"),
-                       ("stop", "stop a job")):
-        jp = sub.add_parser(name, parents=[jobs_common], help=text)
-        jp.add_argument("job_id")
+    about = {
+        "status": ("print a job's status", "Print the status of a job `probe-rl submit` started (PENDING, RUNNING, "
+                   "SUCCEEDED, FAILED or STOPPED) and the server's message about it."),
+        "logs": ("print (or --follow) a job's logs", "Print everything the job has printed so far (the run's own "
+                 "progress lines), or with --follow stream it until the job ends."),
+        "stop": ("stop a job", "Ask the cluster to stop a job (its driver is signalled, the roles end with it). For a "
+                 "clean stop that checkpoints and can be resumed, touch STOP in the run folder instead."),
+    }
+    for name, (text, description) in about.items():
+        jp = sub.add_parser(name, parents=[jobs_common], help=text, description=description + " Each request "
+                            "waits at most 15 s for the dashboard to answer.")
+        jp.add_argument("job_id", help="the id `probe-rl submit` printed (raysubmit_... or your --job-id)")
         if name == "logs":
-            jp.add_argument("--follow", action="store_true")
+            jp.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
     _add_probe_parser(sub)
     _add_analysis_parsers(sub)
     return parser
@@ -180,13 +189,14 @@ def _add_analysis_parsers(sub) -> None:
                         description="Estimate FLOPs and memory of one RL step per stage (generate, reference, learn, "
                         "probes) for Llama-style models, and the overhead probe shaping adds over plain RLHF, with "
                         "and without a KL term. See pipeline/analysis/cost.py for the model and its assumptions.")
-    co.add_argument("--model", nargs="+", default=["toy", "0.5b", "7b", "70b", "405b"], help="presets to tabulate")
-    co.add_argument("--prompts", type=_count(1), default=64)
-    co.add_argument("--group", type=_count(1), default=8)
-    co.add_argument("--prompt-len", type=_count(1), default=256)
-    co.add_argument("--completion-len", type=_count(1), default=1024)
+    co.add_argument("--model", nargs="+", default=["toy", "0.5b", "7b", "70b", "405b"], help="presets to tabulate "
+                    "(default: all)")
+    co.add_argument("--prompts", type=_count(1), default=64, help="prompts a step (default: 64)")
+    co.add_argument("--group", type=_count(1), default=8, help="completions per prompt (default: 8)")
+    co.add_argument("--prompt-len", type=_count(1), default=256, help="tokens a prompt (default: 256)")
+    co.add_argument("--completion-len", type=_count(1), default=1024, help="tokens a completion (default: 1024)")
     co.add_argument("--probe-layer", type=_count(0), default=None, help="deepest probed layer (default: the middle)")
-    co.add_argument("--num-probes", type=_count(1), default=1)
+    co.add_argument("--num-probes", type=_count(1), default=1, help="probes read per token (default: 1)")
     pf = sub.add_parser("profile", help="overhead of probes against plain RLHF, measured A B A B",
                         description="Run the plain arm (no probes: scorers compute reference log-probs only) and the "
                         "probe-shaped arm on the same config and seed, alternating, and write profile.md with seconds "
@@ -203,7 +213,10 @@ def _add_analysis_parsers(sub) -> None:
                     "(a second pass) and inside the generators' sampling pass (none)")
     pf.add_argument("--in-flight", action="store_true", help="also the probes arm with weights reaching generators "
                     "mid-generation (generator.update_mode = in_flight)")
-    rp = sub.add_parser("report", help="(re)write the report of an experiment directory")
+    rp = sub.add_parser("report", help="(re)write the report of an experiment directory",
+                        description="Write report.md (and its plots and data/) for an experiment's output folder "
+                        "from the runs in it, or, where its run folders are gone, from the data/ a report wrote; "
+                        "what `probe-rl experiment` writes at its end.")
     rp.add_argument("dir", help="experiment output directory: its <arm>-seed<k>/ run folders, or, where there are "
                     "none (a committed report such as docs/results/experiment), the data/ folder a report wrote")
     rp.add_argument("--experiment", metavar="FILE", help="the experiment file the runs came from: the report names "
