@@ -667,6 +667,8 @@ def cluster_address(configured: str | None, env: dict[str, str] | None = None) -
 
 
 BUILT_IN_NAMES = ("toy", "smollm2")  # model.path and probe paths that name a built world, not a file
+INPUT_PATH_KEYS = (("model", "path"), ("task", "dataset"), ("task", "eval_dataset"), ("eval", "probe_data"))
+"""The (section, key) of every input file a config names, besides each probe's path (scorer.probes[i].path)."""
 
 
 def resolve_file_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -686,7 +688,7 @@ def resolve_file_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
         return str(there.resolve()) if found else value
 
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for section, key in (("model", "path"), ("task", "dataset"), ("task", "eval_dataset"), ("eval", "probe_data")):
+    for section, key in INPUT_PATH_KEYS:
         if isinstance(data.get(section), dict) and key in data[section]:
             data[section][key] = resolve(data[section][key])
     probes = data.get("scorer", {}).get("probes") if isinstance(data.get("scorer"), dict) else None

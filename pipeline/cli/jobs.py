@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pipeline.config import BUILT_IN_NAMES, Config, dump_toml
+from pipeline.config import BUILT_IN_NAMES, INPUT_PATH_KEYS, Config, dump_toml
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -92,10 +92,9 @@ def for_upload(cfg: Config, root: Path) -> tuple[Config, list[str]]:
                      "path on every node (shared storage)")
         return str(path)
 
-    cfg.model.path = place(cfg.model.path, "model.path")
-    cfg.task.dataset = place(cfg.task.dataset, "task.dataset")
-    cfg.task.eval_dataset = place(cfg.task.eval_dataset, "task.eval_dataset")
-    cfg.eval.probe_data = place(cfg.eval.probe_data, "eval.probe_data")
+    for section, key in INPUT_PATH_KEYS:
+        part = getattr(cfg, section)
+        setattr(part, key, place(getattr(part, key), f"{section}.{key}"))
     cfg.task.python_path = [place(p, "task.python_path") for p in cfg.task.python_path]
     for i, probe in enumerate(cfg.scorer.probes):
         probe.path = place(probe.path, f"scorer.probes[{i}].path", probe=True)
