@@ -627,8 +627,11 @@ def shipped_config(path: Path) -> Path:
     return shipped if shipped.is_file() else path
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Read a TOML file (default `configs/toy.toml`), apply overrides, validate. Raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                relative_to: Path | None = None) -> Config:
+    """Read a TOML file (default `configs/toy.toml`), apply overrides, validate. Raises ConfigError. The file's
+    relative paths and reward modules are looked for in its own folder, or in `relative_to` where given (a config
+    that was written elsewhere, such as the one `submit` hands a job)."""
     path = shipped_config(Path(path)) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         names = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.toml")))
@@ -637,14 +640,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    data = resolve_file_paths(data, path.parent)
+    folder = relative_to if relative_to is not None else path.parent
+    data = resolve_file_paths(data, folder)
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{path}: " + _format_validation_error(e)) from None
-    find_task_modules(cfg, path.parent)
+    find_task_modules(cfg, folder)
     return cfg
 
 

@@ -339,7 +339,9 @@ def _config_from_env(var: str, rest: list[str]) -> Config:
         raise ConfigError(f"--config-env {var}: the variable is not set")
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(text)
-    return load_config(f.name, rest)
+    from pathlib import Path
+
+    return load_config(f.name, rest, relative_to=Path.cwd())  # the job's working directory: the user's upload
 
 
 def _job_errors(fn):

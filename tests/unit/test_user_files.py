@@ -127,6 +127,19 @@ def test_submit_uploads_the_users_folder_with_the_files_its_config_names(tmp_pat
                      "uploaded, so it must exist at that path on every node (shared storage)",
                      "eval.probe_data = /cluster/labelled.jsonl: not on this machine; it must exist at that path on "
                      "the cluster"]
+    # the job reads that config in its copy of the upload, its working directory on the cluster
+    import shutil
+
+    from pipeline.cli.main import _config_from_env
+    from pipeline.config import dump_toml
+
+    shutil.copytree(proj, tmp_path / "cluster-copy")
+    monkeypatch.chdir(tmp_path / "cluster-copy")
+    monkeypatch.setenv("PROBE_RL_TEST_CONFIG", dump_toml(cfg))
+    there = _config_from_env("PROBE_RL_TEST_CONFIG", [])
+    assert there.task.dataset == str((tmp_path / "cluster-copy" / "data" / "prompts.jsonl").resolve())
+    assert load_reward_fn(there.task.reward_fn, python_path=there.task.python_path)(["x"], ["y"]) == [1.0]
+    monkeypatch.chdir(proj)
     size, _ = jobs.upload_size(proj, jobs.UPLOAD_EXCLUDES, 2**30)
     assert size == sum(f.stat().st_size for f in proj.rglob("*") if f.is_file())
     with open(proj / "data" / "huge.bin", "wb") as f:  # sparse: 200 MiB on paper, nothing on disk
