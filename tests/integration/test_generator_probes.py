@@ -6,6 +6,7 @@ torch.compile), after a weight sync (the new version's scores) and after a probe
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -136,6 +137,16 @@ def test_reads_in_process_prefix_cache_chunked_prefill_weight_sync_and_refit(toy
                               overrides=[("hack", refit_stem, None), *probes[1:]]) > 20
 
 
+def _leaf(kind: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        kind = kind.value_type
+    return kind
+
+
+def _flatten(values: list) -> list:
+    return [x for v in values for x in (_flatten(v) if isinstance(v, list) else [v])]
+
+
 def test_reads_separate_engine_compiled(toy_world, tmp_path):
     """vLLM's separate engine process with torch.compile on (the hooks are traced into the compiled graph),
     seeded sampling, prefix caching on, mixed prompt lengths; then a weight sync."""
@@ -152,9 +163,18 @@ def test_reads_separate_engine_compiled(toy_world, tmp_path):
     prompts = _prompts(world, [4, 11, 6])
     table, _ = gen.generate(prompts, 4, 7)
     again, _ = gen.generate(prompts, 4, 7)
-    # seeded: the same completions and the same token scores (aggregates may be NaN: one-token completions)
+    # seeded: the same completions and the same token scores (aggregates may be NaN: one-token completions).
+    # Tokens and versions exactly; log-probs and scores to float32 rounding: the second call reads the prompts
+    # from the prefix cache, and the separate engine process batches them as they arrive, so the same numbers
+    # come from other kernels' summation orders.
     same = [c for c in table.column_names if not c.endswith("/score")]
-    assert table.select(same).equals(again.select(same))
+    for name in same:
+        a, b = table.column(name).to_pylist(), again.column(name).to_pylist()
+        if pa.types.is_floating(_leaf(table.schema.field(name).type)):
+            flat_a, flat_b = np.array(_flatten(a), dtype=float), np.array(_flatten(b), dtype=float)
+            assert flat_a.shape == flat_b.shape and np.allclose(flat_a, flat_b, atol=1e-5, equal_nan=True), name
+        else:
+            assert a == b, name
     base = AutoModelForCausalLM.from_pretrained(world.model_path, dtype=torch.float32)
     assert assert_reads_match(table, base, probes) >= 10
     new = _perturbed(world.model_path, seed=2)
