@@ -306,6 +306,7 @@ class RolloutCorrection(_Strict):
     Tokens a correction zeroes still count in the token-mean normaliser (it is global, fixed before the pass)."""
 
     mode: Literal["off", "tis", "mis_token", "mis_sequence", "geometric", "geometric_weighted", "decoupled"] = "off"
+    """Which correction (the list above); "off" trains against the behaviour log-probs as they came."""
     threshold: float = Field(2.0, gt=1.0)
     """Upper bound on the importance weight (truncation for tis, rejection otherwise)."""
     lower: float | None = Field(None, gt=0.0, lt=1.0)

@@ -383,7 +383,7 @@ def bind_address() -> str:
     """Where probe-rl's own torch.distributed stores and gloo sockets listen on this node: loopback while every
     Ray node of the cluster is on this machine (a local run, or a test cluster of several raylets), so nothing
     outside the machine can reach them; else this node's address, which the other nodes must reach (the
-    README lists these ports and what guards them)."""
+    docs/cluster.md lists these ports and what guards them)."""
     here = node_address()
     nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
     return "127.0.0.1" if nodes <= {here} else here
