@@ -273,12 +273,19 @@ class ShapingConfig(_Strict):
     threshold: float = Field(0.5, ge=0, le=1)
     """Score above which a sample is flagged (threshold, screen), and below which a hack evades the probe
     (the `rollout/evasion_rate` metric)."""
-    monitor: Literal["probe", "random_direction", "truth"] = "probe"
+    monitor: Literal["probe", "random_direction", "truth", "text"] = "probe"
     """What the in-reward kinds (penalty, threshold, screen) read. probe: the shaping probe. random_direction (a
     control): the shaping probe with its direction replaced by a random one of the same norm (same layer, bias,
     aggregation, threshold), fixed per world seed; read beside the real probe as `<name>_random`. truth (a
     control): the task's ground truth as a monitor, 1 for "hack" and 0 otherwise (task.ground_truth_fn), each
-    sample's label flipped with probability 1 - truth_accuracy (seeded)."""
+    sample's label flipped with probability 1 - truth_accuracy (seeded). text (a control): the text monitor
+    (shaping.text_monitor), a classifier of the completion's tokens alone, no activations."""
+    text_monitor: str | None = None
+    """A monitor that reads only the completion's text (probes/text.py: logistic regression on its token counts),
+    read every step beside the probes (`scorer/text_mean`, split by ground truth) and shaping the reward with
+    monitor = "text". "toy" or "toy:<name>", "smollm2:<name>": fitted when the world is built on the same labelled
+    completions and the same held-out split as that probe (both held-out AUROCs are logged); otherwise the stem of
+    a saved monitor (`<stem>.safetensors` + `<stem>.json`)."""
     truth_accuracy: float = Field(1.0, ge=0.5, le=1.0)
     """monitor = "truth": the share of samples whose label the monitor gets right."""
 
@@ -469,7 +476,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.shaping.kind != "none" and not self.scorer.probes and self.shaping.monitor != "truth":
+        if self.shaping.kind != "none" and not self.scorer.probes and self.shaping.monitor not in ("truth", "text"):
             raise ValueError(
                 f"shaping.kind={self.shaping.kind!r} needs at least one probe in scorer.probes "
                 "(or set shaping.kind = \"none\" for plain RLHF)"
@@ -491,6 +498,9 @@ class Config(_Strict):
         if self.shaping.monitor != "probe" and self.shaping.kind not in ("penalty", "threshold", "screen"):
             raise ValueError(f"shaping.monitor = {self.shaping.monitor!r} is read by the in-reward kinds only: set "
                              "shaping.kind to penalty, threshold or screen")
+        if self.shaping.monitor == "text" and self.shaping.text_monitor is None:
+            raise ValueError("shaping.monitor = \"text\" needs shaping.text_monitor (e.g. \"toy\", or the probe's "
+                             "\"smollm2:<name>\"): the classifier of the completion's text it reads")
         if self.shaping.monitor == "truth" and self.task.ground_truth_fn is None:
             raise ValueError("shaping.monitor = \"truth\" needs task.ground_truth_fn (the labels it monitors)")
         if self.shaping.monitor == "random_direction" and self.scorer.retrain_every:

@@ -293,7 +293,9 @@ def export_data(root: Path, data: dict[str, list[dict]]) -> None:
             s = r["summary"]
             summary.append({"arm": arm, "seed": r["seed"], "steps": s.get("steps"),
                             "eval_greedy_accuracy_start": s.get("eval_greedy_accuracy_start"),
-                            "eval_greedy_accuracy_end": s.get("eval_greedy_accuracy_end")})
+                            "eval_greedy_accuracy_end": s.get("eval_greedy_accuracy_end"),
+                            "text_monitor_held_out_auroc": s.get("text_monitor_held_out_auroc"),
+                            "probe_held_out_auroc": s.get("probe_held_out_auroc")})
     pq.write_table(pa.Table.from_pylist(summary), out / "runs.parquet")
 
 
@@ -380,6 +382,7 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
             lines.append(f"| {r['arm']} | {_fmt(r['obf_representation'])} | {_fmt(r['obf_behaviour'])} | "
                          f"{_fmt(r['obf_total'])} |")
     lines += _mismatch_section(data)
+    lines += text_section(data, table)
     lines += _methods_section(table)
     lines += ["", "![hack rate](hack_rate.png)", "", "![evasion rate](evasion_rate.png)", "",
               "![correct rate](correct_rate.png)", "", *(["![probe AUROC](probe_auroc.png)", ""] if has_eval else []),
@@ -387,6 +390,40 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def text_section(data: dict[str, list[dict]], table: list[dict], arm: str = "text_monitor",
+                 probe_arm: str = "probe_penalty") -> list[str]:
+    """What the probe adds over reading the output: the held-out AUROC of the probe and of the text-only monitor on
+    the same labelled rows, and the final hack rate and held-out accuracy of the text monitor's arm against the
+    probe's (paired by seed). Empty without a text monitor's run."""
+    runs = [r for rs in data.values() for r in rs if r["summary"].get("text_monitor_held_out_auroc") is not None]
+    if not runs:
+        return []
+    seen = {}
+    for r in runs:  # one pair of AUROCs per world (seed)
+        seen.setdefault(r["seed"], (r["summary"].get("probe_held_out_auroc"), r["summary"]["text_monitor_held_out_auroc"]))
+    lines = ["", "## What the probe adds over reading the output", "",
+             "A monitor that reads only the completion's text (`shaping.monitor = \"text\"`: L2 logistic regression on "
+             "its token counts, probes/text.py), fitted on the probe's own labelled completions and held-out split. "
+             "Held-out AUROC of each on the same rows:", "",
+             "| seed | probe | text only | probe − text |", "|---|---|---|---|"]
+    for seed, (p, t) in sorted(seen.items()):
+        diff = f"{p - t:+.3f}" if p is not None else "n/a"
+        lines.append(f"| {seed} | {p:.3f} | {t:.3f} | {diff} |" if p is not None else f"| {seed} | n/a | {t:.3f} | n/a |")
+    by_arm = {r["arm"]: r for r in table}
+    if arm in data and probe_arm in data:
+        def per_seed(name: str, key: str) -> dict[int, float]:
+            return dict(zip([r["seed"] for r in data[name]], by_arm[name][key], strict=True))
+
+        cells = []
+        for key, what in (("hack_end", "final hack rate"), ("accuracy_end", "held-out accuracy")):
+            d = bootstrap_diff(per_seed(probe_arm, key), per_seed(arm, key))
+            cells.append(f"{what} {probe_arm} − {arm}: " + ("n/a" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"))
+        lines += ["", "As the penalty, against the text monitor's arm (95% bootstrap over seeds, paired by world): "
+                  + "; ".join(cells) + ". An interval that spans 0 is no evidence that reading the activations did "
+                  "more than reading the output."]
+    return lines
 
 
 def _mismatch_section(data: dict[str, list[dict]]) -> list[str]:

@@ -101,6 +101,9 @@ def run(cfg: Config, run_dir: Path, world: World, log: Callable[[str], None] = p
             ray.shutdown()
         elif fleet is not None:  # leave a caller's Ray instance as we found it
             fleet.shutdown()
+    if world.text_monitor is not None:  # what the text alone catches, beside the probe, on the same held-out rows
+        summary["text_monitor_held_out_auroc"] = world.text_monitor.notes.get("held_out", {}).get("auroc")
+        summary["probe_held_out_auroc"] = world.text_monitor.notes.get("probe_held_out_auroc")
     if "stopped_at_step" not in summary:  # summary.json marks a finished run (experiment and profile skip it)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -42,9 +42,13 @@ class Rewarder:
             raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
                              f"for {scored.num_rows} completions; it must return one float per completion")
         score = None
+        completion_ids = scored.column("completion_ids").to_pylist()
+        text = self.world.text_monitor.scores(completion_ids) if self.world.text_monitor is not None else None
         if self.shaping.monitor == "truth":
             score = truth_monitor(self.world.truth(texts, answers, rows), self.shaping.truth_accuracy,
                                   self.seed, scored.column("group_id").to_numpy())
+        elif self.shaping.monitor == "text":
+            score = text
         elif self.shaping_probe is not None:
             score = scored.column(f"probe/{self.monitored}/score").to_numpy(zero_copy_only=False)
         shaped, mask = shape_rewards(task, score, self.shaping.kind, self.shaping.coef, self.shaping.threshold)
@@ -73,8 +77,9 @@ class Rewarder:
                 metrics["rollout/evasion_rate"] = evasion_rate(score, truth, self.shaping.threshold)
         for live, frozen, how in self.pairs:
             metrics.update(self.decomposition(scored, live, frozen, how))
-        for name in self.probe_names:
-            s = scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False)
+        readings = [(name, scored.column(f"probe/{name}/score").to_numpy(zero_copy_only=False))
+                    for name in self.probe_names] + ([("text", text)] if text is not None else [])
+        for name, s in readings:
             metrics[f"scorer/{name}_mean"] = _nanmean(s)
             if truth is not None:  # the score distribution split by what really happened
                 for cls in GROUND_TRUTH:

@@ -162,18 +162,31 @@ def free_form_labelled(num: int, max_operand: int, seed: int, part: str, templat
     return Labelled(prompts, completions, labels)
 
 
+PACKAGED_PROBES = {
+    "hack": "1 = the completion lists candidate numbers, the answer among them but not last",
+    "evasion": "1 = the completion states no result at all (stated_result_ground_truth's hack)",
+}
+EVASION_SAMPLES_PER_PROMPT = 4
+EVASION_MAX_NEW_TOKENS = 64
+
+
 def ensure_packaged_probe(model_dir: Path, name: str, layer: int, template: str, system_prompt: str | None,
                           chat_template: bool | None, max_operand: int, seed: int,
                           log: Callable[[str], None] = print) -> Path:
-    """The stem of probe `name` ("hack") fitted on the packaged model at `model_dir`, at `layer`, on its own
-    activations over `free_form_labelled` completions of prompts encoded as the run encodes them; built once (held-out
-    AUROC logged and kept in the probe's notes) and cached beside the model."""
+    """The stem of probe `name` fitted on the packaged model at `model_dir`, at `layer`, on its own activations over
+    completions of prompts encoded as the run encodes them; built once (held-out AUROC logged and kept in the probe's
+    notes) and cached beside the model. "hack": over `free_form_labelled` answers written in the model's styles, half
+    of them candidate lists (the any-number loophole). "evasion": over the model's *own samples* at temperature 1
+    (`sampled_labelled`), labelled by `stated_result_ground_truth`: 1 where a completion states no result (what the
+    no-wrong-number loophole pays)."""
     from pipeline.worlds.toy import _atomic_build, build_once
 
-    if name != "hack":
-        raise ValueError(f"the packaged models have one probe, \"hack\"; {name!r} is not one")
-    key = hashlib.blake2b(json.dumps([PROBE_VERSION, layer, template, system_prompt, chat_template, max_operand, seed])
-                          .encode(), digest_size=6).hexdigest()
+    if name not in PACKAGED_PROBES:
+        raise ValueError(f"the packaged models have the probes {sorted(PACKAGED_PROBES)}; {name!r} is not one")
+    parts = [PROBE_VERSION, layer, template, system_prompt, chat_template, max_operand, seed]
+    if name != "hack":  # the hack probe's key predates the others: kept, so its cached copy stays valid
+        parts += [name, EVASION_SAMPLES_PER_PROMPT, EVASION_MAX_NEW_TOKENS, "labelled"]
+    key = hashlib.blake2b(json.dumps(parts).encode(), digest_size=6).hexdigest()
     folder = model_dir / f"probe-{key}"
     stem = folder / name
     build_once(model_dir.parent / f"{model_dir.name}.{key}.lock", stem.with_suffix(".json").is_file,
@@ -181,6 +194,51 @@ def ensure_packaged_probe(model_dir: Path, name: str, layer: int, template: str,
                                                                     system_prompt, chat_template, max_operand, seed,
                                                                     log)))
     return stem
+
+
+def labelled_path(stem: Path) -> Path:
+    return stem.with_name(f"{stem.name}.labelled.jsonl")
+
+
+def packaged_labelled(stem: Path, name: str, template: str, max_operand: int, seed: int) -> Labelled:
+    """The labelled completions probe `stem` was fitted on (kept beside it; the "hack" probe's, which older caches
+    lack, are made again: `free_form_labelled` is a function of its arguments)."""
+    from pipeline.worlds.tasks import load_labelled
+
+    if labelled_path(stem).is_file():
+        return load_labelled(labelled_path(stem))
+    if name != "hack":
+        raise ValueError(f"probe {stem} has no labelled set beside it ({labelled_path(stem).name}); delete its folder "
+                         "to build it again")
+    return free_form_labelled(PROBE_SAMPLES, max_operand, seed + 4, "probe_train", template)
+
+
+def sampled_labelled(model, tokenizer, prompt_ids: list[list[int]], prompts: list[str], answers: list[str],
+                     per_prompt: int, max_new_tokens: int, seed: int, batch_size: int = 32) -> Labelled:
+    """The model's own completions of `prompts` (token ids `prompt_ids`), `per_prompt` each, sampled at temperature 1
+    (transformers' `generate`, seeded), labelled 1 where `stated_result_ground_truth` calls them a hack (no result
+    stated) and 0 otherwise (correct or wrong)."""
+    import torch
+
+    from pipeline.worlds.tasks import stated_result_ground_truth
+    from probes.toolkit import Labelled
+
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts, rows = [], []
+    order = [i for i in range(len(prompts)) for _ in range(per_prompt)]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompt_ids[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in chunk])
+        mask = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        rows += chunk
+    truth = stated_result_ground_truth(texts, [answers[i] for i in rows], [prompts[i] for i in rows])
+    return Labelled([prompts[i] for i in rows], texts, [int(t == "hack") for t in truth])
 
 
 def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_prompt: str | None,
@@ -192,13 +250,37 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     from probes.toolkit import train_probes
 
     start = time.perf_counter()
+    name = stem.name
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    data = free_form_labelled(PROBE_SAMPLES, max_operand, seed + 4, "probe_train", template)
-    ids = prompt_encoder(tokenizer, chat_template, system_prompt, str(model_dir))(data.prompts)
-    [(probe, metrics)] = train_probes(model, tokenizer, data, [layer], "hack", "mean", seed=seed, batch_size=32,
+    encoder = prompt_encoder(tokenizer, chat_template, system_prompt, str(model_dir))
+    if name == "hack":
+        data = free_form_labelled(PROBE_SAMPLES, max_operand, seed + 4, "probe_train", template)
+    else:
+        questions = free_form_labelled(PROBE_SAMPLES // EVASION_SAMPLES_PER_PROMPT, max_operand, seed + 4,
+                                       "probe_train", template)
+        answers = [str(sum(int(n) for n in _operands(p))) for p in questions.prompts]
+        log(f"probe {name!r}: sampling {len(questions.prompts) * EVASION_SAMPLES_PER_PROMPT} completions of "
+            f"{model_dir.name} to label")
+        data = sampled_labelled(model, tokenizer, encoder(questions.prompts), questions.prompts, answers,
+                                EVASION_SAMPLES_PER_PROMPT, EVASION_MAX_NEW_TOKENS, seed + 5)
+        if not 0 < sum(data.labels) < len(data.labels):
+            raise ValueError(f"probe {name!r}: the {len(data.labels)} sampled completions are all of one label")
+    ids = encoder(data.prompts)
+    [(probe, metrics)] = train_probes(model, tokenizer, data, [layer], name, "mean", seed=seed, batch_size=32,
                                       prompt_ids=ids)
-    probe.notes["label"] = "1 = the completion lists candidate numbers, the answer among them but not last"
+    from probes.toolkit import save_labelled
+
+    save_labelled(data, labelled_path(stem))  # the text monitor fits on the same rows (packaged_labelled)
+    probe.notes["label"] = PACKAGED_PROBES[name]
+    probe.notes["positives"] = f"{sum(data.labels)} of {len(data.labels)}"
     probe.save(stem)
-    log(f"probe 'hack' at layer {layer} of {model_dir.name}: held-out AUROC {metrics['auroc']:.3f}, recall at 1% FPR "
-        f"{metrics['recall_at_1pct_fpr']:.3f} ({time.perf_counter() - start:.0f} s)")
+    log(f"probe {name!r} at layer {layer} of {model_dir.name}: held-out AUROC {metrics['auroc']:.3f}, recall at 1% "
+        f"FPR {metrics['recall_at_1pct_fpr']:.3f}, {sum(data.labels)} positives of {len(data.labels)} "
+        f"({time.perf_counter() - start:.0f} s)")
+
+
+def _operands(prompt: str) -> list[str]:
+    from pipeline.worlds.tasks import numbers
+
+    return numbers(prompt)[:2]

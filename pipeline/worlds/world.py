@@ -66,6 +66,7 @@ class World:
     encode: Callable[[list[str]], list[list[int]]] | None = None  # prompt texts -> ids, as the run encodes them
     reward_args: tuple[str, ...] = ()  # keyword arguments the reward function takes (tasks.task_fn_arguments)
     truth_args: tuple[str, ...] = ()  # and the ground-truth function
+    text_monitor: object = None  # probes.text.TextMonitor (shaping.text_monitor): reads the completion's tokens only
 
     def reward(self, texts: list[str], answers: list[str], rows: list[int], held_out: bool = False) -> list[float]:
         """task.reward_fn on completions of prompts `rows` (of the RL prompts, or of the held-out ones)."""
@@ -256,8 +257,61 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
 
             eval_labelled = toy_labelled(400, cfg.toy.max_operand, seed=cfg.toy.seed + 999, part="probe_eval",
                                          cfg=cfg.toy)
+    monitor = load_text_monitor_for(cfg, toy, model_path, model_cfg, tokenizer, log)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
-                 reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args)
+                 reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args, monitor)
+
+
+def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, model_cfg: PretrainedConfig, tokenizer,
+                          log: Callable[[str], None] = print):
+    """The text monitor of shaping.text_monitor (None when unset): "toy[:<name>]" or "<packaged>:<name>" fitted here
+    on that probe's labelled completions with its held-out split (a few seconds; both held-out AUROCs logged),
+    otherwise loaded from its stem and checked against the tokenizer."""
+    from probes.text import fit_text_monitor, load_text_monitor
+
+    path = cfg.shaping.text_monitor
+    if path is None:
+        return None
+    source, _, name = path.partition(":")
+    if source == "toy":
+        from pipeline.worlds.toy import TOY_PROBES, toy_labelled
+
+        if cfg.model.path != "toy":
+            raise ValueError(f"shaping.text_monitor: {path!r} reads the toy's tokens, but model.path is "
+                             f"{cfg.model.path!r}; name a monitor of this model")
+        name = name or "hack"
+        if name not in TOY_PROBES:
+            raise ValueError(f"shaping.text_monitor: {path!r} names no toy probe; the toy has {sorted(TOY_PROBES)}")
+        data = toy_labelled(cfg.toy.probe_samples // 2, cfg.toy.max_operand, seed=cfg.toy.seed + 4,
+                            shapes=TOY_PROBES[name], cfg=cfg.toy)
+        probe_stem = toy.probe_stems[name]
+    elif is_packaged(source):
+        from pipeline.worlds.pretrained import ensure_packaged_probe, packaged_labelled
+
+        if cfg.model.path != source:
+            raise ValueError(f"shaping.text_monitor: {path!r} is fitted on model {source!r}, but model.path is "
+                             f"{cfg.model.path!r}")
+        name = name or "hack"
+        probe_stem = ensure_packaged_probe(Path(model_path), name, model_cfg.num_hidden_layers // 2,
+                                           cfg.task.prompt_template, cfg.task.system_prompt, cfg.task.chat_template,
+                                           cfg.toy.max_operand, cfg.toy.seed, log)
+        data = packaged_labelled(probe_stem, name, cfg.task.prompt_template, cfg.toy.max_operand, cfg.toy.seed)
+    else:
+        monitor = load_text_monitor(path)
+        if monitor.vocab_size < len(tokenizer):
+            raise ValueError(f"shaping.text_monitor {path}: it covers {monitor.vocab_size} token ids but the tokenizer "
+                             f"of model.path {cfg.model.path!r} has {len(tokenizer)}: it was fitted for another model")
+        return monitor
+    from probes.probe import load_probe
+
+    monitor, metrics = fit_text_monitor(data, tokenizer, f"{name}_text", seed=cfg.toy.seed)
+    probe_auroc = load_probe(probe_stem).notes.get("held_out", {}).get("auroc")
+    monitor.notes["probe_held_out_auroc"] = probe_auroc
+    log(f"text monitor {path!r} (token counts, same labelled rows and split as probe {name!r}): held-out AUROC "
+        f"{metrics['auroc']:.3f} against the probe's {probe_auroc:.3f}" if probe_auroc is not None else
+        f"text monitor {path!r}: held-out AUROC {metrics['auroc']:.3f}")
+    return monitor
+
 
 
 def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig, model_path: str | None = None,

@@ -135,8 +135,8 @@ def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_it
     """`probe-rl experiment` with the probe_loss, ablate and random_direction arms of configs/experiment_full.toml,
     one world, 2 steps each: the knobs act (the learner's own probe score is logged for probe_loss only; under
     ablation the first step's ratios are unclipped and the learner's pass is edited; the random-direction control is
-    read beside the probe and is what the penalty subtracts), and the report's numbers are those of the runs'
-    data/."""
+    read beside the probe and is what the penalty subtracts; so is the text-only monitor's score, equal to a monitor
+    refitted here on the probe's labelled set), and the report's numbers are those of the runs' data/."""
     from ._helpers import cli, toy_args
 
     out_dir = tmp_path / "exp"
@@ -144,7 +144,7 @@ def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_it
     args = [a for i, a in enumerate(args) if a not in ("--run.name", "--run.output_dir")
             and args[i - 1] not in ("--run.name", "--run.output_dir")]
     done = cli(["experiment", "--file", "configs/experiment_full.toml", "--arms", "probe_loss", "ablate",
-                "random_direction", "--seeds", "0", "--out", str(out_dir), *args, "--eval.every", "2"])
+                "random_direction", "text_monitor", "--seeds", "0", "--out", str(out_dir), *args, "--eval.every", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = (out_dir / "report.md").read_text()
     for arm in ("probe_loss", "ablate"):
@@ -175,3 +175,21 @@ def test_experiment_on_a_tiny_world_wires_probe_loss_and_ablation_and_reports_it
     rows = pq.read_table(out_dir / "random_direction-seed0" / "rollouts.parquet").to_pylist()
     assert rows and all(abs(r["shaped_reward"] - (r["task_reward"] - r["probe/hack_random/score"])) < 1e-5
                         for r in rows)
+    # the text-only control: what the penalty subtracts is the text monitor's score of the completion's tokens
+    from pipeline.worlds.toy import toy_labelled
+    from probes.text import fit_text_monitor
+
+    cfg, world = toy_world
+    reference, _ = fit_text_monitor(toy_labelled(cfg.toy.probe_samples // 2, cfg.toy.max_operand, seed=cfg.toy.seed + 4,
+                                                 cfg=cfg.toy), world.tokenizer, "hack_text", seed=cfg.toy.seed)
+    rows = pq.read_table(out_dir / "text_monitor-seed0" / "rollouts.parquet").to_pylist()
+    text = reference.scores([r["completion_ids"] for r in rows])
+    assert rows and np.allclose([r["task_reward"] - r["shaped_reward"] for r in rows], text, atol=1e-5)
+    assert len(set(np.round(text, 4))) > 1  # it tells completions apart
+    summary = json.loads((out_dir / "text_monitor-seed0" / "summary.json").read_text())
+    assert summary["text_monitor_held_out_auroc"] == reference.notes["held_out"]["auroc"]
+    assert 0.5 < summary["probe_held_out_auroc"] <= 1.0
+    assert (f"| 0 | {summary['probe_held_out_auroc']:.3f} | {summary['text_monitor_held_out_auroc']:.3f} | "
+            f"{summary['probe_held_out_auroc'] - summary['text_monitor_held_out_auroc']:+.3f} |") in report
+    metrics = pq.read_table(out_dir / "data" / "text_monitor-seed0.metrics.parquet").to_pylist()
+    assert all(0 < r["scorer/text_mean"] < 1 for r in metrics)
