@@ -81,6 +81,20 @@ def _probe_stem(path: str | Path) -> Path:
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
 
 
+def read_files(path: str | Path, what: str) -> tuple[Path, Path, object]:
+    """(<stem>.json, <stem>.safetensors, the parsed JSON) of a saved probe or monitor, each missing file or bad JSON
+    a message naming it."""
+    stem = _probe_stem(path)
+    meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for p in (meta_path, tensor_path):
+        if not p.is_file():
+            raise ValueError(f"{what} file {p} does not exist (a {what} is <stem>.json plus <stem>.safetensors)")
+    try:
+        return meta_path, tensor_path, json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} metadata {meta_path} is not valid JSON: {e}") from None
+
+
 def load_probe(path: str | Path) -> LinearProbe:
     """Load and validate a probe; every malformed file gets a message that says what is wrong."""
     from safetensors import SafetensorError
@@ -90,15 +104,7 @@ def load_probe(path: str | Path) -> LinearProbe:
         raise ValueError(f"probe {path}: probes are never unpickled (a pickle runs code when loaded); save it as "
                          "safetensors: <stem>.safetensors with `weight` (H,) and `bias` (1,), plus <stem>.json with "
                          "name, layer, hidden_size and aggregation (probes.probe.LinearProbe.save writes both)")
-    stem = _probe_stem(path)
-    meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    for p in (meta_path, tensor_path):
-        if not p.is_file():
-            raise ValueError(f"probe file {p} does not exist (a probe is <stem>.json plus <stem>.safetensors)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"probe metadata {meta_path} is not valid JSON: {e}") from None
+    meta_path, tensor_path, meta = read_files(path, "probe")
     required = {"name": str, "layer": int, "hidden_size": int, "aggregation": str}
     if not isinstance(meta, dict):
         raise ValueError(f"probe metadata {meta_path} must be a JSON object with keys {sorted(required)}")

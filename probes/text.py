@@ -69,20 +69,12 @@ def load_text_monitor(path: str | Path) -> TextMonitor:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from probes.probe import PICKLE_SUFFIXES, _probe_stem
+    from probes.probe import PICKLE_SUFFIXES, read_files
 
     if Path(path).suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"text monitor {path}: monitors are never unpickled; save it as safetensors "
                          "(probes.text.TextMonitor.save)")
-    stem = _probe_stem(path)
-    meta_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    for p in (meta_path, tensor_path):
-        if not p.is_file():
-            raise ValueError(f"text monitor file {p} does not exist (a monitor is <stem>.json plus <stem>.safetensors)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"text monitor metadata {meta_path} is not valid JSON: {e}") from None
+    meta_path, tensor_path, meta = read_files(path, "text monitor")
     if not isinstance(meta, dict) or meta.get("kind") != "text" or not isinstance(meta.get("name"), str) \
             or not isinstance(meta.get("vocab_size"), int):
         raise ValueError(f"text monitor metadata {meta_path} must be a JSON object with kind = \"text\", a name and "

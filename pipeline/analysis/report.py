@@ -299,6 +299,19 @@ def export_data(root: Path, data: dict[str, list[dict]]) -> None:
     pq.write_table(pa.Table.from_pylist(summary), out / "runs.parquet")
 
 
+def _plots(root: Path, data: dict[str, list[dict]], probe: str) -> bool:
+    """The report's learning curves, and its AUROC plot where runs were evaluated (returned: whether they were)."""
+    for key, label, name in (("rollout/hack_rate", "hack rate (ground truth)", "hack_rate"),
+                             ("rollout/correct_rate", "correct rate (ground truth)", "correct_rate"),
+                             ("rollout/evasion_rate", "evasion rate: hacks the shaping probe misses", "evasion_rate"),
+                             ("rollout/task_reward", "task reward (verifier)", "task_reward")):
+        _plot_metric(data, key, label, root / f"{name}.png")
+    has_eval = any(r["eval"] for rs in data.values() for r in rs)
+    if has_eval:
+        _plot_auroc(data, probe, root / "probe_auroc.png")
+    return has_eval
+
+
 def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str = "hack",
                  vary_world: bool = True, data: dict[str, list[dict]] | None = None) -> Path:
     """The report, plots and `data/` of the runs under `root` (or of `data`, already loaded: see
@@ -313,14 +326,7 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     if not data:
         raise ValueError(f"no finished runs under {root}")
     export_data(root, data)
-    for key, label, name in (("rollout/hack_rate", "hack rate (ground truth)", "hack_rate"),
-                             ("rollout/correct_rate", "correct rate (ground truth)", "correct_rate"),
-                             ("rollout/evasion_rate", "evasion rate: hacks the shaping probe misses", "evasion_rate"),
-                             ("rollout/task_reward", "task reward (verifier)", "task_reward")):
-        _plot_metric(data, key, label, root / f"{name}.png")
-    has_eval = any(r["eval"] for rs in data.values() for r in rs)
-    if has_eval:
-        _plot_auroc(data, probe, root / "probe_auroc.png")
+    has_eval = _plots(root, data, probe)
     table = arm_table(data, probe)
     seeds = sorted({seed for _, seed in runs})
     steps = max(len(r["metrics"]) for rs in data.values() for r in rs)
