@@ -106,3 +106,24 @@ def test_the_report_says_what_the_probe_adds_over_the_text():
     assert f"final hack rate probe_penalty − text_monitor: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in lines
     assert d[0] == pytest.approx(-0.125)
     assert text_section({"probe_penalty": data["probe_penalty"]}, arm_table(data)) == []
+
+
+def test_sampled_labelled_labels_the_models_own_samples_by_the_ground_truth(tiny_model_dir):
+    """The SmolLM2 "evasion" probe's data, made with a tiny random model: the model's own samples, per_prompt of each
+    prompt, labelled 1 exactly where stated_result_ground_truth says "hack"; the same seed gives the same samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.worlds.pretrained import sampled_labelled
+    from pipeline.worlds.tasks import stated_result_ground_truth
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts, answers = ["1+2=", "30+4=", "5+5="], ["3", "34", "10"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    data = sampled_labelled(model, tok, ids, prompts, answers, per_prompt=4, max_new_tokens=6, seed=1, batch_size=5)
+    assert data.prompts == [p for p in prompts for _ in range(4)] and len(data.completions) == 12
+    truth = stated_result_ground_truth(data.completions, [a for a in answers for _ in range(4)], data.prompts)
+    assert data.labels == [int(t == "hack") for t in truth]
+    assert len(set(data.completions)) > 1  # sampled, not greedy
+    again = sampled_labelled(model, tok, ids, prompts, answers, per_prompt=4, max_new_tokens=6, seed=1, batch_size=5)
+    assert again.completions == data.completions
