@@ -390,7 +390,8 @@ class EvalConfig(RoleResources):
     a fixed held-out labelled set with the live policy's and the frozen copy's activations, the AUROC of a
     probe freshly fitted to the live policy, and the live-vs-frozen score gap on the latest rollouts. 0: off."""
     probe_data: str | None = None
-    """Labelled completions (prompt, completion, label) for those AUROCs; None with the toy model: the toy set."""
+    """Labelled completions (prompt, completion, label) for those AUROCs. None with the toy model: the toy's probe-eval
+    set; with a packaged model and its probe ("smollm2:<name>"): the held-out rows of that probe's own labelled set."""
     recalibrate_samples: NonNegInt = 4
     """Completions the evaluated policy samples per held-out prompt (task.eval_prompts) at each evaluation point;
     its honest ones (task.ground_truth_fn: "correct") set the threshold at 1% FPR for the recalibrated recall on
@@ -514,8 +515,10 @@ class Config(_Strict):
                              f"{self.scorer.num_workers} (the minimum)")
         if self.eval.every and not self.scorer.probes:
             raise ValueError("eval.every measures probes: list at least one in scorer.probes")
-        if self.eval.every and self.eval.probe_data is None and self.model.path != "toy":
-            raise ValueError("eval.every needs eval.probe_data (a labelled set) unless model.path is \"toy\"")
+        packaged_probe = any(p.path.partition(":")[0] == self.model.path for p in self.scorer.probes)
+        if self.eval.every and self.eval.probe_data is None and self.model.path != "toy" and not packaged_probe:
+            raise ValueError("eval.every needs eval.probe_data (a labelled set) unless model.path is \"toy\" or a "
+                             "packaged model whose probe is in scorer.probes (\"smollm2:<name>\")")
         self._check_parallelism()
         if self.pipeline.prompts_per_step < self.generator.num_workers:
             raise ValueError(

@@ -252,6 +252,8 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
 
         if cfg.eval.probe_data is not None:
             eval_labelled = load_labelled(cfg.eval.probe_data)
+        elif cfg.model.path != "toy":  # a packaged model: the held-out rows of its probe's labelled set
+            eval_labelled = packaged_held_out(cfg, model_path, model_cfg, log)
         else:  # the toy's probe-eval part: no prompt of it is in the probes' training data or among the RL prompts
             from pipeline.worlds.toy import toy_labelled
 
@@ -260,6 +262,20 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
     monitor = load_text_monitor_for(cfg, toy, model_path, model_cfg, tokenizer, log)
     return World(model_path, probe_paths, names, tokenizer, pad_id, prompts, prompt_ids, eval_prompts, eval_ids,
                  reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args, monitor)
+
+
+def packaged_held_out(cfg: Config, model_path: str, model_cfg: PretrainedConfig, log: Callable[[str], None]):
+    """The held-out side (split_by_prompt, as the probe's fit made it) of the labelled set of the first packaged probe
+    in scorer.probes: rows its probe never trained on, in the completions' own distribution."""
+    from pipeline.worlds.pretrained import ensure_packaged_probe, packaged_labelled
+    from probes.toolkit import split_by_prompt
+
+    spec = next(p for p in cfg.scorer.probes if p.path.partition(":")[0] == cfg.model.path)
+    name = spec.path.partition(":")[2] or "hack"
+    stem = ensure_packaged_probe(Path(model_path), name, model_cfg.num_hidden_layers // 2, cfg.task.prompt_template,
+                                 cfg.task.system_prompt, cfg.task.chat_template, cfg.toy.max_operand, cfg.toy.seed, log)
+    data = packaged_labelled(stem, name, cfg.task.prompt_template, cfg.toy.max_operand, cfg.toy.seed)
+    return data.subset(split_by_prompt(data, 0.2, cfg.toy.seed)[1])
 
 
 def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, model_cfg: PretrainedConfig, tokenizer,

@@ -127,3 +127,13 @@ def test_sampled_labelled_labels_the_models_own_samples_by_the_ground_truth(tiny
     assert len(set(data.completions)) > 1  # sampled, not greedy
     again = sampled_labelled(model, tok, ids, prompts, answers, per_prompt=4, max_new_tokens=6, seed=1, batch_size=5)
     assert again.completions == data.completions
+
+
+def test_evaluation_of_a_packaged_model_needs_no_labelled_file_when_its_probe_is_listed():
+    from pipeline.config import ConfigError, load_config
+
+    cfg = load_config("configs/smollm2_evasion.toml", ["--eval.every", "10", "--scorer.probes",
+                                                       '[{path = "smollm2:evasion"}]'])
+    assert cfg.eval.probe_data is None  # the probe's own held-out rows (world.packaged_held_out)
+    with pytest.raises(ConfigError, match="eval.every needs eval.probe_data"):
+        load_config("configs/smollm2_evasion.toml", ["--eval.every", "10", "--scorer.probes", "[{path = \"toy\"}]"])
