@@ -167,3 +167,31 @@ def test_every_path_the_gpu_config_needs_is_mounted_on_every_node():
     binds = [o.split()[1].split(":")[1] for o in options if o.startswith("-v ")]
     for path in paths:
         assert _covered(path, binds), f"deploy/cluster.yaml binds no volume over {path}"
+
+
+def test_kubernetes_objects_validate_against_the_kubernetes_schemas():
+    """The claims and the NetworkPolicy against Kubernetes 1.31's own schemas (kubernetes-validate ships them); the
+    RayJob's kind is KubeRay's (no installed package ships its CRD schema), so each pod template inside it (head,
+    workers, the submitter) is validated as the core PodTemplateSpec it is, image rendered."""
+    import kubernetes_validate
+
+    for name in ("storage.yaml", "networkpolicy.yaml"):
+        docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / name).read_text()) if d]
+        assert docs
+        for doc in docs:
+            kubernetes_validate.validate(doc, "1.31", strict=True)  # raises, naming the field, when it does not fit
+    job = yaml.safe_load(_rendered("deploy/rayjob.yaml", "registry.example.com/probe-rl:cpu"))
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = [job["spec"]["submitterPodTemplate"], cluster["headGroupSpec"]["template"],
+                 *(g["template"] for g in cluster["workerGroupSpecs"])]
+    for i, template in enumerate(templates):
+        pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": template}
+        kubernetes_validate.validate(pod, "1.31", strict=True)
+    broken = {**templates[1], "spec": {**templates[1]["spec"], "containers": [{"image": "x"}]}}  # no name
+    try:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "b"},
+                                      "template": broken}, "1.31", strict=True)
+    except kubernetes_validate.ValidationError as e:
+        assert "name" in str(e)
+    else:
+        raise AssertionError("a container without a name passed the schema")
