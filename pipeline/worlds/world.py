@@ -267,15 +267,22 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
 def packaged_held_out(cfg: Config, model_path: str, model_cfg: PretrainedConfig, log: Callable[[str], None]):
     """The held-out side (split_by_prompt, as the probe's fit made it) of the labelled set of the first packaged probe
     in scorer.probes: rows its probe never trained on, in the completions' own distribution."""
-    from pipeline.worlds.pretrained import ensure_packaged_probe, packaged_labelled
+    from pipeline.worlds.pretrained import packaged_labelled
     from probes.toolkit import split_by_prompt
 
     spec = next(p for p in cfg.scorer.probes if p.path.partition(":")[0] == cfg.model.path)
     name = spec.path.partition(":")[2] or "hack"
-    stem = ensure_packaged_probe(Path(model_path), name, model_cfg.num_hidden_layers // 2, cfg.task.prompt_template,
-                                 cfg.task.system_prompt, cfg.task.chat_template, cfg.toy.max_operand, cfg.toy.seed, log)
+    stem = packaged_probe_stem(cfg, model_path, model_cfg, name, log)
     data = packaged_labelled(stem, name, cfg.task.prompt_template, cfg.toy.max_operand, cfg.toy.seed)
     return data.subset(split_by_prompt(data, 0.2, cfg.toy.seed)[1])
+
+
+def packaged_probe_stem(cfg: Config, model_path: str, model_cfg: PretrainedConfig, name: str,
+                        log: Callable[[str], None]) -> Path:
+    """The packaged model's probe `name`, fitted once at its middle layer for this run's prompts
+    (pipeline/worlds/pretrained.py: ensure_packaged_probe)."""
+    return ensure_packaged_probe(Path(model_path), name, model_cfg.num_hidden_layers // 2, cfg.task.prompt_template,
+                                 cfg.task.system_prompt, cfg.task.chat_template, cfg.toy.max_operand, cfg.toy.seed, log)
 
 
 def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, model_cfg: PretrainedConfig, tokenizer,
@@ -302,15 +309,13 @@ def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, mo
                             shapes=TOY_PROBES[name], cfg=cfg.toy)
         probe_stem = toy.probe_stems[name]
     elif is_packaged(source):
-        from pipeline.worlds.pretrained import ensure_packaged_probe, packaged_labelled
+        from pipeline.worlds.pretrained import packaged_labelled
 
         if cfg.model.path != source:
             raise ValueError(f"shaping.text_monitor: {path!r} is fitted on model {source!r}, but model.path is "
                              f"{cfg.model.path!r}")
         name = name or "hack"
-        probe_stem = ensure_packaged_probe(Path(model_path), name, model_cfg.num_hidden_layers // 2,
-                                           cfg.task.prompt_template, cfg.task.system_prompt, cfg.task.chat_template,
-                                           cfg.toy.max_operand, cfg.toy.seed, log)
+        probe_stem = packaged_probe_stem(cfg, model_path, model_cfg, name, log)
         data = packaged_labelled(probe_stem, name, cfg.task.prompt_template, cfg.toy.max_operand, cfg.toy.seed)
     else:
         monitor = load_text_monitor(path)
@@ -349,9 +354,7 @@ def load_probes(cfg: Config, toy: ToyWorld | None, model_cfg: PretrainedConfig, 
             if cfg.model.path != source:
                 raise ValueError(f"scorer.probes: {spec.path!r} is fitted on model {source!r}, but model.path is "
                                  f"{cfg.model.path!r}; set model.path = {source!r} or give another probe")
-            stem = str(ensure_packaged_probe(Path(model_path), name or "hack", model_cfg.num_hidden_layers // 2,
-                                             cfg.task.prompt_template, cfg.task.system_prompt, cfg.task.chat_template,
-                                             cfg.toy.max_operand, cfg.toy.seed, log))
+            stem = str(packaged_probe_stem(cfg, model_path, model_cfg, name or "hack", log))
         else:
             stem = spec.path
         probe = load_probe(stem)  # raises ValueError naming the file and what is wrong
