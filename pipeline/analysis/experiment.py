@@ -83,10 +83,17 @@ def world_key(cfg: Config) -> str:
 
 
 def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: str | None, log: Callable[[str], None] = print,
-                   vary_world: bool = True) -> Path:
+                   vary_world: bool = True, keep_checkpoints: bool = False) -> Path:
+    """Every run not finished in `out_dir`, then the report. A run counts as finished when its folder holds its
+    summary, or when the folder's `data/` (a report's exported data, e.g. committed from another machine) holds it:
+    so an experiment longer than a session resumes on a fresh clone from its committed report. The report and
+    `data/` are rewritten after every run, so they hold every run that finished even if the experiment is cut off;
+    a finished run's checkpoints are removed unless `keep_checkpoints` (the report reads none of them)."""
+    import shutil
+
     import ray
 
-    from pipeline.analysis.report import write_report
+    from pipeline.analysis.report import load_exported, load_runs, write_report
     from pipeline.loop.driver import run
     from pipeline.loop.remote import init_ray
     from pipeline.loop.run_dir import finished, restart_run_dir
@@ -96,15 +103,29 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
     root = Path(out_dir or Path(first.run.output_dir) / f"experiment-{datetime.now():%Y%m%d-%H%M%S}")
     root.mkdir(parents=True, exist_ok=True)
     log(f"experiment: {len(runs)} runs -> {root}")
+    exported = {(arm, r["seed"]): r for arm, rs in load_exported(root).items() for r in rs}
+    order = [(arm, seed) for arm, seed in runs]
+
+    def report() -> bool:
+        data = load_runs(root, order)
+        for (arm, seed), r in exported.items():
+            if (arm, seed) in runs and all(x["seed"] != seed for x in data.get(arm, [])):
+                data.setdefault(arm, []).append(r)
+        done = [k for k in order if any(x["seed"] == k[1] for x in data.get(k[0], []))]
+        if done:
+            write_report(root, exp_path, done, vary_world=vary_world, data=data)
+        return bool(done)
+
     worlds: dict[str, Any] = {}
-    init_ray(max(runs.values(), key=lambda c: c.reserved_cpus()))
     try:
         for i, ((arm, seed), cfg) in enumerate(runs.items(), 1):
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
                 "output_dir": str(root), "name": f"{arm}-seed{seed}", "progress": False})})
-            if finished(root / f"{arm}-seed{seed}"):
+            if finished(root / f"{arm}-seed{seed}") or (arm, seed) in exported:
                 log(f"[{i}/{len(runs)}] {arm} seed {seed}: finished before, kept")  # rerun the same --out to resume
                 continue
+            if not ray.is_initialized():  # only when something is left to run
+                init_ray(max(runs.values(), key=lambda c: c.reserved_cpus()))
             key = world_key(cfg)
             world = worlds.get(key) or build_world(cfg, log)
             worlds[key] = world
@@ -113,8 +134,13 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
             summary = run(cfg, run_dir, world, log=lambda *_: None)
             log(f"[{i}/{len(runs)}] {arm} seed {seed}: {time.perf_counter() - start:.0f}s, "
                 f"task reward {summary['task_reward_first_steps']:.3f} -> {summary['task_reward_last_steps']:.3f}")
+            if not keep_checkpoints:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            report()
     finally:
-        ray.shutdown()
-    write_report(root, exp_path, [(arm, seed) for arm, seed in runs], vary_world=vary_world)
+        if ray.is_initialized():
+            ray.shutdown()
+    if not report():
+        raise ValueError(f"no finished runs under {root}")
     log(f"report: {root / 'report.md'}")
     return root

@@ -173,7 +173,9 @@ def _add_analysis_parsers(sub) -> None:
                         "experiment.toml: plain RL and the probe in the reward (read on the frozen copy, and live in the "
                         "generators' sampling pass), in the loss, and ablated: 5 arms in three toy worlds, 15 runs of "
                         "50 steps, about 20 minutes on 2 cores once the worlds are built), sharing one Ray instance; an arm "
-                        "already finished in --out is not run again (rerun with the same --out to resume). Then "
+                        "already finished in --out is not run again (rerun with the same --out to resume; a run held "
+                        "in --out's data/, as a committed report's is, counts as finished too, so a long experiment "
+                        "resumes on a fresh clone). The report is rewritten after every run. Then "
                         "write report.md: hack, correct and evasion rates, held-out accuracy, the probe's live, frozen "
                         "and refit AUROC and the share of hacks it flags, every arm side by side with plain RL and what "
                         "each is predicted to do, PNG plots, and every run's metrics as Parquet in data/.",
@@ -184,6 +186,9 @@ def _add_analysis_parsers(sub) -> None:
     ex.add_argument("--arms", nargs="+", default=None, help="arms to run (default: the file's default_arms)")
     ex.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the file's)")
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiment-<time>)")
+    ex.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's checkpoints (by default removed: the report reads none, and a "
+                    "real model's take GBs a run)")
     ex.add_argument("--dry-run", action="store_true", help="validate every run's config, list the runs, exit")
     co = sub.add_parser("cost", help="FLOPs/memory per step and the probes' overhead, toy to 405B",
                         description="Estimate FLOPs and memory of one RL step per stage (generate, reference, learn, "
@@ -323,7 +328,7 @@ def _experiment(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.analysis.experiment import run_experiment
 
     try:
-        run_experiment(args.file, runs, args.out, vary_world=exp.vary_world)
+        run_experiment(args.file, runs, args.out, vary_world=exp.vary_world, keep_checkpoints=args.keep_checkpoints)
     except ValueError as e:
         print(f"probe-rl experiment: {e}", file=sys.stderr)
         return 2

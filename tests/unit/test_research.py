@@ -170,3 +170,23 @@ def test_datasets_smaller_than_a_step_are_refused_at_load(tmp_path):
         prompt_sets(split)
     with pytest.raises(ValueError, match="task.num_prompts=10 is fewer than"):
         prompt_sets(load_config(overrides={"task": {"num_prompts": 10}, "pipeline": {"prompts_per_step": 16}}))
+
+
+def test_an_experiment_resumes_from_a_committed_reports_data_without_running_it_again(tmp_path):
+    """A run held in --out's data/ (what a committed report carries to a fresh clone) counts as finished: nothing is
+    started for it (no Ray), and the report is rewritten from it."""
+    from pipeline.analysis.experiment import run_experiment
+    from pipeline.analysis.report import export_data, load_exported
+    from pipeline.config import load_config
+
+    metrics = [{"step": s, "rollout/hack_rate": 0.1 * s, "rollout/correct_rate": 0.2, "rollout/task_reward": 0.5,
+                "rollout/shaped_reward": 0.5, "rollout/evasion_rate": 0.0} for s in range(1, 16)]
+    summary = {"steps": 15, "eval_greedy_accuracy_start": 0.5, "eval_greedy_accuracy_end": 0.25}
+    export_data(tmp_path, {"plain": [{"seed": 0, "metrics": metrics, "eval": [], "summary": summary}]})
+    lines = []
+    root = run_experiment("configs/experiment.toml", {("plain", 0): load_config(None)}, str(tmp_path), log=lines.append)
+    assert "[1/1] plain seed 0: finished before, kept" in lines
+    assert not (tmp_path / "plain-seed0").exists()  # nothing ran
+    back = load_exported(root)["plain"]
+    assert back[0]["metrics"] == metrics and back[0]["summary"]["eval_greedy_accuracy_end"] == 0.25
+    assert "| plain | 1 |" in (root / "report.md").read_text()
