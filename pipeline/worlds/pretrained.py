@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from probes.toolkit import Labelled
 
 BUILD_VERSION = 1  # bump when what the build writes changes: the cache key holds it
@@ -213,7 +215,7 @@ def packaged_labelled(stem: Path, name: str, template: str, max_operand: int, se
     return free_form_labelled(PROBE_SAMPLES, max_operand, seed + 4, "probe_train", template)
 
 
-def sampled_labelled(model, tokenizer, prompt_ids: list[list[int]], prompts: list[str], answers: list[str],
+def sampled_labelled(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], prompts: list[str], answers: list[str],
                      per_prompt: int, max_new_tokens: int, seed: int, batch_size: int = 32) -> Labelled:
     """The model's own completions of `prompts` (token ids `prompt_ids`), `per_prompt` each, sampled at temperature 1
     (transformers' `generate`, seeded), labelled 1 where `stated_result_ground_truth` calls them a hack (no result

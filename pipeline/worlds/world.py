@@ -31,10 +31,12 @@ from pipeline.worlds.tasks import (
 )
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
     from pipeline.worlds.toy import ToyWorld
     from probes.probe import LinearProbe
+    from probes.text import TextMonitor
+    from probes.toolkit import Labelled
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,8 @@ def build_world(cfg: Config, log: Callable[[str], None] = print) -> World:
                  reward_fn, truth_fn, eval_labelled, generator_probes, encode, reward_args, truth_args, monitor)
 
 
-def packaged_held_out(cfg: Config, model_path: str, model_cfg: PretrainedConfig, log: Callable[[str], None]):
+def packaged_held_out(cfg: Config, model_path: str, model_cfg: PretrainedConfig,
+                      log: Callable[[str], None]) -> Labelled:
     """The held-out side (split_by_prompt, as the probe's fit made it) of the labelled set of the first packaged probe
     in scorer.probes: rows its probe never trained on, in the completions' own distribution."""
     from pipeline.worlds.pretrained import packaged_labelled
@@ -285,8 +288,8 @@ def packaged_probe_stem(cfg: Config, model_path: str, model_cfg: PretrainedConfi
                                  cfg.task.system_prompt, cfg.task.chat_template, cfg.toy.max_operand, cfg.toy.seed, log)
 
 
-def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, model_cfg: PretrainedConfig, tokenizer,
-                          log: Callable[[str], None] = print):
+def load_text_monitor_for(cfg: Config, toy: ToyWorld | None, model_path: str, model_cfg: PretrainedConfig,
+                          tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print) -> TextMonitor | None:
     """The text monitor of shaping.text_monitor (None when unset): "toy[:<name>]" or "<packaged>:<name>" fitted here
     on that probe's labelled completions with its held-out split (a few seconds; both held-out AUROCs logged),
     otherwise loaded from its stem and checked against the tokenizer."""
