@@ -34,7 +34,8 @@ class Rewarder:
     def __call__(self, scored: pa.Table) -> tuple[pa.Table, dict[str, float], np.ndarray | None]:
         """(train table, metrics, ground-truth class of each row or None when the task has no ground truth)."""
         check_schema(scored, scored_schema(self.probe_names), "scorer -> rewarder")
-        texts = self.world.decode(scored.column("completion_ids").to_pylist())
+        completion_ids = scored.column("completion_ids").to_pylist()
+        texts = self.world.decode(completion_ids)
         answers = scored.column("answer").to_pylist()
         rows = scored.column("prompt_id").to_pylist()
         task = np.asarray(self.world.reward(texts, answers, rows), dtype=np.float32)
@@ -42,7 +43,6 @@ class Rewarder:
             raise ValueError(f"task.reward_fn returned {task.shape[0] if task.ndim else 'a scalar'} values "
                              f"for {scored.num_rows} completions; it must return one float per completion")
         score = None
-        completion_ids = scored.column("completion_ids").to_pylist()
         text = self.world.text_monitor.scores(completion_ids) if self.world.text_monitor is not None else None
         if self.shaping.monitor == "truth":
             score = truth_monitor(self.world.truth(texts, answers, rows), self.shaping.truth_accuracy,
@@ -60,7 +60,7 @@ class Rewarder:
         for f, values in zip(REWARD_FIELDS, (task, shaped, mask, adv), strict=True):
             table = table.append_column(f, pa.array(values, f.type))
         check_schema(table, train_schema(self.probe_names), "rewarder -> learner")
-        lengths = np.array([len(c) for c in scored.column("completion_ids").to_pylist()])
+        lengths = np.array([len(c) for c in completion_ids])
         metrics = {
             "rollout/task_reward": float(task.mean()),
             "rollout/shaped_reward": float(shaped.mean()),

@@ -248,8 +248,8 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.worlds.tasks import prompt_encoder
-    from probes.toolkit import train_probes
+    from pipeline.worlds.tasks import numbers, prompt_encoder
+    from probes.toolkit import save_labelled, train_probes
 
     start = time.perf_counter()
     name = stem.name
@@ -261,7 +261,7 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     else:
         questions = free_form_labelled(PROBE_SAMPLES // EVASION_SAMPLES_PER_PROMPT, max_operand, seed + 4,
                                        "probe_train", template)
-        answers = [str(sum(int(n) for n in _operands(p))) for p in questions.prompts]
+        answers = [str(sum(int(n) for n in numbers(p)[:2])) for p in questions.prompts]  # the prompt's operands
         log(f"probe {name!r}: sampling {len(questions.prompts) * EVASION_SAMPLES_PER_PROMPT} completions of "
             f"{model_dir.name} to label")
         data = sampled_labelled(model, tokenizer, encoder(questions.prompts), questions.prompts, answers,
@@ -271,8 +271,6 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     ids = encoder(data.prompts)
     [(probe, metrics)] = train_probes(model, tokenizer, data, [layer], name, "mean", seed=seed, batch_size=32,
                                       prompt_ids=ids)
-    from probes.toolkit import save_labelled
-
     save_labelled(data, labelled_path(stem))  # the text monitor fits on the same rows (packaged_labelled)
     probe.notes["label"] = PACKAGED_PROBES[name]
     probe.notes["positives"] = f"{sum(data.labels)} of {len(data.labels)}"
@@ -280,9 +278,3 @@ def _fit_probe(model_dir: Path, stem: Path, layer: int, template: str, system_pr
     log(f"probe {name!r} at layer {layer} of {model_dir.name}: held-out AUROC {metrics['auroc']:.3f}, recall at 1% "
         f"FPR {metrics['recall_at_1pct_fpr']:.3f}, {sum(data.labels)} positives of {len(data.labels)} "
         f"({time.perf_counter() - start:.0f} s)")
-
-
-def _operands(prompt: str) -> list[str]:
-    from pipeline.worlds.tasks import numbers
-
-    return numbers(prompt)[:2]
