@@ -167,6 +167,7 @@ class Killer(threading.Thread):
         self.metrics, self.plan, self.root, self.then = metrics, list(plan), root, then
         self.deadline = time.monotonic() + deadline_s
         self.killed: list[tuple[str | int, int, int]] = []  # (target, pid, steps logged when killed)
+        self.errors: list[str] = []  # what went wrong while looking for or signalling a target (tried again)
 
     def run(self) -> None:
         while self.plan and time.monotonic() < self.deadline:
@@ -175,14 +176,21 @@ class Killer(threading.Thread):
             done = steps_done(self.metrics)
             if done < at:  # (the process table is read only once the step is reached: it costs CPU the run needs)
                 continue
-            pids = (target() if callable(target) else ray_worker_pids(target, self.root) if isinstance(target, str)
-                    else [target])
-            if pids:
-                os.kill(pids[0], sig[0] if sig else signal.SIGKILL)
-                self.killed.append((target, pids[0], done))
-                self.plan.pop(0)
+            try:  # a process may end between being listed and signalled: look again rather than end the thread
+                pids = (target() if callable(target) else ray_worker_pids(target, self.root)
+                        if isinstance(target, str) else [target])
+                if pids:
+                    os.kill(pids[0], sig[0] if sig else signal.SIGKILL)
+                    self.killed.append((target, pids[0], done))
+                    self.plan.pop(0)
+            except Exception as e:  # noqa: BLE001 - reported by `report`, never silently ending the plan
+                self.errors.append(f"at {done} steps, {target}: {type(e).__name__}: {e}")
         if not self.plan and self.then is not None:
             self.then()
+
+    def report(self) -> str:
+        """What was sent, what was left of the plan and what failed on the way, for an assertion's message."""
+        return f"sent {self.killed}; not sent {self.plan}; errors {self.errors[-5:]}"
 
 
 # methods of the services Ray's processes serve; each server answers UNAUTHENTICATED for its own without a token

@@ -56,7 +56,7 @@ def test_slow_generators_are_left_alone_and_frozen_or_killed_workers_are_replace
     log, _ = driver.communicate(timeout=900)
     killer.join(timeout=5)
     assert driver.returncode == 0, log[-4000:]
-    assert len(killer.killed) == 4, killer.killed
+    assert len(killer.killed) == 4, killer.report() + '\n' + log[-3000:]
     assert [k[2] for k in killer.killed][0] == 0 and all(at <= k[2] < steps for at, k in
                                                           zip((1, 2, 4), killer.killed[1:], strict=True))
     assert re.search(r"scorer 0 died during start-up \(.*\); starting a replacement", log), log[-4000:]
