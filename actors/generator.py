@@ -46,6 +46,7 @@ class GenerateStats:
     num_tokens: int  # completion tokens generated
     policy_version: int
     end_time: float = 0.0  # wall clock when the table was done (a scorer's queueing time starts here)
+    threads: float = 0.0  # CPU threads vLLM's workers sampled on, all ranks together (pipeline.cores; 0: GPUs)
 
 
 def completion_seed(seed: int, group_id: int, index: int) -> int:
@@ -133,10 +134,13 @@ class Generator:
         aggregation override): probes read inside the sampling pass; each sampled table gains their columns."""
         import torch
 
+        from pipeline.cores import CoreShare
         from probes.probe import load_probe
 
         self.cfg = cfg
         on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
+        self.cores = CoreShare.for_role(max(1, int(cfg.num_cpus)), cpu=not on_gpu)  # pipeline.cores: threads per phase
+        self._engine_threads = max(1, int(cfg.num_cpus))  # what vLLM's workers compute on (OMP_NUM_THREADS below)
         configure_env(cfg, on_gpu, reads_probes=bool(probes))
         if not on_gpu:
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
@@ -211,12 +215,26 @@ class Generator:
         generator holds weights version `min_version` (the newest the driver had published when it launched the
         call): in-flight updates load in a concurrency group of their own, so a load queued before this call
         may still be on its way."""
+        with self.cores.working():  # pipeline.cores = "phase": the node's idle cores too, for this call
+            return self._generate(prompts, n, seed, min_version)
+
+    def _fit_threads(self) -> None:
+        """vLLM's workers compute on the threads `self.cores` fits now, split over the tensor-parallel ranks (set
+        in each worker: the actor's process, or vLLM's engine and worker processes)."""
+        n = max(1, self.cores.fit() // self.cfg.tensor_parallel_size)
+        if self.cores.phase and n != self._engine_threads:
+            with self._client:
+                self.llm.collective_rpc("probe_rl_set_threads", args=(n,))
+            self._engine_threads = n
+
+    def _generate(self, prompts: pa.Table, n: int, seed: int | None, min_version: int) -> tuple[pa.Table, GenerateStats]:
         from vllm import SamplingParams
 
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
         start = time.perf_counter()
         self._await_version(min_version)
+        self._fit_threads()
         maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
         params, prompt_of = [], []
@@ -254,7 +272,8 @@ class Generator:
         if self.probes:
             table = self._with_probe_columns(table, tokens)
         return table, GenerateStats(time.perf_counter() - start, num_tokens, min(cols["policy_version"],
-                                                                                 default=self.version), time.time())
+                                    default=self.version), time.time(),
+                                    self._engine_threads * self.cfg.tensor_parallel_size if self.cores.cpu else 0.0)
 
     def _run(self, prompt_ids: list[list[int]], params: list) -> tuple[list, list[str]]:
         """vLLM's outputs for these prompts, in their order, and their request ids (what vLLM's workers know each
@@ -435,7 +454,9 @@ class Generator:
         if lift:
             self._ablate(False)
         try:
-            outs, _ = self._run(prompt_ids, [params.clone() for _ in prompt_ids])
+            with self.cores.working():
+                self._fit_threads()
+                outs, _ = self._run(prompt_ids, [params.clone() for _ in prompt_ids])
         finally:
             if lift:
                 self._ablate(True)

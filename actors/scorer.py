@@ -38,6 +38,7 @@ class ScoreStats:
     num_nonfinite: int  # rows with a NaN/inf probe score
     padding_waste: float = 0.0  # fraction of the padded tokens of this call that were padding
     start_time: float = 0.0  # wall clock when this call began (it queued from the generator's end_time to here)
+    threads: float = 0.0  # CPU threads it scored on, mean over its batches (pipeline.cores; 0: on a GPU)
 
 
 class Scorer:
@@ -60,6 +61,9 @@ class Scorer:
         self.device = role_device(cfg.num_gpus)
         if self.device == "cpu":
             torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
+        from pipeline.cores import CoreShare
+
+        self.cores = CoreShare.for_role(cfg.num_cpus, cpu=self.device == "cpu")  # pipeline.cores: threads per phase
         self.cfg = cfg
         self.compute_ref = compute_ref
         self.pad_id = pad_id
@@ -89,6 +93,10 @@ class Scorer:
     def score(self, rollouts: pa.Table) -> tuple[pa.Table, ScoreStats]:
         """Add ref_logprobs, nonfinite_score and per-probe columns to a rollout table (whose generator-read probe
         columns, if any, pass through after the scorers' own and count for nonfinite_score too)."""
+        with self.cores.working():  # pipeline.cores = "phase": the node's idle cores too, refitted per batch
+            return self._score(rollouts)
+
+    def _score(self, rollouts: pa.Table) -> tuple[pa.Table, ScoreStats]:
         carried = {c: rollouts.column(c) for c in rollouts.schema.names if c not in ROLLOUT_SCHEMA.names}
         rollouts = rollouts.select(ROLLOUT_SCHEMA.names)
         assert rollouts.schema.equals(ROLLOUT_SCHEMA), rollouts.schema
@@ -106,6 +114,7 @@ class Scorer:
         batches = token_budget_batches(lengths, self.cfg.token_budget, self.cfg.batch_size)
         num_tokens = padded = 0
         for rows in batches:
+            self.cores.fit()
             r, t, a, n = self._score_batch([prompts[i] for i in rows], [completions[i] for i in rows])
             num_tokens += n
             padded += max(lengths[i] for i in rows) * len(rows) if n else 0
@@ -128,7 +137,8 @@ class Scorer:
             for kind in ("tokens", "score"):
                 table = table.append_column(self.schema.field(f"probe/{name}/{kind}"), carried[f"probe/{name}/{kind}"])
         stats = ScoreStats(time.perf_counter() - start, len(prompts), num_tokens, sum(nonfinite),
-                           1 - num_tokens / padded if padded else 0.0, start_time)
+                           1 - num_tokens / padded if padded else 0.0, start_time,
+                           self.cores.mean_threads if self.cores.cpu else 0.0)
         return table, stats
 
     def _score_batch(self, prompts: list[list[int]], completions: list[list[int]]):

@@ -48,6 +48,7 @@ class TrainStats:
     num_rows: int = 0  # rows that carried a gradient on this rank
     nonfinite_rows: int = 0  # rows of the whole step dropped for a non-finite behaviour or reference log-prob
     mismatch: dict | None = None  # learner.losses.mismatch_sums over this rank's shard (mismatch_metrics combines)
+    threads: float = 0.0  # CPU threads it trained on, mean over micro-batches (pipeline.cores; 0: a GPU rank)
 
 
 class Learner:
@@ -61,6 +62,9 @@ class Learner:
         self.rows_per_rank = rows_per_step // world_size
         self.grad_accum = math.ceil(self.rows_per_rank / cfg.micro_batch_size)
         self.engine = None
+        from pipeline.cores import CoreShare
+
+        self.cores = CoreShare.for_role(cfg.num_cpus, cpu=not self.on_gpu)  # pipeline.cores: threads per phase
         self.transfer = None  # the trainer-side weight-transfer engine, once a group is built
         self._source = None
         self.version = 0
@@ -190,6 +194,10 @@ class Learner:
 
     def train_step(self, table: pa.Table) -> TrainStats:
         """One optimizer step on this rank's shard of the train table; returns the new version."""
+        with self.cores.working():  # pipeline.cores = "phase": the node's idle cores too, refitted per micro-batch
+            return self._train_step(table)
+
+    def _train_step(self, table: pa.Table) -> TrainStats:
         import torch
 
         from learner.losses import combine_sums, mismatch_sums, ppo_loss
@@ -215,6 +223,7 @@ class Learner:
         local_tokens, local_rows, grad_norm = 0, 0, None
         self.engine.train()
         for m in range(self.grad_accum):
+            self.cores.fit()
             mb = shard.slice(m * self.cfg.micro_batch_size, self.cfg.micro_batch_size)
             batch = pack(mb.column("prompt_ids").to_pylist(), mb.column("completion_ids").to_pylist(), self.pad_id)
             device = self.engine.device
@@ -263,6 +272,7 @@ class Learner:
             float(grad_norm) if grad_norm is not None else math.nan, local_tokens, time.perf_counter() - start,
             sums["probe"] / local_rows if self.shaping is not None and self.shaping.kind == "loss" and local_rows
             else math.nan, local_rows, nonfinite, combine_sums(mismatch),
+            self.cores.mean_threads if self.cores.cpu else 0.0,
         )
 
     def _on_activations(self):

@@ -1,6 +1,7 @@
 """probe-rl's orchestration, in floors that import only downward (tests/unit/test_architecture.py checks it):
 
-    config, faults, progress   floor 0: the config tree, fault-injection hooks for tests, progress bars
+    config, cores, faults,     floor 0: the config tree, roles' threads that follow the phase, fault-injection
+    progress                            hooks for tests, progress bars
     data/                      floor 1: what flows between roles (Arrow schemas, batching, log-probs, reward shaping)
     worlds/  transport/        floor 2: tasks and the toy world; weights and their transports, what runs in vLLM
     loop/                      floor 3: the control plane: the training loop, the fleet of actors, metrics, run folders

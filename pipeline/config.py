@@ -423,6 +423,14 @@ class PipelineConfig(_Strict):
     step, and learner restarts from a checkpoint in a row (the count starts again at each new checkpoint)."""
     seed: int = 0
     """Seed of prompt order and sampling."""
+    cores: Literal["reserved", "phase"] = "reserved"
+    """CPU threads of each role on CPU. "reserved": the CPUs Ray reserves for it (`<role>.num_cpus`, rounded up),
+    whatever the others do. "phase": that, plus the node's cores that no busy role reserves, set before each unit
+    of work (a generate call, a scoring batch, a learner micro-batch), so a role that waits leaves its cores to
+    one that works; the results are the same (docs/overhead.md: "Cores that follow the phase")."""
+    colocate: bool = False
+    """Roles take turns on the node's cores by phase: generation, scoring, then the learner step, each on every
+    core (pipeline.cores = "phase" with pipeline.max_staleness = 0, which this requires). CPU roles only."""
 
 
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # run.loggers -> the package each needs
@@ -520,6 +528,7 @@ class Config(_Strict):
             raise ValueError("eval.every needs eval.probe_data (a labelled set) unless model.path is \"toy\" or a "
                              "packaged model whose probe is in scorer.probes (\"smollm2:<name>\")")
         self._check_parallelism()
+        self._check_colocation()
         if self.pipeline.prompts_per_step < self.generator.num_workers:
             raise ValueError(
                 f"pipeline.prompts_per_step={self.pipeline.prompts_per_step} is smaller than "
@@ -539,6 +548,24 @@ class Config(_Strict):
         """CPUs the roles reserve from Ray: at start-up, plus the scorers a scale-up may add."""
         extra = (self.scorer.max_workers or self.scorer.num_workers) - self.scorer.num_workers
         return sum(n * r.num_cpus for _, n, r in self.roles()) + extra * self.scorer.num_cpus
+
+    def _check_colocation(self) -> None:
+        p = self.pipeline
+        if not p.colocate:
+            return
+        if p.max_staleness != 0:
+            raise ValueError(f"pipeline.colocate = true takes turns by phase, which needs pipeline.max_staleness = 0 "
+                             f"(got {p.max_staleness}): set it to 0, or colocate = false to overlap the roles")
+        if "cores" in p.model_fields_set and p.cores != "phase":
+            raise ValueError("pipeline.colocate = true gives each phase every core: drop pipeline.cores = "
+                             f"{p.cores!r} (colocation sets \"phase\")")
+        gpus = [k for k, v in (("generator.num_gpus", self.generator.num_gpus), ("scorer.num_gpus",
+                self.scorer.num_gpus), ("learner.num_gpus", self.learner.num_gpus)) if v]
+        if gpus:
+            raise ValueError(f"pipeline.colocate = true shares CPU cores only; {', '.join(gpus)} > 0 asks for GPUs, "
+                             "which colocation does not time-share (vLLM sleep and wake are not built): set "
+                             "colocate = false")
+        p.cores = "phase"
 
     def _check_parallelism(self) -> None:
         g = self.generator

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, weight_backend
+from pipeline.cores import CORES_ENV
 from pipeline.worlds.world import World
 
 if TYPE_CHECKING:
@@ -153,8 +154,9 @@ class Fleet:
 
         group = self.groups.get(role)
         placement = (group, index) if group is not None and index is not None and index < group.count else None
+        env = {**QUIET_ENV, CORES_ENV: self.cfg.pipeline.cores}  # pipeline/cores.py: threads that follow the phase
         return make_actor(cls, role, rc.num_cpus, rc.num_gpus, memory_gib=rc.memory_gib, resources=rc.resources,
-                          env=QUIET_ENV, placement=placement, **kwargs)
+                          env=env, placement=placement, **kwargs)
 
     def new_generator(self, i: int) -> Any:
         from actors.generator import Generator

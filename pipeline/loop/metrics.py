@@ -114,7 +114,11 @@ def step_metrics(step: int, version: int, staleness: int, reward_metrics: dict[s
            "scorer/padding_waste": float(np.mean([s.padding_waste for s in score_stats])),
            "time/generate_wall_s": gen_wall, "time/generate_busy_s": sum(s.seconds for s in gen_stats),
            "time/score_busy_s": sum(s.seconds for s in score_stats),
-           "time/learn_compute_s": max(s.seconds for s in train_stats)}
+           "time/learn_compute_s": max(s.seconds for s in train_stats),
+           # CPU threads each role computed on (pipeline.cores = "phase": they follow the phase; 0 on GPUs)
+           "cores/generate_threads": float(np.mean([s.threads for s in gen_stats])),
+           "cores/score_threads": float(np.mean([s.threads for s in score_stats])),
+           "cores/learn_threads": float(np.mean([s.threads for s in train_stats]))}
     row.update({f"time/stage/{k}_s": v for k, v in timer.seconds.items()})
     return row
 

@@ -34,6 +34,14 @@ class ProbeRLWorkerExtension:
             _around_steps(runner, after=lambda scheduler_output: log.record(runner, scheduler_output, reads))
         return reads.num_probes
 
+    def probe_rl_set_threads(self, n: int) -> int:
+        """Compute on `n` threads from now on (pipeline.cores = "phase"; pipeline/cores.py). vLLM's CPU worker
+        replaced `torch.set_num_threads` with a no-op; the call beneath it is what sets them."""
+        from pipeline.cores import set_threads
+
+        set_threads(n)
+        return n
+
     def probe_rl_slow_steps(self) -> None:
         """Tests (pipeline/faults.py, role "decode_step"): every model step of this worker takes longer, as a large
         model's would, so that a test can act between two of them."""

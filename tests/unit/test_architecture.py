@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FLOORS = {"config": 0, "faults": 0, "progress": 0, "data": 1, "worlds": 2, "transport": 2, "loop": 3, "analysis": 4,
+FLOORS = {"config": 0, "cores": 0, "faults": 0, "progress": 0, "data": 1, "worlds": 2, "transport": 2, "loop": 3, "analysis": 4,
           "cli": 5}
 
 
