@@ -18,14 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, _merge, load_config
+from pipeline.cores import node_cores
 
 STAGES = ("wait_rollouts", "reward", "learn", "sync", "probe_retrain")
 
 
-def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False) -> dict[str, Config]:
+def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False,
+            cores: bool = False) -> dict[str, Config]:
     """plain-<tag> and probes-<tag> (tag: kl, nokl); with `live` also live-<tag> (the probes on a live scorer copy:
     a second pass) and gen-<tag> (the probes read inside the generators' own sampling pass); with `in_flight`
-    also inflight-<tag> (the probes arm with weights reaching generators mid-generation)."""
+    also inflight-<tag> (the probes arm with weights reaching generators mid-generation); with `cores` also
+    phase-<tag> (the probes arm with pipeline.cores = "phase"), sync-<tag> (the probes arm at max_staleness 0,
+    each role on its reservation) and colocated-<tag> (pipeline.colocate: max_staleness 0, every phase on every
+    core)."""
     if not base.scorer.probes:
         raise ValueError("profile compares plain RLHF with probes: the config needs scorer.probes")
     shaping = base.shaping.model_dump() if base.shaping.kind != "none" else {"kind": "penalty", "coef": 1.0}
@@ -46,17 +51,24 @@ def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False) 
         if in_flight:
             arms[f"inflight-{tag}"] = Config.model_validate(_merge(probes_on, {
                 "learner": {"kl_coef": coef}, "generator": {"update_mode": "in_flight"}}))
+        if cores:
+            for arm, pipe in (("phase", {"cores": "phase", "colocate": False}),
+                              ("sync", {"max_staleness": 0, "cores": "reserved", "colocate": False}),
+                              ("colocated", {"max_staleness": 0, "cores": "phase", "colocate": True})):
+                arms[f"{arm}-{tag}"] = Config.model_validate(_merge(probes_on, {
+                    "learner": {"kl_coef": coef}, "pipeline": pipe}))
     return arms
 
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
-            log: Callable[[str], None] = print, live: bool = False, in_flight: bool = False) -> Path:
+            log: Callable[[str], None] = print, live: bool = False, in_flight: bool = False,
+            cores: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
     from pipeline.loop.run_dir import restart_run_dir
 
     base = load_config(config, overrides)
-    arms = arms_of(base, kl, live, in_flight)
+    arms = arms_of(base, kl, live, in_flight, cores)
     root = Path(out or Path(base.run.output_dir) / "profile")
     root.mkdir(parents=True, exist_ok=True)
     plan = []  # (repeat, arm, its config, done already)
@@ -167,6 +179,13 @@ def _summarise(rows: list[dict], cfg: Config) -> dict[str, float]:
     out["idle_generator"] = out["step_s"] * g.num_workers * per(g) - out["busy_generator"]
     held = sum(n * per(r) for _, n, r in cfg.roles())
     out["held_total"] = held * out["step_s"]
+    # CPU-seconds each role computed, at the thread counts it ran on (cores/<role>_threads; pipeline.cores)
+    out["threads_generator"], out["threads_scorer"], out["threads_learner"] = (
+        mean("cores/generate_threads"), mean("cores/score_threads"), mean("cores/learn_threads"))
+    out["work_total"] = (mean("time/generate_busy_s") * out["threads_generator"]
+                         + out["score_s"] * out["threads_scorer"]
+                         + out["learn_compute_s"] * lr.num_ranks * out["threads_learner"])
+    out["cores"] = float(node_cores())  # the machine's: a profile's runs are local
     return out
 
 
@@ -226,7 +245,7 @@ def write_profile(root: Path, results: dict[str, list[dict]], base: Config) -> P
         if wall and busy:
             lines.append(f"- {label}: wall time **{wall[0]:.3f}** ({wall[1]:.3f}-{wall[2]:.3f}); busy "
                          f"resource-seconds **{busy[0]:.3f}** ({busy[1]:.3f}-{busy[2]:.3f})")
-    lines += _live_section(results) + _flight_section(results)
+    lines += _live_section(results) + _flight_section(results) + _cores_section(results)
     share = truncated_share(results)
     if share is not None:
         # the toy's probes read toy.probe_layer; other models' probe layers are in their files, not the config
@@ -306,6 +325,47 @@ def _flight_section(results: dict[str, list[dict]]) -> list[str]:
 
             lines.append(f"| {tag} | **{med:.3f}** ({ratios[0]:.3f}-{ratios[-1]:.3f}) | {per_s(a):.4f} | "
                          f"{per_s(b):.4f} | {idle(a):.2f} | {idle(b):.2f} |")
+    return lines
+
+
+CORE_ARMS = (("probes", "disaggregated, each role on its reservation"),
+             ("phase", "disaggregated, threads follow the phase"),
+             ("sync", "synchronous (max_staleness 0), each role on its reservation"),
+             ("colocated", "colocated: synchronous, every phase on every core"))
+
+
+def _cores_section(results: dict[str, list[dict]]) -> list[str]:
+    """profile --cores: s/step of each way of sharing the cores, against the machine's floor. The floor of an arm
+    is its CPU-seconds of work a step (each role's busy seconds times the threads it ran on) over the cores; the
+    single-thread floor is the reserved arms' work (every role on one thread, the most efficient use of a core)
+    over the cores: no arm can beat it by more than its roles' parallel efficiency allows."""
+    lines: list[str] = []
+    for tag in ("kl", "nokl"):
+        present = [(arm, label) for arm, label in CORE_ARMS if f"{arm}-{tag}" in results]
+        if len(present) < 2 or f"colocated-{tag}" not in results:
+            continue
+        base = results[f"probes-{tag}"]
+        single = (statistics.median(r["work_total"] / r["cores"] for r in results[f"sync-{tag}"])
+                  if f"sync-{tag}" in results else None)
+        lines += ["", f"## Sharing the cores ({tag})", "",
+                  "*floor*: the arm's CPU-seconds of work a step (each role's busy seconds times the threads it ran "
+                  "on) over the machine's cores; *1-thread floor*: the synchronous reserved arm's work, every role on "
+                  "one thread, over the cores. Threads: mean per call (pipeline.cores). Medians over repeats "
+                  "(min-max).", "",
+                  "| arm | s/step | steps/s vs disaggregated | threads gen / score / learn | floor s | s/step / floor "
+                  "| s/step / 1-thread floor |", "|---|---|---|---|---|---|---|"]
+        for arm, label in present:
+            reps = results[f"{arm}-{tag}"]
+            step = [r["step_s"] for r in reps]
+            speed = sorted(b["step_s"] / r["step_s"] for r, b in zip(reps, base, strict=True))
+            floor = statistics.median(r["work_total"] / r["cores"] for r in reps)
+            ratio = sorted(r["step_s"] / (r["work_total"] / r["cores"]) for r in reps if r["work_total"])
+            threads = " / ".join(f"{statistics.median(r[k] for r in reps):.2f}"
+                                 for k in ("threads_generator", "threads_scorer", "threads_learner"))
+            lines.append(f"| {arm}-{tag}: {label} | {statistics.median(step):.2f} ({min(step):.2f}-{max(step):.2f})"
+                         f" | **{statistics.median(speed):.3f}** ({speed[0]:.3f}-{speed[-1]:.3f}) | {threads} | "
+                         f"{floor:.2f} | **{statistics.median(ratio):.3f}** ({ratio[0]:.3f}-{ratio[-1]:.3f}) | "
+                         + (f"{statistics.median(step) / single:.3f}" if single else "-") + " |")
     return lines
 
 

@@ -218,6 +218,9 @@ def _add_analysis_parsers(sub) -> None:
                     "(a second pass) and inside the generators' sampling pass (none)")
     pf.add_argument("--in-flight", action="store_true", help="also the probes arm with weights reaching generators "
                     "mid-generation (generator.update_mode = in_flight)")
+    pf.add_argument("--cores", action="store_true", help="also the ways of sharing the cores: threads that follow "
+                    "the phase (pipeline.cores = phase), synchronous, and colocated (pipeline.colocate), against the "
+                    "machine's floor")
     rp = sub.add_parser("report", help="(re)write the report of an experiment directory",
                         description="Write report.md (and its plots and data/) for an experiment's output folder "
                         "from the runs in it, or, where its run folders are gone, from the data/ a report wrote; "
@@ -426,7 +429,8 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
     from pipeline.analysis.profile import profile
 
     try:
-        profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live, in_flight=args.in_flight)
+        profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live, in_flight=args.in_flight,
+                cores=args.cores)
     except ValueError as e:
         print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2

@@ -95,3 +95,28 @@ def test_a_restarted_run_dir_holds_only_its_config_and_a_run_is_finished_once_it
     assert (run_dir / "config.toml").read_text() == dump_toml(cfg)
     (run_dir / "summary.json").write_text("{}")
     assert finished(run_dir)
+
+
+def test_the_core_sharing_arms_and_their_floor(tmp_path):
+    """profile --cores: phase (threads follow the phase), sync (max_staleness 0, reserved) and colocated arms beside
+    the probes arm, and the report's floor: work (busy seconds x threads) over the cores, and s/step against it."""
+    arms = arms_of(load_config(), "on", cores=True)
+    assert list(arms) == ["plain-kl", "probes-kl", "phase-kl", "sync-kl", "colocated-kl"]
+    assert arms["phase-kl"].pipeline.cores == "phase" and arms["phase-kl"].pipeline.max_staleness == 1
+    assert arms["sync-kl"].pipeline.max_staleness == 0 and arms["sync-kl"].pipeline.cores == "reserved"
+    assert arms["colocated-kl"].pipeline.colocate and arms["colocated-kl"].pipeline.cores == "phase"
+    assert arms["colocated-kl"].scorer == arms["probes-kl"].scorer  # the same probes, read the same way
+
+    def rep(step_s, work, threads):
+        r = _rep(step_s)
+        r.update(work_total=work, cores=2.0, threads_generator=threads, threads_scorer=threads,
+                 threads_learner=threads)
+        return r
+
+    results = {"plain-kl": [_rep(1.0)], "probes-kl": [rep(3.0, 4.0, 1)], "sync-kl": [rep(4.0, 4.0, 1)],
+               "colocated-kl": [rep(2.5, 4.6, 2)]}
+    text = write_profile(tmp_path, results, load_config()).read_text()
+    assert "## Sharing the cores (kl)" in text
+    # colocated: 3.0 / 2.5 = 1.2x the disaggregated steps/s; floor 4.6 / 2 = 2.3 s, 2.5 / 2.3 = 1.087; 2.5 / 2.0
+    assert ("| colocated-kl: colocated: synchronous, every phase on every core | 2.50 (2.50-2.50) | **1.200** "
+            "(1.200-1.200) | 2.00 / 2.00 / 2.00 | 2.30 | **1.087** (1.087-1.087) | 1.250 |") in text
