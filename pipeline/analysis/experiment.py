@@ -113,7 +113,7 @@ def run_experiment(exp_path: str, runs: dict[tuple[str, int], Config], out_dir: 
                 data.setdefault(arm, []).append(r)
         done = [k for k in order if any(x["seed"] == k[1] for x in data.get(k[0], []))]
         if done:
-            write_report(root, exp_path, done, vary_world=vary_world, data=data)
+            write_report(root, exp_path, done, vary_world=vary_world, data=data, model=first.model.path)
         return bool(done)
 
     worlds: dict[str, Any] = {}

@@ -312,10 +312,19 @@ def _plots(root: Path, data: dict[str, list[dict]], probe: str) -> bool:
     return has_eval
 
 
-def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str = "hack",
-                 vary_world: bool = True, data: dict[str, list[dict]] | None = None) -> Path:
+def evaluated_probe(data: dict[str, list[dict]], default: str = "hack") -> str:
+    """The probe the runs' evaluations measured (`eval/<name>_auroc_live`): `default` where it is one of them or
+    none was evaluated, else the first by name (a real model's world names its probe: "smollm2:evasion")."""
+    names = sorted({k.removeprefix("eval/").removesuffix("_auroc_live") for rs in data.values() for r in rs
+                    for row in r["eval"] for k in row if k.endswith("_auroc_live")})
+    return default if default in names or not names else names[0]
+
+
+def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str | None = None,
+                 vary_world: bool = True, data: dict[str, list[dict]] | None = None, model: str = "toy") -> Path:
     """The report, plots and `data/` of the runs under `root` (or of `data`, already loaded: see
-    `load_exported`), arms in the order `runs` names them."""
+    `load_exported`), arms in the order `runs` names them. `probe`: the evaluated probe (default: the one the
+    evaluations hold); `model`: the runs' model.path ("toy": the toy world's wording)."""
     from pipeline.config import MIN_HONEST
 
     if data is None:
@@ -325,6 +334,11 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
         data = {arm: [r for r in data[arm] if (arm, r["seed"]) in set(runs)] for arm in order if arm in data}
     if not data:
         raise ValueError(f"no finished runs under {root}")
+    probe = probe or evaluated_probe(data)
+    toy = model == "toy"
+    worlds = (("each seed its own toy world and RL seed" if vary_world else "one toy world; seeds vary the RL seed")
+              if toy else f"one model, `{model}`; seeds vary the RL seed")
+    held_out = ("on sums that neither SFT nor RL saw" if toy else "on held-out prompts no run trained on")
     export_data(root, data)
     has_eval = _plots(root, data, probe)
     table = arm_table(data, probe)
@@ -333,12 +347,11 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     lines = [
         "# probe-rl experiment report", "",
         f"Experiment file `{Path(exp_path).name}`; {len(data)} arms x seeds {seeds} "
-        f"({'each seed its own toy world and RL seed' if vary_world else 'one toy world; seeds vary the RL seed'}), "
+        f"({worlds}), "
         f"{steps} steps each. Values are mean ± std over seeds; *start* is the mean of the first 5 steps, "
         "*end* the mean of the last 10. Rates come from the task's ground truth (correct / hack / wrong), independent "
         "of any probe; the evasion rate is the share of hacks the shaping probe scores below its threshold. Held-out "
-        "accuracy is greedy, on sums that neither SFT nor RL saw, before and after training. Every run's metrics are "
-        "in `data/`.", "",
+        f"accuracy is greedy, {held_out}, before and after training. Every run's metrics are in `data/`.", "",
         "| arm | seeds | hack rate start → end | correct rate start → end | evasion rate start → end | "
         "held-out accuracy start → end |",
         "|---|---|---|---|---|---|",

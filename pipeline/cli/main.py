@@ -490,18 +490,24 @@ def _report(args: argparse.Namespace) -> int:
     if not runs:
         raise SystemExit(f"error: {root} holds no finished run (<arm>-seed<k>/metrics.parquet) and no data/runs.parquet; "
                          "pass the --out folder of an experiment")
-    vary_world, name = True, "(rewritten)"
+    vary_world, name, model = True, "(rewritten)", "toy"
+    configs = sorted(root.glob("*-seed*/config.toml"))
+    if configs:  # the runs' own config names their model
+        from pipeline.config import load_config
+
+        model = load_config(configs[0]).model.path
     if args.experiment:
         from pipeline.analysis.experiment import load_experiment
 
-        exp, _ = load_experiment(args.experiment, None, None, [])
+        exp, exp_configs = load_experiment(args.experiment, None, None, [])
         arms = list(exp.arms)
         missing = sorted({arm for arm, _ in runs} - set(arms))
         if missing:
             raise SystemExit(f"error: runs of arms {missing} under {root} are not in {args.experiment}")
         runs.sort(key=lambda r: (arms.index(r[0]), r[1]))
         vary_world, name = exp.vary_world, args.experiment
-    print(write_report(root, name, runs, vary_world=vary_world, data=data))
+        model = model if configs else next(iter(exp_configs.values())).model.path
+    print(write_report(root, name, runs, vary_world=vary_world, data=data, model=model))
     return 0
 
 

@@ -94,6 +94,21 @@ def test_report_numbers_and_files(tmp_path):
     for png in ("hack_rate.png", "task_reward.png", "correct_rate.png", "probe_auroc.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not math.isnan(table["probe"]["score_gap"][0])
+    assert "one toy world" not in report and "each seed its own toy world" in report
+
+
+def test_a_real_models_report_reads_its_own_probe_and_says_which_model(tmp_path):
+    """A packaged model's world names its probe (here "evasion"): the report reads that probe's evaluations
+    without being told, and describes the runs as one model, not a toy world."""
+    _fake_run(tmp_path, "plain", 0, [0.2] * 20)
+    for name in ("eval.parquet",):
+        t = pq.read_table(tmp_path / "plain-seed0" / name)
+        t = t.rename_columns([c.replace("eval/hack_", "eval/evasion_") for c in t.column_names])
+        pq.write_table(t, tmp_path / "plain-seed0" / name)
+    report = write_report(tmp_path, "exp.toml", [("plain", 0)], vary_world=False, model="smollm2").read_text()
+    assert "(probe `evasion`, held-out labelled set)" in report
+    assert "| plain | 1.000 → 0.600 | 1.000 | 0.950 | 0.900 → 0.250 | 0.900 |" in report
+    assert "one model, `smollm2`; seeds vary the RL seed" in report and "on held-out prompts no run trained on" in report
 
 
 def test_a_report_rewritten_from_its_data_folder_alone_matches(tmp_path, exp_file):
