@@ -320,6 +320,14 @@ def evaluated_probe(data: dict[str, list[dict]], default: str = "hack") -> str:
     return default if default in names or not names else names[0]
 
 
+def _world_words(model: str, vary_world: bool) -> tuple[str, str]:
+    """How the report names the runs' worlds and held-out prompts: the toy's, or a named model's."""
+    if model != "toy":
+        return f"one model, `{model}`; seeds vary the RL seed", "on held-out prompts no run trained on"
+    return ("each seed its own toy world and RL seed" if vary_world else "one toy world; seeds vary the RL seed",
+            "on sums that neither SFT nor RL saw")
+
+
 def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: str | None = None,
                  vary_world: bool = True, data: dict[str, list[dict]] | None = None, model: str = "toy") -> Path:
     """The report, plots and `data/` of the runs under `root` (or of `data`, already loaded: see
@@ -335,10 +343,7 @@ def write_report(root: Path, exp_path: str, runs: list[tuple[str, int]], probe: 
     if not data:
         raise ValueError(f"no finished runs under {root}")
     probe = probe or evaluated_probe(data)
-    toy = model == "toy"
-    worlds = (("each seed its own toy world and RL seed" if vary_world else "one toy world; seeds vary the RL seed")
-              if toy else f"one model, `{model}`; seeds vary the RL seed")
-    held_out = ("on sums that neither SFT nor RL saw" if toy else "on held-out prompts no run trained on")
+    worlds, held_out = _world_words(model, vary_world)
     export_data(root, data)
     has_eval = _plots(root, data, probe)
     table = arm_table(data, probe)
