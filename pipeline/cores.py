@@ -42,13 +42,18 @@ def node_cores() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: not gone, and not a zombie (a killed process its parent has not reaped yet, as a
+    container's first process may never do)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): the signal check is all there is
+        return True
 
 
 def set_threads(n: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,8 +37,12 @@ def test_a_busy_role_gets_the_cores_no_other_busy_role_reserves(tmp_path, restor
             (ledger / str(others[1].pid)).write_text("1")  # and a generator of 1
             assert share.fit() == 1  # never below its own reservation
             others[0].kill()
+            stat = Path(f"/proc/{others[0].pid}/stat")
+            deadline = time.monotonic() + 10
+            while stat.read_text().rpartition(")")[2].split()[0] != "Z" and time.monotonic() < deadline:
+                time.sleep(0.01)  # the signal lands asynchronously
+            assert share.fit() == 3  # killed, not yet reaped (a zombie): its entry no longer counts, and is removed
             others[0].wait()
-            assert share.fit() == 3  # the learner's process is gone: its entry no longer counts, and is removed
             assert not (ledger / str(others[0].pid)).exists()
         finally:
             for p in others:
