@@ -140,7 +140,7 @@ class Generator:
         self.cfg = cfg
         on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
         self.cores = CoreShare.for_role(max(1, int(cfg.num_cpus)), cpu=not on_gpu)  # pipeline.cores: threads per phase
-        self._engine_threads = max(1, int(cfg.num_cpus))  # what vLLM's workers compute on (OMP_NUM_THREADS below)
+        self._engine_threads = self.cores.own  # what vLLM's workers compute on (OMP_NUM_THREADS below)
         configure_env(cfg, on_gpu, reads_probes=bool(probes))
         if not on_gpu:
             torch.set_num_threads(max(1, int(cfg.num_cpus)))

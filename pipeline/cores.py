@@ -82,7 +82,6 @@ class CoreShare:
             self.dir = base / f"probe-rl-cores-{key}"
             self.dir.mkdir(parents=True, exist_ok=True)
         self.entry = self.dir / str(os.getpid()) if self.dir else None
-        self.threads = self.own
         self.fitted: list[int] = []  # thread counts fitted in the current (or last) `working` block
 
     @property
@@ -124,11 +123,11 @@ class CoreShare:
 
     def fit(self) -> int:
         """Set this thread's torch threads for the next unit of work: the reservation plus the node's free cores."""
-        self.threads = self.own if self.dir is None else self.own + max(0, self.cores - self.busy())
+        threads = self.own if self.dir is None else self.own + max(0, self.cores - self.busy())
         if self.cpu:
-            set_threads(self.threads)
-        self.fitted.append(self.threads)
-        return self.threads
+            set_threads(threads)
+        self.fitted.append(threads)
+        return threads
 
     @property
     def mean_threads(self) -> float:
@@ -136,16 +135,16 @@ class CoreShare:
         return sum(self.fitted) / len(self.fitted) if self.fitted else float(self.own)
 
     @contextmanager
-    def working(self) -> Iterator[int]:
-        """Mark this process busy for the block (threads fitted at its start; call `fit` again between units)."""
+    def working(self) -> Iterator[None]:
+        """Mark this process busy for the block; each unit of work inside it calls `fit` first."""
         self.fitted = []
         if self.entry is None:
-            yield self.fit()
+            yield
             return
         tmp = self.entry.with_name(f".{self.entry.name}")
         tmp.write_text(str(self.own))
         tmp.replace(self.entry)  # whole or absent to a reader
         try:
-            yield self.fit()
+            yield
         finally:
             self.entry.unlink(missing_ok=True)

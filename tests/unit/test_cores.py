@@ -27,7 +27,8 @@ def test_a_busy_role_gets_the_cores_no_other_busy_role_reserves(tmp_path, restor
     killed from outside frees its cores; "reserved" keeps the reservation whatever happens."""
     share = CoreShare(1, "job1", phase=True, cores=4, root=tmp_path)
     ledger = share.dir
-    with share.working() as threads:
+    with share.working():
+        threads = share.fit()
         assert threads == 4 and torch.get_num_threads() == 4
         assert sorted(p.name for p in ledger.iterdir()) == [str(share.entry.name)]
         others = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
@@ -50,10 +51,12 @@ def test_a_busy_role_gets_the_cores_no_other_busy_role_reserves(tmp_path, restor
                 p.wait()
     assert not share.entry.exists()  # idle: nothing held
     other = CoreShare(2, "job1", phase=True, cores=4, root=tmp_path)
-    with other.working() as threads:
+    with other.working():
+        threads = other.fit()
         assert threads == 4  # the killed generator's entry is not counted either
     fixed = CoreShare(1.5, "job1", phase=False, cores=4, root=tmp_path)
-    with fixed.working() as threads:
+    with fixed.working():
+        threads = fixed.fit()
         assert threads == 2 and not fixed.phase and fixed.entry is None
 
 
@@ -61,11 +64,13 @@ def test_outside_ray_a_role_keeps_its_reservation(monkeypatch, restore_threads):
     monkeypatch.setenv("PROBE_RL_CORES", "phase")
     share = CoreShare.for_role(2)
     assert not share.phase  # no Ray job to share a ledger with
-    with share.working() as threads:
+    with share.working():
+        threads = share.fit()
         assert threads == 2
     gpu = CoreShare.for_role(0.5, cpu=False)
     set_threads(3)
     with gpu.working():
+        gpu.fit()
         assert torch.get_num_threads() == 3  # a GPU role's threads are left alone
 
 
