@@ -61,10 +61,15 @@ def completion_seed(seed: int, group_id: int, index: int) -> int:
     return int.from_bytes(digest, "little") % 2**63
 
 
-def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False) -> None:
+def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False, ipc: bool = False) -> None:
     """Environment vLLM reads when the engine starts; must run before the engine is built in this process."""
     separate = cfg.engine_process == "separate" or (cfg.engine_process == "auto" and on_gpu)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+    if ipc and separate:
+        # CUDA IPC handles (the colocated learner rank's: weights.backend "ipc") hold torch types that vLLM's
+        # msgpack carries to its engine process only through its pickle fallback, which it refuses without this.
+        # They come from the learner's own process, never from a file.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if reads_probes:
         # vLLM keys its compiled-graph cache by model and engine config, not by the hooks traced into the graph:
         # an engine reading probes must neither load a graph compiled without them nor leave one for an engine
@@ -128,10 +133,12 @@ def _dies_with_its_engine(method: Callable) -> Callable:
 class Generator:
     def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
                  seed: int = 0, ablation: tuple[int, list[float]] | None = None,
-                 probes: list[tuple[str, str, str | None]] = ()) -> None:
+                 probes: list[tuple[str, str, str | None]] = (), sleep_level: int | None = None) -> None:
         """`ablation` (layer, unit direction): shaping.kind = "ablate" projects that direction out of the residual
         stream at that layer while sampling rollouts (greedy evaluation runs without it). `probes` (name, stem,
-        aggregation override): probes read inside the sampling pass; each sampled table gains their columns."""
+        aggregation override): probes read inside the sampling pass; each sampled table gains their columns.
+        `sleep_level` (pipeline.colocate): how `sleep` frees the engine while the learner trains (1 and 2 need
+        vLLM's sleep mode, which GPUs have)."""
         import torch
 
         from pipeline.cores import CoreShare
@@ -141,7 +148,8 @@ class Generator:
         on_gpu = cfg.num_gpus > 0 and torch.cuda.is_available()
         self.cores = CoreShare.for_role(max(1, int(cfg.num_cpus)), cpu=not on_gpu)  # pipeline.cores: threads per phase
         self._engine_threads = self.cores.own  # what vLLM's workers compute on (OMP_NUM_THREADS below)
-        configure_env(cfg, on_gpu, reads_probes=bool(probes))
+        configure_env(cfg, on_gpu, reads_probes=bool(probes), ipc=weight_backend == "ipc")
+        self.sleep_level = sleep_level
         if not on_gpu:
             torch.set_num_threads(max(1, int(cfg.num_cpus)))
         from vllm import LLM, SamplingParams
@@ -161,6 +169,8 @@ class Generator:
             self.probes.append(probe)
         loader = _probe_loader(self.probes, model_path)
         extra = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
+        if sleep_level:
+            extra["enable_sleep_mode"] = True  # vLLM's allocator that can free and restore its memory by tag
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu or bool(ablation)
         try:
             with _sampler_ops_eager(eager and not on_gpu):
@@ -416,6 +426,27 @@ class Generator:
             self.version = int(weight_version)
             self._session_closed()
             return self.version
+
+    # --- taking turns with the learner (pipeline.colocate) ----------------------------------------------------
+
+    @_dies_with_its_engine
+    def sleep(self) -> float:
+        """Give the device to the learner: vLLM's sleep at `sleep_level` (0 pauses its scheduler; 1 moves its
+        weights to host memory and frees the KV cache; 2 frees both). Nothing may be generating. Seconds taken."""
+        start = time.perf_counter()
+        with self._client:
+            self.llm.sleep(level=self.sleep_level or 0)
+        return time.perf_counter() - start
+
+    @_dies_with_its_engine
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """Take the device back, `tags` of it (vLLM's: "weights", "kv_cache"; None: all): after level 1 or 2 the
+        weights first (the learner's next version is then copied into them in place), the KV cache after the
+        update; after level 0, "scheduling". Seconds taken."""
+        start = time.perf_counter()
+        with self._client:
+            self.llm.wake_up(tags if self.sleep_level else ["scheduling"])
+        return time.perf_counter() - start
 
     def _session_closed(self) -> None:
         if self.in_flight and self.separate and self.updating:

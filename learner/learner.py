@@ -321,6 +321,15 @@ class Learner:
             self.transfer = bounded_nccl_trainer_engine().bounded_init(info, client=client, source=self.source,
                                                                        timeout_s=timeout_s)
             return
+        if backend == "ipc":
+            # Colocated on GPUs (pipeline.colocate): each engine opens CUDA IPC handles of this rank's packed
+            # buffer on its own GPU and copies on the device. Packed, because a ZeRO-3 group's gathered tensors
+            # live only until the next group is read; every rank joins the handles' all-gather, rank 0 sends.
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            info = IPCTrainerInitInfo(rank=self.rank, packed=True, packed_buffer_size_bytes=bucket_bytes)
+            self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)
+            return
         if backend != GLOO:
             raise ValueError(f"no collective weight transfer for backend {backend!r}")
         info = GlooTrainerInitInfo(master_address=address, master_port=port, world_size=world, timeout_s=timeout_s,
@@ -353,6 +362,35 @@ class Learner:
             if self.rank == 0:
                 state.update((n, t.detach().to("cpu", copy=True)) for n, t in zip(names, tensors, strict=True))
         return to_wire(state, self.version) if self.rank == 0 else None
+
+    # --- taking turns on a shared GPU (pipeline.colocate) ---------------------------------------------------
+
+    OFFLOADED = ("optim_states", "hp_params", "lp_grads", "contiguous_grad_buffer")  # what moves; the weights stay
+
+    def offload_states(self) -> float:
+        """Move the optimizer state (Adam moments, fp32 masters, gradient buffers) to host memory, so the engine
+        sharing this GPU has it while it generates; the low-precision weights stay (the next weight hand-off
+        reads them). Seconds taken."""
+        start = time.perf_counter()
+        if self.ds_stage > 0:
+            from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+            self.engine.offload_states(include=[OffloadStateTypeEnum(k) for k in self.OFFLOADED])
+        else:
+            _move_optimizer_state(self._base_optimizer(), "cpu")
+        import torch
+
+        torch.cuda.empty_cache()
+        return time.perf_counter() - start
+
+    def reload_states(self) -> float:
+        """Bring what `offload_states` moved back to the GPU before the next step. Seconds taken."""
+        start = time.perf_counter()
+        if self.ds_stage > 0:
+            self.engine.reload_states()
+        else:
+            _move_optimizer_state(self._base_optimizer(), f"cuda:{self.engine.device.index or 0}")
+        return time.perf_counter() - start
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
@@ -531,6 +569,18 @@ class Learner:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _move_optimizer_state(optimizer, device: str) -> int:
+    """Move a torch optimizer's state tensors (Adam's moments; its step counts stay where torch keeps them) to
+    `device`, in place; bytes moved."""
+    moved = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key != "step" and hasattr(value, "to") and value.device.type != device.split(":")[0]:
+                state[key] = value.to(device, non_blocking=False)
+                moved += value.numel() * value.element_size()
+    return moved
 
 
 def _grad_norm(module) -> float:

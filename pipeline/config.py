@@ -195,6 +195,10 @@ class GeneratorConfig(RoleResources):
     sequences go on under the new weights with their KV cache recomputed under them (vLLM preempts and
     re-prefills them), so every token's behaviour log-prob is exactly that of the version that sampled it; each
     token's version is in the rollout table (`behavior_versions`), `policy_version` is the oldest."""
+    sleep_level: Literal[0, 1, 2] | None = None
+    """Colocated runs (pipeline.colocate): how a generator sleeps while the learner trains. 0: vLLM pauses its
+    scheduler and frees nothing; 1: vLLM's weights move to host memory, its KV cache is freed; 2: both are freed
+    (the weights are replaced after every step anyway). Unset: 2 on GPUs, 0 on CPU, where vLLM has no sleep mode."""
     enable_prefix_caching: bool = False
     """vLLM's prefix caching: a group's completions share their prompt's KV blocks (reset at every weight update)."""
     max_num_batched_tokens: PositiveInt | None = None
@@ -358,6 +362,10 @@ class LearnerConfig(RoleResources):
     """Largest safetensors file of a checkpoint, GiB; weights are written one layer group at a time."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: less memory, about a third more compute."""
+    offload_states: bool | None = None
+    """Colocated on GPUs (pipeline.colocate): move the optimizer state (Adam moments, fp32 master weights, gradient
+    buffers) to host memory after each step and back before the next, so the generator sharing the GPU has that
+    memory while it generates. Unset: on when colocated on GPUs; GPU learners only."""
     seed: int = 0
     """Learner seed."""
 
@@ -369,8 +377,10 @@ class WeightsConfig(_Strict):
     """collective: learner rank 0 broadcasts the weights bucket by bucket to every receiver through vLLM's
     weight-transfer protocol, never holding the whole model twice. object_store: rank 0 copies the whole model
     to host memory and receivers fetch it from Ray's object store (the fallback; needs that host memory)."""
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Collective backend. auto: nccl when the learner and generators have GPUs, else gloo."""
+    backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
+    """Collective backend. auto: ipc when colocated on GPUs (pipeline.colocate: CUDA IPC handles of the learner's
+    tensors, copied on the device by the engine sharing its GPU), nccl when the learner and generators have GPUs,
+    else gloo."""
     bucket_mb: PositiveFloat = 256.0
     """Largest bucket of the collective transport, MiB: the sender holds one bucket (plus one gathered layer
     group under ZeRO-3) at a time."""
@@ -429,8 +439,11 @@ class PipelineConfig(_Strict):
     of work (a generate call, a scoring batch, a learner micro-batch), so a role that waits leaves its cores to
     one that works; the results are the same (docs/overhead.md: "Cores that follow the phase")."""
     colocate: bool = False
-    """Roles take turns on the node's cores by phase: generation, scoring, then the learner step, each on every
-    core (pipeline.cores = "phase" with pipeline.max_staleness = 0, which this requires). CPU roles only."""
+    """Roles take turns by phase (pipeline.max_staleness = 0, which this requires): generation and scoring, then
+    the learner step. On CPUs each phase takes every core (pipeline.cores = "phase"). On GPUs generator i and
+    learner rank i share one GPU (one placement bundle; generator.num_gpus + learner.num_gpus <= 1): the
+    generators sleep while the learner trains (generator.sleep_level), the learner's optimizer state moves to host
+    memory while they generate (learner.offload_states), and the weights reach the engine in place over CUDA IPC."""
 
 
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # run.loggers -> the package each needs
@@ -549,9 +562,27 @@ class Config(_Strict):
         extra = (self.scorer.max_workers or self.scorer.num_workers) - self.scorer.num_workers
         return sum(n * r.num_cpus for _, n, r in self.roles()) + extra * self.scorer.num_cpus
 
+    def sleep_level(self) -> int | None:
+        """How the generators sleep while the learner trains (generator.sleep_level, resolved); None: they do not."""
+        if not self.pipeline.colocate:
+            return None
+        g = self.generator
+        return g.sleep_level if g.sleep_level is not None else (2 if g.num_gpus else 0)
+
+    def offloads_states(self) -> bool:
+        """Whether the learner moves its optimizer state to host memory while the generators work."""
+        lc = self.learner
+        return self.pipeline.colocate and lc.num_gpus > 0 and lc.offload_states is not False
+
     def _check_colocation(self) -> None:
         p = self.pipeline
         if not p.colocate:
+            unused = [k for k, v in (("generator.sleep_level", self.generator.sleep_level is not None),
+                                     ("learner.offload_states", self.learner.offload_states is not None),
+                                     ("weights.backend = \"ipc\"", self.weights.backend == "ipc")) if v]
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: only for roles that take turns (pipeline.colocate = true); "
+                                 "set colocate = true, or leave it unset")
             return
         if p.max_staleness != 0:
             raise ValueError(f"pipeline.colocate = true takes turns by phase, which needs pipeline.max_staleness = 0 "
@@ -559,24 +590,56 @@ class Config(_Strict):
         if "cores" in p.model_fields_set and p.cores != "phase":
             raise ValueError("pipeline.colocate = true gives each phase every core: drop pipeline.cores = "
                              f"{p.cores!r} (colocation sets \"phase\")")
-        gpus = [k for k, v in (("generator.num_gpus", self.generator.num_gpus), ("scorer.num_gpus",
-                self.scorer.num_gpus), ("learner.num_gpus", self.learner.num_gpus)) if v]
-        if gpus:
-            raise ValueError(f"pipeline.colocate = true shares CPU cores only; {', '.join(gpus)} > 0 asks for GPUs, "
-                             "which colocation does not time-share (vLLM sleep and wake are not built): set "
-                             "colocate = false")
+        g, lc = self.generator, self.learner
+        if g.num_gpus or lc.num_gpus:
+            self._check_gpu_colocation()
+        else:
+            if g.sleep_level:
+                raise ValueError(f"generator.sleep_level={g.sleep_level} frees GPU memory, and vLLM has no sleep mode "
+                                 "on CPU: set it to 0 or leave it unset")
+            if lc.offload_states:
+                raise ValueError("learner.offload_states moves the optimizer state off a GPU; this learner has "
+                                 "none (learner.num_gpus = 0): leave it unset")
+            if self.weights.backend == "ipc":
+                raise ValueError("weights.backend = \"ipc\" hands CUDA tensors to an engine on the same GPU; "
+                                 "these roles have no GPUs: set weights.backend = \"auto\"")
         p.cores = "phase"
+
+    def _check_gpu_colocation(self) -> None:
+        """Generator i and learner rank i take turns on one GPU: what that needs of the config."""
+        g, lc, w = self.generator, self.learner, self.weights
+        problems = []
+        if not (g.num_gpus and lc.num_gpus):
+            problems.append(f"both the generators and the learner need GPUs (generator.num_gpus={g.num_gpus:g}, "
+                            f"learner.num_gpus={lc.num_gpus:g}); give both a share of one GPU, e.g. 0.5 each")
+        elif g.num_gpus + lc.num_gpus > 1 + 1e-9:
+            problems.append(f"generator.num_gpus + learner.num_gpus = {g.num_gpus + lc.num_gpus:g} is more than the "
+                            "one GPU they share: give them fractions that sum to at most 1, e.g. 0.5 each")
+        if g.num_workers != lc.num_ranks:
+            problems.append(f"generator.num_workers={g.num_workers} must equal learner.num_ranks={lc.num_ranks} "
+                            "(one generator beside each rank, on its GPU)")
+        if g.tensor_parallel_size != 1:
+            problems.append(f"generator.tensor_parallel_size={g.tensor_parallel_size}: a colocated engine shares "
+                            "one GPU with its learner rank; set it to 1")
+        if w.transport != "collective" or w.backend not in ("auto", "ipc"):
+            problems.append(f"weights reach a colocated engine in place over CUDA IPC: set weights.transport = "
+                            f"\"collective\" and weights.backend = \"auto\" (got {w.transport!r}, {w.backend!r})")
+        if self.scorer.model == "live":
+            problems.append("scorer.model = \"live\" takes every weight version, and IPC reaches only the engine "
+                            "on the learner's GPU: use scorer.model = \"frozen\"")
+        if problems:
+            raise ValueError("pipeline.colocate = true on GPUs: " + "; ".join(problems))
 
     def _check_parallelism(self) -> None:
         g = self.generator
         lg = self.learner.num_gpus
-        if 0 < g.num_gpus < 1 and 0 < lg < 1:
+        if 0 < g.num_gpus < 1 and 0 < lg < 1 and not self.pipeline.colocate:
             raise ValueError(
                 f"generator.num_gpus={g.num_gpus:g} and learner.num_gpus={lg:g} are fractions of a GPU, so Ray may put a "
                 "learner rank and a generator on one GPU: vLLM's reservation (generator.gpu_memory_utilization) and "
                 "the learner's memory would compete, and NCCL cannot join two ranks on one device for the weight "
                 "sync. Give the learner and the generators whole GPUs (num_gpus = 1 or more)")
-        if g.num_gpus and g.tensor_parallel_size > g.num_gpus:
+        if g.num_gpus and g.tensor_parallel_size > max(1.0, g.num_gpus):
             raise ValueError(
                 f"generator.tensor_parallel_size={g.tensor_parallel_size} is larger than the GPUs in a generator's "
                 f"placement bundle (generator.num_gpus={g.num_gpus:g}); set generator.num_gpus = "
@@ -591,6 +654,7 @@ class Config(_Strict):
 
 BACKEND_GLOO = "probe_rl_gloo"  # vLLM weight-transfer backend names of pipeline/transport/vllm_weights.py
 BACKEND_INLINE = "probe_rl_inline"
+BACKEND_IPC = "ipc"  # vLLM's CUDA IPC engines (the worker side refreshes tied heads: vllm_weights.py)
 
 
 def weight_backend(cfg: Config) -> str:
@@ -599,6 +663,8 @@ def weight_backend(cfg: Config) -> str:
     if w.transport == "object_store":
         return BACKEND_INLINE
     gpus = cfg.learner.num_gpus > 0 and cfg.generator.num_gpus > 0
+    if w.backend == "ipc" or (w.backend == "auto" and gpus and cfg.pipeline.colocate):
+        return BACKEND_IPC
     return "nccl" if w.backend == "nccl" or (w.backend == "auto" and gpus) else BACKEND_GLOO
 
 

@@ -217,11 +217,13 @@ def train_loop(cfg: Config, world: World, fleet: Fleet, run_dir: Path, log: Call
 
 def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Path | None, loop: LoopState) -> dict:
     from pipeline.loop.fleet import LearnerLost, ScorerScaler
+    from pipeline.loop.turns import Turns
     from pipeline.progress import progress_bar
 
     p = cfg.pipeline
     rewarder, scaler = Rewarder(cfg, world, loop.sink.rows), ScorerScaler(fleet, log)
     retrainer = loop.retrainer = ProbeRetrainer(cfg, fleet)
+    turns = Turns.of(cfg)  # pipeline.colocate: generators and learner hand the devices over around each step
     eval_start = greedy_accuracy(cfg, world, fleet)
     log(f"greedy eval accuracy before training: {eval_start:.1%}" if eval_start is not None else "")
     if resume_from is not None:
@@ -239,6 +241,8 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         timer, wall_start = StageTimer(), time.time()
         try:
             # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
+            if loop.next_launch <= min(p.num_steps, step + p.max_staleness):
+                turns.ready_to_generate(fleet)
             while loop.next_launch <= min(p.num_steps, step + p.max_staleness):
                 loop.pending.append(launch_step(cfg, world, fleet, loop.next_launch))
                 loop.next_launch += 1
@@ -255,11 +259,12 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
                 batch, reward_metrics, truth = rewarder(scored)
             with timer("scale"):
                 reward_metrics.update(scaler(gen_stats, score_stats, loop.pending))
+            turns.before_learn(fleet)  # its seconds: colocate/*_s
             with timer("learn"):
                 train_stats = fleet.train(batch)
             loop.version = train_stats[0].version
             with timer("sync"):
-                fleet.push_weights(loop.version)
+                turns.after_learn(fleet, lambda: fleet.push_weights(loop.version))
             with timer("probe_retrain"):
                 reward_metrics.update(retrainer(step, batch, truth))
         except LearnerLost as e:
@@ -267,6 +272,7 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
 
             log(f"step {step}: {e}")
             loop.restart(fleet, newest(run_dir), log)  # no checkpoint yet: from the initial weights
+            turns.learner_resident = True  # new ranks hold their optimizer state on their devices
             bar.reset(p.num_steps)
             bar.update(loop.version)
             step = loop.version + 1
@@ -275,7 +281,7 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         row.update({"time/wall_start": wall_start, "time/wall_end": time.time(),  # for Ray timelines
                     "time/step_wall_s": time.time() - wall_start, "pipeline/restarts": restarts,
                     "pipeline/learner_restarts": loop.learner_restarts, "rollout/rows": scored.num_rows,
-                    **sync_metrics(fleet)})
+                    **sync_metrics(fleet), **turns.metrics()})
         loop.log_step(row, rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)
         bar.set_postfix(reward=f"{row['rollout/task_reward']:.3f}", kl=f"{row['learner/kl']:.4f}")

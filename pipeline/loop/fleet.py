@@ -94,6 +94,8 @@ class Fleet:
         fleet.reserve()
         fleet.generators = [fleet.new_generator(i) for i in range(g.num_workers)]
         fleet.scorers = [fleet.new_scorer(i) for i in range(s.num_workers)]
+        if fleet.shares_gpus:  # vLLM measures the GPU's free memory as it starts: the learner loads after it
+            fleet.await_started("generator", fleet.generators, fleet.new_generator)
         fleet.start_learners()
         if cfg.eval.every:
             from actors.evaluator import ProbeEvaluator
@@ -144,10 +146,22 @@ class Fleet:
         check_fits([(role, n, Resources.of(rc)) for role, n, rc in roles])  # fail fast, naming the role
         try:
             for role, n, rc in roles:
-                self.groups[role] = reserve(role, n, Resources.of(rc), self.timeout, rc.placement)
+                if self.shares_gpus and role == "learner":
+                    continue
+                res = Resources.of(rc)
+                if self.shares_gpus and role == "generator":  # bundle i: generator i and learner rank i, one GPU
+                    role, res = "colocated", res + Resources.of(self.cfg.learner)
+                self.groups[role] = reserve(role, n, res, self.timeout, rc.placement)
         except ValueError:
             release(self.groups.values())
             raise
+        if self.shares_gpus:
+            self.groups["generator"] = self.groups["learner"] = self.groups.pop("colocated")
+
+    @property
+    def shares_gpus(self) -> bool:
+        """pipeline.colocate on GPUs: generator i and learner rank i take turns on one GPU."""
+        return self.cfg.pipeline.colocate and self.cfg.generator.num_gpus > 0
 
     def _make(self, cls: type, role: str, rc, index: int | None, kwargs: dict):
         from pipeline.loop.remote import make_actor
@@ -164,7 +178,7 @@ class Fleet:
         cfg = self.cfg
         return self._make(Generator, "generator", cfg.generator, i, dict(
             model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.generator.dtype or cfg.model.dtype,
-            seed=cfg.pipeline.seed + i, ablation=self.ablation(),
+            seed=cfg.pipeline.seed + i, ablation=self.ablation(), sleep_level=cfg.sleep_level(),
             probes=[(g.name, g.stem, g.aggregation) for g in self.world.generator_probes]))
 
     def shaping_probe(self) -> tuple[str, str | None] | None:
@@ -322,6 +336,25 @@ class Fleet:
         self.weights_ref, self.pending_loads = None, []
         self.catch_up(force=True)
         return self.version
+
+    def call_each(self, role: str, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every generator or learner rank (pipeline/loop/turns.py's hand-overs); their results.
+        A dead or silent learner rank is LearnerLost; a dead or frozen generator is replaced and the call made
+        again on every generator (the hand-overs are idempotent), up to pipeline.max_restarts times."""
+        from pipeline.loop.remote import PeerDied, PeerFailed, RoleTimeout, wait_each
+
+        if role == "learners":
+            return self._learner_call([getattr(lr, method).remote(*args) for lr in self.learners], method)
+        for attempt in range(self.cfg.pipeline.max_restarts + 1):
+            names = [f"generator {i}" for i in range(len(self.generators))]
+            try:
+                return wait_each([getattr(g, method).remote(*args) for g in self.generators], names, method,
+                                 self.timeout, self.generators, self.cfg.pipeline.health_timeout_s)
+            except (PeerDied, PeerFailed, RoleTimeout) as e:
+                if attempt == self.cfg.pipeline.max_restarts or not self.replace_dead(catch_up=False):
+                    raise
+                self.log(f"{e}; replaced, calling {method} again")
+        raise AssertionError("unreachable")
 
     def _learner_call(self, refs: list[Any], what: str) -> list[Any]:
         """Wait for a call on every rank; a dead or silent rank becomes LearnerLost."""

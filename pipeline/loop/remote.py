@@ -54,6 +54,12 @@ class Resources:
         """A role config's resources (pipeline.config.RoleResources)."""
         return cls(rc.num_cpus, rc.num_gpus, rc.memory_gib, dict(rc.resources))
 
+    def __add__(self, other: Resources) -> Resources:
+        """What two workers sharing one bundle reserve together (pipeline.colocate on GPUs)."""
+        custom = {k: self.custom.get(k, 0.0) + other.custom.get(k, 0.0) for k in {*self.custom, *other.custom}}
+        return Resources(self.num_cpus + other.num_cpus, self.num_gpus + other.num_gpus,
+                         self.memory_gib + other.memory_gib, custom)
+
     def bundle(self) -> dict[str, float]:
         b = {"CPU": self.num_cpus, **self.custom}
         if self.num_gpus:
@@ -180,8 +186,11 @@ def release(groups: list[Placement]) -> None:
     """Remove these placement groups (`Placement`s)."""
     from ray.util.placement_group import remove_placement_group
 
-    for placement in groups:
-        remove_placement_group(placement.group)
+    seen = set()
+    for placement in groups:  # colocated roles share one group: removed once
+        if id(placement.group) not in seen:
+            seen.add(id(placement.group))
+            remove_placement_group(placement.group)
 
 
 def wait_each(refs: list[Any], names: list[str], what: str, timeout_s: float, actors: list[Any] | None = None,

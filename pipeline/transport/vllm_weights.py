@@ -88,6 +88,7 @@ def register() -> None:
         WeightTransferTrainerFactory.register_engine(GLOO, __name__, "GlooTrainerEngine")
     # vLLM's own NCCL receiver, made to close the communicator of a group it leaves (`closing_nccl_worker_engine`)
     WeightTransferEngineFactory._registry["nccl"] = closing_nccl_worker_engine
+    WeightTransferEngineFactory._registry["ipc"] = tied_ipc_worker_engine  # colocated on GPUs: CUDA IPC, in place
 
 
 _CLOSING_NCCL: type | None = None
@@ -113,6 +114,25 @@ def closing_nccl_worker_engine() -> type:
 
         _CLOSING_NCCL = ClosingNcclWorkerEngine
     return _CLOSING_NCCL
+
+
+_TIED_IPC: type | None = None
+
+
+def tied_ipc_worker_engine() -> type:
+    """vLLM's CUDA IPC worker engine (a learner rank and this engine share one GPU: pipeline.colocate), with the
+    tied output head refreshed after each update as the other receivers do (see `refresh_tied_heads`)."""
+    global _TIED_IPC
+    if _TIED_IPC is None:
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+        class TiedIpcWorkerEngine(IPCWeightTransferEngine):
+            def finish_weight_update(self) -> None:
+                super().finish_weight_update()
+                refresh_tied_heads(self.model)
+
+        _TIED_IPC = TiedIpcWorkerEngine
+    return _TIED_IPC
 
 
 # --- worker side (inside vLLM's workers) -------------------------------------------------------------------

@@ -42,6 +42,10 @@ def test_a_colocated_run_takes_every_core_by_phase_and_equals_the_synchronous_ru
     got = pq.read_table(tmp_path / "colocated" / "metrics.parquet").to_pylist()
     assert [r["rollout/rows"] for r in got] == [32] * STEPS  # every step whole, nothing twice
     same_rows(got, want)
+    # the generator handed the engine over around every learner step (vLLM's level-0 sleep, then a wake after the
+    # weights): the hand-overs' seconds are in every row
+    assert all(r["colocate/sleep_s"] > 0 and r["colocate/wake_s"] > 0 for r in got), got
+    assert all("colocate/sleep_s" not in r for r in want)
     cores = node_cores()
     assert all(r[f"cores/{role}_threads"] == 1 for r in want for role in ("generate", "score", "learn"))
     # Phases take turns: each role found the others idle (up to the odd moment a replacement was starting)

@@ -107,5 +107,5 @@ def test_colocation_needs_a_synchronous_cpu_run():
         load_config(overrides={"pipeline": {"colocate": True}})
     with pytest.raises(ConfigError, match="drop pipeline.cores"):
         load_config(overrides={"pipeline": {"colocate": True, "max_staleness": 0, "cores": "reserved"}})
-    with pytest.raises(ConfigError, match="learner.num_gpus"):
+    with pytest.raises(ConfigError, match="both the generators and the learner need GPUs"):
         load_config(overrides={"pipeline": {"colocate": True, "max_staleness": 0}, "learner": {"num_gpus": 1}})
