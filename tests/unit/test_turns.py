@@ -85,6 +85,8 @@ def test_gpu_colocation_shares_one_bundle_and_hands_weights_over_in_place():
     assert (cfg.sleep_level(), cfg.offloads_states(), weight_backend(cfg)) == (2, True, BACKEND_IPC)
     bundle = (Resources.of(cfg.generator) + Resources.of(cfg.learner)).bundle()
     assert bundle["GPU"] == 1.0 and bundle["CPU"] == cfg.generator.num_cpus + cfg.learner.num_cpus
+    shipped = load_config("configs/gpu_colocated.toml")
+    assert (shipped.sleep_level(), shipped.offloads_states(), weight_backend(shipped)) == (2, True, BACKEND_IPC)
     cpu = load_config(overrides={"pipeline": {"colocate": True, "max_staleness": 0}})
     assert (cpu.sleep_level(), cpu.offloads_states(), weight_backend(cpu)) == (0, False, BACKEND_GLOO)
     assert load_config().sleep_level() is None
