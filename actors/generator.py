@@ -168,9 +168,7 @@ class Generator:
                 probe.aggregation = aggregation
             self.probes.append(probe)
         loader = _probe_loader(self.probes, model_path)
-        extra = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
-        if sleep_level:
-            extra["enable_sleep_mode"] = True  # vLLM's allocator that can free and restore its memory by tag
+        extra = _engine_options(cfg, sleep_level)
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu or bool(ablation)
         try:
             with _sampler_ops_eager(eager and not on_gpu):
@@ -543,6 +541,15 @@ class Generator:
         """The health ping: this process's id, or the process ends here if its vLLM engine is dead."""
         _exit_if(self._engine_dead())
         return os.getpid()
+
+
+def _engine_options(cfg: GeneratorConfig, sleep_level: int | None) -> dict:
+    """vLLM engine arguments some generators pass: a token budget per step; sleep mode (vLLM's allocator that can
+    free and restore its memory by tag) where it sleeps at level 1 or 2 (colocated on GPUs)."""
+    out: dict = {"max_num_batched_tokens": cfg.max_num_batched_tokens} if cfg.max_num_batched_tokens else {}
+    if sleep_level:
+        out["enable_sleep_mode"] = True
+    return out
 
 
 def _probe_loader(probes, model_path: str) -> dict:

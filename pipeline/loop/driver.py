@@ -241,8 +241,7 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         timer, wall_start = StageTimer(), time.time()
         try:
             # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
-            if loop.next_launch <= min(p.num_steps, step + p.max_staleness):
-                turns.ready_to_generate(fleet)
+            turns.ready_to_generate(fleet)  # colocated: engines awake, the learner's state out of their way
             while loop.next_launch <= min(p.num_steps, step + p.max_staleness):
                 loop.pending.append(launch_step(cfg, world, fleet, loop.next_launch))
                 loop.next_launch += 1

@@ -153,3 +153,11 @@ def test_the_hand_overs_are_vllm_032s_api():
     from learner.learner import Learner
 
     assert {OffloadStateTypeEnum(k) for k in Learner.OFFLOADED} <= set(OffloadStateTypeEnum)
+
+
+def test_a_generator_that_frees_memory_asks_vllm_for_sleep_mode():
+    from actors.generator import _engine_options
+
+    cfg = load_config(overrides=GPU)
+    assert _engine_options(cfg.generator, cfg.sleep_level()) == {"enable_sleep_mode": True}
+    assert _engine_options(cfg.generator, 0) == {} and _engine_options(cfg.generator, None) == {}
