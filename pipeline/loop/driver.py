@@ -270,8 +270,8 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
             from learner.checkpoint import latest_checkpoint as newest
 
             log(f"step {step}: {e}")
-            loop.restart(fleet, newest(run_dir), log)  # no checkpoint yet: from the initial weights
-            turns.learner_resident = True  # new ranks hold their optimizer state on their devices
+            # no checkpoint yet: from the initial weights; colocated engines wake before they receive them
+            turns.around_restart(fleet, lambda: loop.restart(fleet, newest(run_dir), log))
             bar.reset(p.num_steps)
             bar.update(loop.version)
             step = loop.version + 1

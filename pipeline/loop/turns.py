@@ -83,6 +83,15 @@ class Turns:
         if self.asleep:
             self._run(fleet, [("generators", "wake_up", (None,))], push=lambda: None)
 
+    def around_restart(self, fleet: Any, restart: Callable[[], None]) -> None:
+        """A learner restarted from a checkpoint (`restart`) sends that checkpoint's weights to every engine: the
+        engines wake first, as after the plan's own steps (at level 1 or 2 an engine asleep holds no weights to
+        copy into), and the new ranks hold their optimizer state on their devices."""
+        if self.level is not None and self.asleep:
+            self._run(fleet, [("generators", "wake_up", (None,))], push=lambda: None)
+        restart()
+        self.learner_resident = True
+
     def _run(self, fleet: Any, calls: list[Call], push: Callable[[], None]) -> None:
         for role, method, args in calls:
             if role == "weights":

@@ -63,12 +63,15 @@ def test_turns_runs_the_plan_around_the_step_and_recovers_a_half_done_hand_over(
     fleet.calls.clear()
     turns.ready_to_generate(fleet)
     assert fleet.calls == []  # nothing left to do
-    # a learner lost mid-step: the engines still sleep and the new ranks hold their state on the GPU
+    # a learner lost mid-step: the engines still sleep; they wake before the restarted learner's checkpoint
+    # weights reach them, and the new ranks' state (on the GPU) leaves before generation
     turns.before_learn(fleet)
-    turns.learner_resident = True
+    fleet.calls.clear()
+    turns.around_restart(fleet, lambda: fleet.calls.append("weights.push"))
+    assert fleet.calls == ["generators.wake_up", "weights.push"] and not turns.asleep and turns.learner_resident
     fleet.calls.clear()
     turns.ready_to_generate(fleet)
-    assert fleet.calls == ["learners.offload_states", "generators.wake_up"] and not turns.asleep
+    assert fleet.calls == ["learners.offload_states"]
 
 
 def test_a_run_that_does_not_colocate_only_pushes():
