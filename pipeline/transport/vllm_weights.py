@@ -73,13 +73,14 @@ def allow_amx() -> bool:
 def register() -> None:
     """vLLM plugin entry point: make both backends known to vLLM's factories in this process, and probe-rl's
     model loader (generator-read probes) to vLLM's loader registry; on CPUs with AMX, allow this process to use
-    it (`allow_amx`)."""
+    it (`allow_amx`); on CPUs, keep vLLM's linear layers off its oneDNN handlers (`linear_without_onednn`)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     from pipeline.transport.vllm_probes import register_loader
 
     register_loader()  # load_format "probe_rl": probes read in the sampling pass (pipeline/transport/vllm_probes.py)
     allow_amx()
+    linear_without_onednn()
 
     for name, cls in ((GLOO, "GlooWorkerEngine"), (INLINE, "InlineWorkerEngine")):
         if name not in WeightTransferEngineFactory._registry:
@@ -89,6 +90,25 @@ def register() -> None:
     # vLLM's own NCCL receiver, made to close the communicator of a group it leaves (`closing_nccl_worker_engine`)
     WeightTransferEngineFactory._registry["nccl"] = closing_nccl_worker_engine
     WeightTransferEngineFactory._registry["ipc"] = tied_ipc_worker_engine  # colocated on GPUs: CUDA IPC, in place
+
+
+def linear_without_onednn() -> None:
+    """On CPUs, vLLM computes an unquantized linear layer through a oneDNN matmul handler made from its weight
+    (`dispatch_cpu_unquantized_gemm`) unless `vllm._custom_ops._supports_onednn` is false; this makes it false, so
+    those layers run `torch.nn.functional.linear` on the weight itself (AMX's packed bf16 kernels, chosen before
+    oneDNN, are unaffected).
+
+    Why: on a host without AVX-512 (AVX2 only), once a weight update was processed on another thread than the one
+    that generates (updates that land mid-generation come on the actor's weights thread: update_mode in_flight
+    and continuous), the handlers vLLM rebuilds went on computing with the *old* weights for every batch shape
+    the engine had run before the update: every later token's log-prob was off by up to 1.8 nats, and the
+    generator sampled from weights the learner no longer had (tests/integration/test_in_flight.py; the same tests
+    passed on an AVX-512 host, and updates on the generating thread, between steps, were right on both). The torch
+    path reads the weight tensor as it is at each call; on the SmolLM2 shapes it took 0.9-1.3x oneDNN's time on
+    one thread of that host, the output head at 32 rows the slowest (`python benchmarks/bench_cpu_linear.py`)."""
+    import vllm._custom_ops as ops
+
+    ops._supports_onednn = False
 
 
 _CLOSING_NCCL: type | None = None

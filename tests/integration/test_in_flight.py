@@ -107,3 +107,41 @@ def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(ti
     assert all(v == 2 for r in again.to_pylist() for v in r["behavior_versions"])
     with pytest.raises(RuntimeError, match="still on weights version 2"):
         gen._await_version(3, timeout_s=0.2)
+
+
+def test_a_synced_generator_samples_with_the_new_weights_at_batch_shapes_it_ran_before(tiny_model_dir):
+    """The same prompts before and after a weight update that comes on another thread: every behaviour log-prob
+    afterwards is the new weights' (transformers' pass). On an AVX2-only CPU, vLLM's oneDNN linear handlers kept
+    computing with the old weights for batch shapes they had run before such an update (off by up to 1.8 nats);
+    probe-rl's engines run their linear layers without them (pipeline/transport/vllm_weights.py:
+    `linear_without_onednn`)."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.generator import Generator
+    from pipeline.config import GeneratorConfig
+
+    gen = Generator(model_path=str(tiny_model_dir), cfg=GeneratorConfig(max_new_tokens=12, max_model_len=64,
+                    enforce_eager=True), weight_backend="probe_rl_inline")
+    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(4, 30, int(k)).tolist()] for k in (3, 6, 2, 5, 4, 7)]
+    table = pa.Table.from_pydict({"prompt_id": list(range(6)), "group_id": list(range(6)), "prompt_ids": prompts,
+                                  "answer": [""] * 6}, schema=PROMPT_SCHEMA)
+    gen.generate(table, 2, 11)  # every batch shape of this call runs once with version 0
+    out: dict = {}  # the update comes on another thread, as Ray's weights concurrency group delivers it
+    loader = threading.Thread(target=lambda: out.update(v=gen.load_weights({k: v.clone() for k, v in
+                                                                            new.state_dict().items()}, 1)))
+    loader.start()
+    loader.join(timeout=120)
+    assert out.get("v") == 1
+    after, _ = gen.generate(table, 2, 11)
+    worst = 0.0
+    for r in after.to_pylist():
+        assert set(r["behavior_versions"]) == {1}
+        want = _logprobs(new, r["prompt_ids"], r["completion_ids"])
+        worst = max(worst, float(np.abs(np.array(r["behavior_logprobs"]) - np.array(want)).max()))
+    assert worst <= 1e-4, f"behaviour log-probs differ from the synced weights' by up to {worst:.2e}"
