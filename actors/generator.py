@@ -47,6 +47,8 @@ class GenerateStats:
     policy_version: int
     end_time: float = 0.0  # wall clock when the table was done (a scorer's queueing time starts here)
     threads: float = 0.0  # CPU threads vLLM's workers sampled on, all ranks together (pipeline.cores; 0: GPUs)
+    idle_s: float = 0.0  # continuous mode: seconds the engine had nothing to step, since the previous chunk
+    span_s: float = 0.0  # continuous mode: first group of the chunk admitted to its table done
 
 
 def completion_seed(seed: int, group_id: int, index: int) -> int:
@@ -133,12 +135,14 @@ def _dies_with_its_engine(method: Callable) -> Callable:
 class Generator:
     def __init__(self, *, model_path: str, cfg: GeneratorConfig, weight_backend: str, dtype: str = "float32",
                  seed: int = 0, ablation: tuple[int, list[float]] | None = None,
-                 probes: list[tuple[str, str, str | None]] = (), sleep_level: int | None = None) -> None:
+                 probes: list[tuple[str, str, str | None]] = (), sleep_level: int | None = None,
+                 stream_capacity: int = 256) -> None:
         """`ablation` (layer, unit direction): shaping.kind = "ablate" projects that direction out of the residual
         stream at that layer while sampling rollouts (greedy evaluation runs without it). `probes` (name, stem,
         aggregation override): probes read inside the sampling pass; each sampled table gains their columns.
         `sleep_level` (pipeline.colocate): how `sleep` frees the engine while the learner trains (1 and 2 need
-        vLLM's sleep mode, which GPUs have)."""
+        vLLM's sleep mode, which GPUs have). `stream_capacity`: update_mode "continuous", the sequences its engine
+        holds at once (actors/stream.py)."""
         import torch
 
         from pipeline.cores import CoreShare
@@ -190,7 +194,7 @@ class Generator:
         self.weight_backend = weight_backend
         self.version = 0
         self.updating = False  # a weight update session is open (start_weight_update without its finish yet)
-        self.in_flight = cfg.update_mode == "in_flight"
+        self.in_flight = cfg.update_mode in ("in_flight", "continuous")  # weights land between decoding steps
         self.separate = type(self.llm.llm_engine.engine_core).__name__ != "InprocClient"  # vLLM's engine process
         # In-flight updates in an in-process engine: the generate loop and the weight calls (another thread) take
         # turns at the engine, one decoding step at a time; an open update session holds the steps back.
@@ -200,6 +204,7 @@ class Generator:
         # adding requests (the generate thread) and weight calls (the weights thread) take this lock.
         self._client = threading.RLock()
         self.steps = 0  # decoding steps run (engine.step calls)
+        self.stream = None  # update_mode "continuous": the thread that steps the engine (started below)
         self.llm.llm_engine.set_weight_version("0")
         if self.separate and "decode_step" in os.environ.get("PROBE_RL_SLOW", ""):
             self.llm.collective_rpc("probe_rl_slow_steps")  # tests: vLLM's engine process steps by itself
@@ -214,6 +219,27 @@ class Generator:
         self.greedy([[0]], 2)
         self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(n=2, max_tokens=2, logprobs=0,
                           detokenize=False), use_tqdm=False)
+        if cfg.update_mode == "continuous":  # from here on one thread of this actor steps the engine
+            from actors.stream import Stream
+
+            self.stream = Stream(self, stream_capacity)
+
+    # --- continuous generation (actors/stream.py) ------------------------------------------------------------
+
+    def admit(self, key: str, prompts: pa.Table, n: int, seed: int | None, need: int) -> int:
+        """Queue a chunk of prompt groups for the engine; returns at once (its own concurrency group)."""
+        maybe_die("generator")
+        return self.stream.admit(key, prompts, n, seed, need)
+
+    @_dies_with_its_engine
+    def take(self, key: str, timeout_s: float) -> tuple[pa.Table, GenerateStats]:
+        """Chunk `key`'s rollout table, once its every completion is done."""
+        return self.stream.take(key, timeout_s)
+
+    def reset_stream(self) -> int:
+        """Drop every queued and running chunk (the run restarted from a checkpoint); returns how many. Called in
+        the stream concurrency group: take calls of the dropped chunks may hold the default one, and fail now."""
+        return self.stream.reset() if self.stream is not None else 0
 
     @_dies_with_its_engine
     def generate(self, prompts: pa.Table, n: int, seed: int | None,
@@ -236,8 +262,6 @@ class Generator:
             self._engine_threads = n
 
     def _generate(self, prompts: pa.Table, n: int, seed: int | None, min_version: int) -> tuple[pa.Table, GenerateStats]:
-        from vllm import SamplingParams
-
         assert prompts.schema.equals(PROMPT_SCHEMA), prompts.schema
         maybe_die("generator")
         start = time.perf_counter()
@@ -245,14 +269,32 @@ class Generator:
         self._fit_threads()
         maybe_slow_down("generator")  # tests: a generation that takes as long as a real one
         rows = prompts.to_pydict()
+        params, prompt_of = self._requests(rows, n, seed)
+        outputs, ids = self._run([rows["prompt_ids"][i] for i in prompt_of], params)
+        table, num_tokens = self._table(rows, prompt_of, ids, outputs)
+        return table, GenerateStats(time.perf_counter() - start, num_tokens, _oldest(table, self.version), time.time(),
+                                    self._threads_used())
+
+    def _threads_used(self) -> float:
+        return self._engine_threads * self.cfg.tensor_parallel_size if self.cores.cpu else 0.0
+
+    def _requests(self, rows: dict, n: int, seed: int | None) -> tuple[list, list[int]]:
+        """vLLM's sampling parameters of `n` completions of each prompt row, and the row each belongs to: one request
+        per completion, each with its own random stream (`completion_seed`)."""
+        from vllm import SamplingParams
+
         params, prompt_of = [], []
         for i, g in enumerate(rows["group_id"]):
-            for k in range(n):  # one request per completion: each its own random stream
+            for k in range(n):
                 params.append(SamplingParams(n=1, temperature=self.cfg.temperature, max_tokens=self.cfg.max_new_tokens,
                                              logprobs=0, seed=None if seed is None else completion_seed(seed, g, k),
                                              detokenize=False))
                 prompt_of.append(i)
-        outputs, ids = self._run([rows["prompt_ids"][i] for i in prompt_of], params)
+        return params, prompt_of
+
+    def _table(self, rows: dict, prompt_of: list[int], ids: list[str], outputs: list) -> tuple[pa.Table, int]:
+        """The rollout table of finished requests `ids` (row `prompt_of[j]` of `rows` each), in their order, and its
+        completion tokens; probes read in the sampling pass add their columns."""
         cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
         num_tokens = 0
         read = self.llm.collective_rpc("probe_rl_take_scores", args=(ids,))[0] if self.probes else {}
@@ -279,9 +321,7 @@ class Generator:
         table = pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
         if self.probes:
             table = self._with_probe_columns(table, tokens)
-        return table, GenerateStats(time.perf_counter() - start, num_tokens, min(cols["policy_version"],
-                                    default=self.version), time.time(),
-                                    self._engine_threads * self.cfg.tensor_parallel_size if self.cores.cpu else 0.0)
+        return table, num_tokens
 
     def _run(self, prompt_ids: list[list[int]], params: list) -> tuple[list, list[str]]:
         """vLLM's outputs for these prompts, in their order, and their request ids (what vLLM's workers know each
@@ -292,6 +332,8 @@ class Generator:
 
         engine = self.llm.llm_engine
         self._calls += 1
+        if self.stream is not None:  # its thread steps the engine: these requests join it there
+            return self.stream.run(prompt_ids, params, f"c{self._calls}")
         ids = [f"c{self._calls}-{i}" for i in range(len(prompt_ids))]
         with self._client:
             for rid, prompt, sp in zip(ids, prompt_ids, params, strict=True):
@@ -423,7 +465,9 @@ class Generator:
             self.llm.reset_prefix_cache(reset_running_requests=self.in_flight)
             self.version = int(weight_version)
             self._session_closed()
-            return self.version
+        if self.stream is not None:
+            self.stream.poke()  # groups waiting for this version may enter the engine
+        return self.version
 
     # --- taking turns with the learner (pipeline.colocate) ----------------------------------------------------
 
@@ -594,6 +638,11 @@ def completion_reads(read: tuple[list[int], list[list[float]]] | None, prompt_le
         raise RuntimeError(f"vLLM returned no probe scores at positions {missing[:5]} of a completion (prompt "
                            f"{prompt_len} tokens, completion {completion_len})")
     return [[at[p][k] for p in want] for k in range(num_probes)]
+
+
+def _oldest(table: pa.Table, current: int) -> int:
+    """The oldest weight version any row of a rollout table began with (`current` for an empty one)."""
+    return min(table.column("policy_version").to_pylist(), default=current)
 
 
 def _exit(why: str) -> None:

@@ -189,12 +189,18 @@ class GeneratorConfig(RoleResources):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """The generators' dtype, if not model.dtype: e.g. bf16 sampling against a float32 learner, the mismatch of
     mixed-precision RL (logged under mismatch/, corrected by learner.rollout_correction)."""
-    update_mode: Literal["between_steps", "in_flight"] = "between_steps"
+    update_mode: Literal["between_steps", "in_flight", "continuous"] = "between_steps"
     """When a new weight version reaches a generator. between_steps: after the generate call it is serving (its
     rollouts come from one version). in_flight: between two of vLLM's decoding steps, mid-generation; unfinished
     sequences go on under the new weights with their KV cache recomputed under them (vLLM preempts and
     re-prefills them), so every token's behaviour log-prob is exactly that of the version that sampled it; each
-    token's version is in the rollout table (`behavior_versions`), `policy_version` is the oldest."""
+    token's version is in the rollout table (`behavior_versions`), `policy_version` is the oldest. continuous: the
+    engine never waits for a call (actors/stream.py): prompt groups of later steps enter it as sequences finish
+    (up to pipeline.max_staleness steps ahead of the learner, whole groups, oldest step first), finished groups
+    go to the scorers, and weights land in flight as in in_flight; a step's batch is its own groups, whole."""
+    continuous_seqs: PositiveInt | None = None
+    """update_mode "continuous": sequences one generator's engine holds at once (new groups enter as others
+    finish). None: its share of a step's rows (pipeline.prompts_per_step x group_size / generator.num_workers)."""
     sleep_level: Literal[0, 1, 2] | None = None
     """Colocated runs (pipeline.colocate): how a generator sleeps while the learner trains. 0: vLLM pauses its
     scheduler and frees nothing; 1: vLLM's weights move to host memory, its KV cache is freed; 2: both are freed
@@ -542,6 +548,14 @@ class Config(_Strict):
                              "packaged model whose probe is in scorer.probes (\"smollm2:<name>\")")
         self._check_parallelism()
         self._check_colocation()
+        g = self.generator
+        if g.update_mode == "continuous" and self.scorer.model == "live":
+            raise ValueError("generator.update_mode = \"continuous\" scores chunks as they finish, in any order, and "
+                             "a live scorer must take each weight version before the chunks sampled after it: set "
+                             "scorer.model = \"frozen\", or read the probes in the generators (read = \"generator\")")
+        if g.continuous_seqs is not None and g.update_mode != "continuous":
+            raise ValueError(f"generator.continuous_seqs={g.continuous_seqs} sizes a continuous generator's engine: "
+                             f"set generator.update_mode = \"continuous\", or leave it unset")
         if self.pipeline.prompts_per_step < self.generator.num_workers:
             raise ValueError(
                 f"pipeline.prompts_per_step={self.pipeline.prompts_per_step} is smaller than "
@@ -561,6 +575,12 @@ class Config(_Strict):
         """CPUs the roles reserve from Ray: at start-up, plus the scorers a scale-up may add."""
         extra = (self.scorer.max_workers or self.scorer.num_workers) - self.scorer.num_workers
         return sum(n * r.num_cpus for _, n, r in self.roles()) + extra * self.scorer.num_cpus
+
+    def stream_capacity(self) -> int:
+        """update_mode "continuous": the sequences one generator's engine holds at once (generator.continuous_seqs,
+        resolved: its share of a step's rows)."""
+        g, p = self.generator, self.pipeline
+        return g.continuous_seqs or -(-p.prompts_per_step * p.group_size // g.num_workers)
 
     def sleep_level(self) -> int | None:
         """How the generators sleep while the learner trains (generator.sleep_level, resolved); None: they do not."""
@@ -584,6 +604,9 @@ class Config(_Strict):
                 raise ValueError(f"{', '.join(unused)}: only for roles that take turns (pipeline.colocate = true); "
                                  "set colocate = true, or leave it unset")
             return
+        if self.generator.update_mode == "continuous":
+            raise ValueError("pipeline.colocate = true takes turns by phase, and generator.update_mode = "
+                             "\"continuous\" never stops generating: choose one")
         if p.max_staleness != 0:
             raise ValueError(f"pipeline.colocate = true takes turns by phase, which needs pipeline.max_staleness = 0 "
                              f"(got {p.max_staleness}): set it to 0, or colocate = false to overlap the roles")

@@ -24,10 +24,11 @@ STAGES = ("wait_rollouts", "reward", "learn", "sync", "probe_retrain")
 
 
 def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False,
-            cores: bool = False) -> dict[str, Config]:
+            cores: bool = False, continuous: bool = False) -> dict[str, Config]:
     """plain-<tag> and probes-<tag> (tag: kl, nokl); with `live` also live-<tag> (the probes on a live scorer copy:
     a second pass) and gen-<tag> (the probes read inside the generators' own sampling pass); with `in_flight`
-    also inflight-<tag> (the probes arm with weights reaching generators mid-generation); with `cores` also
+    also inflight-<tag> (the probes arm with weights reaching generators mid-generation); with `continuous` also
+    continuous-<tag> (the probes arm with generators that never wait: actors/stream.py); with `cores` also
     phase-<tag> (the probes arm with pipeline.cores = "phase"), sync-<tag> (the probes arm at max_staleness 0,
     each role on its reservation) and colocated-<tag> (pipeline.colocate: max_staleness 0, every phase on every
     core)."""
@@ -51,6 +52,9 @@ def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False,
         if in_flight:
             arms[f"inflight-{tag}"] = Config.model_validate(_merge(probes_on, {
                 "learner": {"kl_coef": coef}, "generator": {"update_mode": "in_flight"}}))
+        if continuous:
+            arms[f"continuous-{tag}"] = Config.model_validate(_merge(probes_on, {
+                "learner": {"kl_coef": coef}, "generator": {"update_mode": "continuous"}}))
         if cores:
             for arm, pipe in (("phase", {"cores": "phase", "colocate": False}),
                               ("sync", {"max_staleness": 0, "cores": "reserved", "colocate": False}),
@@ -62,13 +66,13 @@ def arms_of(base: Config, kl: str, live: bool = False, in_flight: bool = False,
 
 def profile(config: str | None, overrides: list[str], repeats: int, kl: str, out: str | None, warmup: int = 2,
             log: Callable[[str], None] = print, live: bool = False, in_flight: bool = False,
-            cores: bool = False) -> Path:
+            cores: bool = False, continuous: bool = False) -> Path:
     """Run the arms A B A B `repeats` times and write the report. Runs already complete in `out` (an interrupted
     profile, or one run again with more --repeats) are read back instead of run again."""
     from pipeline.loop.run_dir import restart_run_dir
 
     base = load_config(config, overrides)
-    arms = arms_of(base, kl, live, in_flight, cores)
+    arms = arms_of(base, kl, live, in_flight, cores, continuous)
     root = Path(out or Path(base.run.output_dir) / "profile")
     root.mkdir(parents=True, exist_ok=True)
     plan = []  # (repeat, arm, its config, done already)
@@ -186,6 +190,18 @@ def _summarise(rows: list[dict], cfg: Config) -> dict[str, float]:
                          + out["score_s"] * out["threads_scorer"]
                          + out["learn_compute_s"] * lr.num_ranks * out["threads_learner"])
     out["cores"] = float(node_cores())  # the machine's: a profile's runs are local
+    # how the step's wall time splits between the roles (per worker), and the overlap limit: a step can take no
+    # less than its slowest role's busy seconds (per worker), whatever overlaps
+    out["tokens_per_step_s"] = mean("rollout/tokens") / out["step_s"] if out["step_s"] else 0.0
+    busy = {"generator": mean("time/generate_busy_s") / g.num_workers, "scorer": out["score_s"] / sc.num_workers,
+            "learner": out["learn_compute_s"]}
+    out["limit_s"] = max(busy.values())
+    for role, seconds in busy.items():
+        out[f"per_worker_{role}"] = seconds
+    out["idle_frac_generator"] = max(0.0, 1 - busy["generator"] / out["step_s"]) if out["step_s"] else 0.0
+    out["idle_frac_learner"] = max(0.0, 1 - busy["learner"] / out["step_s"]) if out["step_s"] else 0.0
+    out["token_staleness"] = mean("rollout/token_staleness_mean")
+    out["token_staleness_max"] = max((r.get("rollout/token_staleness_max") or 0.0 for r in rows), default=0.0)
     return out
 
 
@@ -301,30 +317,47 @@ def _live_section(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+MODE_ARMS = (("probes", "between steps"), ("inflight", "in flight"), ("continuous", "continuous"))
+
+
 def _flight_section(results: dict[str, list[dict]]) -> list[str]:
-    """Weights mid-generation (profile --in-flight) against the same arm with updates between generate calls."""
+    """The generation modes (profile --in-flight, --continuous) against the same arm with updates between generate
+    calls: steps/s, tokens/s, idle shares, token staleness, and the overlap limit (the slowest role's busy seconds
+    per worker, per step: no overlap makes a step shorter)."""
     lines: list[str] = []
-    flight_rows = [tag for tag in ("kl", "nokl") if f"inflight-{tag}" in results and f"probes-{tag}" in results]
-    if flight_rows:
-        lines += ["", "## Weights mid-generation", "",
-                  "*inflight*: the probes arm with `generator.update_mode = \"in_flight\"` (a new version reaches a "
-                  "generator between two decoding steps; unfinished sequences are re-prefilled under it) against the "
-                  "same arm with updates between generate calls. Per repeat pair: median (min-max).", "",
-                  "| arm | s/step (inflight / between) | steps/s inflight | steps/s between | generator idle s/step "
-                  "inflight | generator idle s/step between |", "|---|---|---|---|---|---|"]
-        for tag in flight_rows:
-            a, b = results[f"inflight-{tag}"], results[f"probes-{tag}"]
-            ratios = sorted(x["step_s"] / y["step_s"] for x, y in zip(a, b, strict=True))
-            med = statistics.median(ratios)
+    for tag in ("kl", "nokl"):
+        modes = [(arm, label) for arm, label in MODE_ARMS if f"{arm}-{tag}" in results]
+        if f"probes-{tag}" not in results or len(modes) < 2:
+            continue
+        base = results[f"probes-{tag}"]
+        lines += ["", f"## Generation modes ({tag})", "",
+                  "*between steps*: a new weight version reaches a generator after the generate call it serves; *in "
+                  "flight*: between two decoding steps (`generator.update_mode = \"in_flight\"`); *continuous*: "
+                  "generators never wait for a call, later steps' groups enter as sequences finish "
+                  "(`\"continuous\"`, actors/stream.py). *idle*: the share of the step a generator (per worker) or "
+                  "the learner was not computing; *staleness*: versions each token lags the learner that trains on it "
+                  "(mean, max); *limit*: the slowest role's busy seconds per worker a step, which no overlap beats. "
+                  "Medians of the repeats (min-max); ratios per repeat pair.", "",
+                  "| mode | s/step | steps/s / between | tokens/s | generator idle | learner idle | staleness | "
+                  "limit s (role) | s/step / limit |", "|---|---|---|---|---|---|---|---|---|"]
+        for arm, label in modes:
+            reps = results[f"{arm}-{tag}"]
 
-            def per_s(reps):
-                return statistics.median(1 / r["step_s"] for r in reps)
+            def med(key, reps=reps):
+                vals = sorted(r[key] for r in reps)
+                return statistics.median(vals), vals[0], vals[-1]
 
-            def idle(reps):
-                return statistics.median(r["idle_generator"] for r in reps)
-
-            lines.append(f"| {tag} | **{med:.3f}** ({ratios[0]:.3f}-{ratios[-1]:.3f}) | {per_s(a):.4f} | "
-                         f"{per_s(b):.4f} | {idle(a):.2f} | {idle(b):.2f} |")
+            step, speed = med("step_s"), sorted(b["step_s"] / a["step_s"] for a, b in zip(reps, base, strict=True))
+            limit = med("limit_s")
+            roles = ("generator", "scorer", "learner")
+            role = max(roles, key=lambda r: statistics.median(x[f"per_worker_{r}"] for x in reps))
+            ratio = sorted(r["step_s"] / r["limit_s"] for r in reps if r["limit_s"])
+            lines.append(
+                f"| {label} | {step[0]:.2f} ({step[1]:.2f}-{step[2]:.2f}) | **{statistics.median(speed):.2f}** "
+                f"({speed[0]:.2f}-{speed[-1]:.2f}) | {med('tokens_per_step_s')[0]:.0f} | "
+                f"{med('idle_frac_generator')[0]:.0%} | {med('idle_frac_learner')[0]:.0%} | "
+                f"{med('token_staleness')[0]:.2f}, {max(r['token_staleness_max'] for r in reps):.0f} | "
+                f"{limit[0]:.2f} ({role}) | {statistics.median(ratio) if ratio else float('nan'):.2f} |")
     return lines
 
 

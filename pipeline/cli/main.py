@@ -218,6 +218,9 @@ def _add_analysis_parsers(sub) -> None:
                     "(a second pass) and inside the generators' sampling pass (none)")
     pf.add_argument("--in-flight", action="store_true", help="also the probes arm with weights reaching generators "
                     "mid-generation (generator.update_mode = in_flight)")
+    pf.add_argument("--continuous", action="store_true", help="also the probes arm with generators that never wait "
+                    "for a call (generator.update_mode = continuous), beside between steps (and in flight, with "
+                    "--in-flight): steps/s, tokens/s, idle shares, staleness, the overlap limit")
     pf.add_argument("--cores", action="store_true", help="also the ways of sharing the cores: threads that follow "
                     "the phase (pipeline.cores = phase), synchronous, and colocated (pipeline.colocate), against the "
                     "machine's floor")
@@ -430,7 +433,7 @@ def _profile(args: argparse.Namespace, rest: list[str]) -> int:
 
     try:
         profile(args.config, rest, args.repeats, args.kl, args.out, live=args.live, in_flight=args.in_flight,
-                cores=args.cores)
+                cores=args.cores, continuous=args.continuous)
     except ValueError as e:
         print(f"probe-rl profile: {e}", file=sys.stderr)
         return 2

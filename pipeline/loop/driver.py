@@ -52,7 +52,9 @@ class Chunk:
     seed: int
     generator: int
     scorer: int
-    min_version: int = 0  # the weights version the driver had published at launch: its generator samples with it
+    min_version: int = 0  # the weights version its generator waits for before sampling: the driver's published
+    # version at launch; continuous: the oldest the staleness bound allows its step (step - 1 - max_staleness)
+    key: str = ""  # continuous: the chunk's name on its generator (unique per launch)
     table: Any = None  # generator's rollout table ref
     gen_stats: Any = None
     scored: Any = None  # scorer's scored table ref
@@ -117,6 +119,8 @@ def launch_step(cfg: Config, world: World, fleet: Fleet, step: int) -> InFlight:
     Each prompt samples with its own seed, so how a step is cut does not change its rollouts.
     """
     prompts = world.prompts_for_step(step, cfg.pipeline.prompts_per_step, cfg.pipeline.seed)
+    # continuous: a step's groups wait for the oldest version the staleness bound allows them, not the newest
+    version = max(0, step - 1 - cfg.pipeline.max_staleness) if continuous(cfg) else fleet.version
     num_scorers = fleet.active_scorers or len(fleet.scorers)
     num_chunks = max(len(fleet.generators), num_scorers)
     bounds = np.linspace(0, prompts.num_rows, num_chunks + 1).astype(int)
@@ -124,16 +128,35 @@ def launch_step(cfg: Config, world: World, fleet: Fleet, step: int) -> InFlight:
     for c in range(num_chunks):
         if bounds[c + 1] > bounds[c]:
             part = prompts.slice(bounds[c], bounds[c + 1] - bounds[c])
-            chunk = Chunk(part, cfg.pipeline.seed, c % len(fleet.generators), c % num_scorers, fleet.version)
+            chunk = Chunk(part, cfg.pipeline.seed, c % len(fleet.generators), c % num_scorers, version)
             chunks.append(submit_chunk(cfg, fleet, chunk))
     return InFlight(step, chunks)
 
 
+def continuous(cfg: Config) -> bool:
+    """generator.update_mode = "continuous": generators keep their engines full (actors/stream.py)."""
+    return cfg.generator.update_mode == "continuous"
+
+
+_launches = iter(range(1 << 62))  # continuous: every chunk sent to a generator gets a name of its own
+
+
 def submit_chunk(cfg: Config, fleet: Fleet, chunk: Chunk, generate: bool = True) -> Chunk:
+    """Send a chunk to its generator (unless `generate` is False: its table is in) and its table to its scorer."""
+    from pipeline.loop.remote import STREAM
+
     if generate:
         gen = fleet.generators[chunk.generator]
-        chunk.table, chunk.gen_stats = gen.generate.options(num_returns=2).remote(
-            chunk.prompts, cfg.pipeline.group_size, chunk.seed, chunk.min_version)
+        if continuous(cfg):  # queued at once; the take call returns when its groups are done
+            chunk.key = f"{chunk.min_version}.{chunk.prompts.column('group_id')[0]}.{next(_launches)}"
+            gen.admit.options(concurrency_group=STREAM).remote(chunk.key, chunk.prompts, cfg.pipeline.group_size,
+                                                                chunk.seed, chunk.min_version)
+            # takes wait side by side: a chunk sent again after its generator died may finish before later ones
+            chunk.table, chunk.gen_stats = gen.take.options(num_returns=2, concurrency_group=STREAM).remote(
+                chunk.key, cfg.pipeline.timeout_s)
+        else:
+            chunk.table, chunk.gen_stats = gen.generate.options(num_returns=2).remote(
+                chunk.prompts, cfg.pipeline.group_size, chunk.seed, chunk.min_version)
     chunk.scored, chunk.score_stats = fleet.scorers[chunk.scorer].score.options(num_returns=2).remote(chunk.table)
     return chunk
 
@@ -242,7 +265,8 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         try:
             # Keep generation (and scoring) up to max_staleness steps ahead of the learner.
             turns.ready_to_generate(fleet)  # colocated: engines awake, the learner's state out of their way
-            while loop.next_launch <= min(p.num_steps, step + p.max_staleness):
+            # continuous: one step more, so the groups that wait for the next version are queued when it lands
+            while loop.next_launch <= min(p.num_steps, step + p.max_staleness + continuous(cfg)):
                 loop.pending.append(launch_step(cfg, world, fleet, loop.next_launch))
                 loop.next_launch += 1
             flight = loop.pending.popleft()
@@ -280,6 +304,7 @@ def _train(cfg: Config, world: World, fleet, run_dir: Path, log, resume_from: Pa
         row.update({"time/wall_start": wall_start, "time/wall_end": time.time(),  # for Ray timelines
                     "time/step_wall_s": time.time() - wall_start, "pipeline/restarts": restarts,
                     "pipeline/learner_restarts": loop.learner_restarts, "rollout/rows": scored.num_rows,
+                    **token_staleness(scored, step - 1),
                     **sync_metrics(fleet), **turns.metrics()})
         loop.log_step(row, rewarder.sample(batch, cfg.run.rollout_sample_per_step, step))
         bar.update(1)
@@ -337,6 +362,8 @@ class LoopState:
         from pipeline.loop.checkpoints import prune, write_inflight, write_refit
 
         cfg = self.cfg
+        # continuous: the last step launched waits for the version this step trains; it is launched again on restart
+        flights = [f for f in flights if all(c.min_version <= self.version for c in f.chunks)]
         for flight in flights:
             collect(cfg, fleet, flight, log)
         write_inflight(self.run_dir, self.version, [(f.step, *f.ready) for f in flights])
@@ -380,6 +407,15 @@ class LoopState:
         self.samples = previous_samples(self.run_dir, self.version)
         log(f"learner restarted from {checkpoint or 'the initial weights'} at version {self.version}, with "
             f"{len(flights)} step(s) of rollouts launched before it")
+
+
+def token_staleness(scored: pa.Table, version: int) -> dict[str, float]:
+    """How many versions each sampled token lags `version` (the learner's, before the step that trains on them):
+    mean and max over the batch's tokens."""
+    lag = version - np.concatenate([np.asarray(v, dtype=np.int64) for v in scored.column("behavior_versions").to_pylist()]
+                                   or [np.zeros(0, np.int64)])
+    return {"rollout/token_staleness_mean": float(lag.mean()) if lag.size else 0.0,
+            "rollout/token_staleness_max": float(lag.max()) if lag.size else 0.0}
 
 
 def check_staleness(step: int, version: int, scored: pa.Table, max_staleness: int) -> int:

@@ -159,6 +159,11 @@ class Fleet:
             self.groups["generator"] = self.groups["learner"] = self.groups.pop("colocated")
 
     @property
+    def lands_mid_generation(self) -> bool:
+        """Weights and probes reach generators between two decoding steps (update_mode in_flight, continuous)."""
+        return self.cfg.generator.update_mode != "between_steps"
+
+    @property
     def shares_gpus(self) -> bool:
         """pipeline.colocate on GPUs: generator i and learner rank i take turns on one GPU."""
         return self.cfg.pipeline.colocate and self.cfg.generator.num_gpus > 0
@@ -166,11 +171,14 @@ class Fleet:
     def _make(self, cls: type, role: str, rc, index: int | None, kwargs: dict):
         from pipeline.loop.remote import make_actor
 
+        # Continuous generation: a scorer scores chunks as their generators finish them, so a chunk sent again
+        # (its generator died) is not stuck behind later steps' chunks, which wait for the version it trains.
+        out_of_order = role == "scorer" and self.cfg.generator.update_mode == "continuous"
         group = self.groups.get(role)
         placement = (group, index) if group is not None and index is not None and index < group.count else None
         env = {**QUIET_ENV, CORES_ENV: self.cfg.pipeline.cores}  # pipeline/cores.py: threads that follow the phase
         return make_actor(cls, role, rc.num_cpus, rc.num_gpus, memory_gib=rc.memory_gib, resources=rc.resources,
-                          env=env, placement=placement, **kwargs)
+                          env=env, placement=placement, out_of_order=out_of_order, **kwargs)
 
     def new_generator(self, i: int) -> Any:
         from actors.generator import Generator
@@ -179,6 +187,7 @@ class Fleet:
         return self._make(Generator, "generator", cfg.generator, i, dict(
             model_path=self.world.model_path, cfg=cfg.generator, weight_backend=self.backend, dtype=cfg.generator.dtype or cfg.model.dtype,
             seed=cfg.pipeline.seed + i, ablation=self.ablation(), sleep_level=cfg.sleep_level(),
+            stream_capacity=cfg.stream_capacity(),
             probes=[(g.name, g.stem, g.aggregation) for g in self.world.generator_probes]))
 
     def shaping_probe(self) -> tuple[str, str | None] | None:
@@ -226,7 +235,7 @@ class Fleet:
         from pipeline.loop.remote import WEIGHTS, Receiver
 
         # generators taking weights mid-generation get them in a concurrency group of their own
-        group = WEIGHTS if self.cfg.generator.update_mode == "in_flight" else None
+        group = WEIGHTS if self.lands_mid_generation else None
         out = [Receiver(f"generator {i}", a, self.cfg.generator.tensor_parallel_size, group)
                for i, a in enumerate(self.generators)]
         if self.cfg.scorer.model == "live":
@@ -326,6 +335,7 @@ class Fleet:
         node), load `checkpoint` (None: the initial weights) and give every receiver its weights."""
         from pipeline.loop.remote import wait
 
+        self.reset_streams()
         for actor in self.learners:
             self.stop(actor)
         self.start_learners()
@@ -336,6 +346,22 @@ class Fleet:
         self.weights_ref, self.pending_loads = None, []
         self.catch_up(force=True)
         return self.version
+
+    def reset_streams(self) -> None:
+        """Continuous generators drop the chunks they hold (the driver relaunches them from a checkpoint); a dead
+        generator holds none, and is replaced when its rollouts are next needed."""
+        import ray
+
+        from pipeline.loop.remote import STREAM, wait
+
+        if self.cfg.generator.update_mode != "continuous":
+            return
+        for i, gen in enumerate(self.generators):
+            try:
+                wait(gen.reset_stream.options(concurrency_group=STREAM).remote(), f"generator {i} (reset)",
+                     self.cfg.pipeline.health_timeout_s)
+            except (ray.exceptions.RayActorError, RuntimeError) as e:
+                self.log(f"generator {i}: {str(e).splitlines()[0]}; it is replaced when next needed")
 
     def call_each(self, role: str, method: str, *args: Any) -> list[Any]:
         """`method(*args)` on every generator or learner rank (pipeline/loop/turns.py's hand-overs); their results.
@@ -472,7 +498,7 @@ class Fleet:
         """An actor's `set_probe`; a generator taking weights mid-generation takes probes the same way."""
         from pipeline.loop.remote import WEIGHTS
 
-        if kind == "generator" and self.cfg.generator.update_mode == "in_flight":
+        if kind == "generator" and self.lands_mid_generation:
             return actor.set_probe.options(concurrency_group=WEIGHTS)
         return actor.set_probe
 

@@ -34,6 +34,8 @@ class Frozen(RoleTimeout):
 
 HEALTH = "health"  # every actor's concurrency group for health pings: a thread of its own, never behind work
 WEIGHTS = "weights"  # weight calls to a generator whose updates land mid-generation (generator.update_mode)
+STREAM = "stream"  # a continuous generator's admit and take calls: several takes wait at once, in any order
+STREAM_THREADS = 16  # threads of that group: more than the chunks a generator holds (chunks a step x staleness)
 
 
 def ping(actor: Any) -> ObjectRef:
@@ -125,13 +127,16 @@ def _in_env(cls: type, env: dict[str, str]) -> type:
 
 def make_actor(cls: type, role: str, num_cpus: float, num_gpus: float = 0.0, *, memory_gib: float = 0.0,
                resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
-               placement: tuple[Placement, int] | None = None, **kwargs: Any) -> Any:
+               placement: tuple[Placement, int] | None = None, out_of_order: bool = False, **kwargs: Any) -> Any:
     """Start `cls(**kwargs)` as a Ray actor with the role's resources (in bundle i of its group), `env` set in its
-    process's environment before it starts."""
+    process's environment before it starts. `out_of_order`: its calls run as their arguments become ready, not
+    in the order they were sent (still one at a time)."""
     # Work runs one call at a time; health pings (`ping`) have a concurrency group of their own, and so do weight
     # calls that must reach a generator while it generates (the generator itself lets them in between steps).
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1,
-                            "concurrency_groups": {HEALTH: 1, WEIGHTS: 1}}
+                            "concurrency_groups": {HEALTH: 1, WEIGHTS: 1, STREAM: STREAM_THREADS}}
+    if out_of_order:
+        opts["allow_out_of_order_execution"] = True
     if memory_gib:
         opts["memory"] = memory_gib * 2**30
     if resources:

@@ -172,3 +172,21 @@ def test_every_shipped_run_config_loads():
         assert cfg.pipeline.num_steps > 0, path.name
     mid = load_config(root / "mid_hack.toml")
     assert mid.task.reward_fn.endswith("worked_reward_loophole") and mid.toy.completions == "worked"
+
+
+def test_continuous_generation_sizes_its_engine_and_is_refused_where_it_cannot_work():
+    """generator.update_mode = "continuous": its engine holds a generator's share of a step's rows unless
+    continuous_seqs says otherwise; continuous_seqs without it, and continuous with colocated turns, are errors
+    that say what to change."""
+    cfg = load_config(overrides={"generator": {"update_mode": "continuous", "num_workers": 3},
+                                 "pipeline": {"prompts_per_step": 8, "group_size": 4}})
+    assert cfg.stream_capacity() == 11  # ceil(32 / 3)
+    assert load_config(overrides={"generator": {"update_mode": "continuous", "continuous_seqs": 64}}
+                       ).stream_capacity() == 64
+    with pytest.raises(ConfigError, match="continuous_seqs=64 sizes a continuous generator"):
+        load_config(overrides={"generator": {"continuous_seqs": 64}})
+    with pytest.raises(ConfigError, match="a live scorer must take each weight version"):
+        load_config(overrides={"generator": {"update_mode": "continuous"}, "scorer": {"model": "live"}})
+    with pytest.raises(ConfigError, match="never stops generating: choose one"):
+        load_config(overrides={"generator": {"update_mode": "continuous"},
+                               "pipeline": {"colocate": True, "max_staleness": 0}})

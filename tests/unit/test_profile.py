@@ -120,3 +120,39 @@ def test_the_core_sharing_arms_and_their_floor(tmp_path):
     # colocated: 3.0 / 2.5 = 1.2x the disaggregated steps/s; floor 4.6 / 2 = 2.3 s, 2.5 / 2.3 = 1.087; 2.5 / 2.0
     assert ("| colocated-kl: colocated: synchronous, every phase on every core | 2.50 (2.50-2.50) | **1.200** "
             "(1.200-1.200) | 2.00 / 2.00 / 2.00 | 2.30 | **1.087** (1.087-1.087) | 1.250 |") in text
+
+
+def test_the_generation_mode_arms_and_their_overlap_limit(tmp_path):
+    """profile --in-flight --continuous: the probes arm with weights landing mid-generation and with generators
+    that never wait, and the report's modes table: steps/s against between steps per repeat pair, idle shares,
+    token staleness, and s/step against the overlap limit (the slowest role's busy seconds per worker)."""
+    from pipeline.analysis.profile import _summarise
+
+    arms = arms_of(load_config(), "on", in_flight=True, continuous=True)
+    assert list(arms) == ["plain-kl", "probes-kl", "inflight-kl", "continuous-kl"]
+    assert arms["continuous-kl"].generator.update_mode == "continuous"
+    assert arms["continuous-kl"].pipeline == arms["probes-kl"].pipeline  # the same staleness bound
+
+    cfg = load_config(overrides={"generator": {"num_workers": 2}})
+    rows = [{"time/step_wall_s": 4.0, "time/generate_wall_s": 3.0, "time/generate_busy_s": 6.0,
+             "time/score_busy_s": 1.0, "time/learn_compute_s": 2.0, "rollout/tokens_per_s": 10.0,
+             "rollout/tokens": 800.0, "scorer/padding_waste": 0.0, "rollout/completion_len": 7.0,
+             "rollout/token_staleness_mean": 0.5, "rollout/token_staleness_max": s} for s in (1.0, 0.0)]
+    m = _summarise(rows, cfg)
+    # per worker: generators 6 / 2 = 3 s, scorer 1 s, learner 2 s: the limit is 3 s (the generators)
+    assert m["limit_s"] == 3.0 and m["per_worker_generator"] == 3.0 and m["per_worker_learner"] == 2.0
+    assert m["idle_frac_generator"] == pytest.approx(0.25) and m["idle_frac_learner"] == pytest.approx(0.5)
+    assert m["tokens_per_step_s"] == 200.0 and m["token_staleness"] == 0.5 and m["token_staleness_max"] == 1.0
+
+    def rep(step_s):
+        r = _rep(step_s)
+        r.update({k: m[k] for k in m if k.startswith(("per_worker_", "limit", "idle_frac", "token", "tokens_per"))})
+        return r
+
+    results = {"plain-kl": [_rep(1.0)], "probes-kl": [rep(6.0)], "inflight-kl": [rep(6.0)],
+               "continuous-kl": [rep(4.0)]}
+    text = write_profile(tmp_path, results, load_config()).read_text()
+    assert "## Generation modes (kl)" in text
+    # continuous: 6.0 / 4.0 = 1.5x between steps' steps/s; 4.0 / 3.0 = 1.33 of the limit
+    assert "| continuous | 4.00 (4.00-4.00) | **1.50** (1.50-1.50) | 200 | 25% | 50% | 0.50, 1 | 3.00 (generator) | 1.33 |" in text
+    assert "| between steps | 6.00 (6.00-6.00) | **1.00** (1.00-1.00) |" in text
