@@ -479,17 +479,22 @@ def _cost(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.analysis.report import load_exported, write_report
+    from pipeline.analysis.report import load_exported, load_runs, write_report
 
     root = Path(args.dir)
-    runs, data = [], None
+    runs = []
     for d in sorted(root.glob("*-seed*")):
         arm, _, seed = d.name.rpartition("-seed")
         if seed.isdigit() and (d / "metrics.parquet").exists():
             runs.append((arm, int(seed)))
-    if not runs:
-        data = load_exported(root)
-        runs = sorted((arm, r["seed"]) for arm, rs in data.items() for r in rs)
+    # The runs in folders, and those a report wrote to data/ whose folders are gone (an experiment resumed on a
+    # fresh machine from its committed report): the report rewrites data/, so both must be in it.
+    data = load_runs(root, runs)
+    for arm, rs in load_exported(root).items():
+        for r in rs:
+            if (arm, r["seed"]) not in runs:
+                data.setdefault(arm, []).append(r)
+                runs.append((arm, r["seed"]))
     if not runs:
         raise SystemExit(f"error: {root} holds no finished run (<arm>-seed<k>/metrics.parquet) and no data/runs.parquet; "
                          "pass the --out folder of an experiment")

@@ -130,6 +130,16 @@ def test_a_report_rewritten_from_its_data_folder_alone_matches(tmp_path, exp_fil
     assert first.index("| plain | 1 |") < first.index("| probe | 1 |")  # the file's order, not the folders'
     with pytest.raises(SystemExit, match="no finished run"):
         main(["report", str(tmp_path / "nothing")])
+    # A run folder beside a committed data/ that lacks it (an experiment resumed on a fresh machine from its
+    # committed report): the rewritten report, and its data/, keep both
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    write_report(out, str(exp_file), [("plain", 3)])
+    shutil.copytree(out / "data", resumed / "data")
+    shutil.copytree(out / "probe-seed3", resumed / "probe-seed3")
+    assert main(["report", str(resumed), "--experiment", str(exp_file)]) == 0
+    assert (resumed / "report.md").read_text() == first
+    assert {f.name for f in (resumed / "data").iterdir()} >= {"plain-seed3.metrics.parquet", "probe-seed3.metrics.parquet"}
 
 
 def test_obfuscation_rule_needs_the_probe_blind_beyond_plain_rl_with_the_information_still_there():
