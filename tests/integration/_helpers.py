@@ -389,3 +389,25 @@ def environ(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def update_mid_generation(gen, state: dict, version: int, after_steps: int, switch: Path) -> tuple[threading.Thread, dict]:
+    """Load `state` into generator `gen` as `version` from another thread (as Ray's weights concurrency group
+    delivers it) once `after_steps` more decoding steps ran; `switch` (the slow-down file) is removed after.
+    Returns the started thread and its outcome ({"version"} or {"error"})."""
+    out: dict = {}
+    start = gen.steps
+
+    def update() -> None:
+        try:
+            while gen.steps < start + after_steps:
+                time.sleep(0.005)
+            out["version"] = gen.load_weights({k: v.clone() for k, v in state.items()}, version)
+        except BaseException as e:  # noqa: BLE001 - the caller reports it
+            out["error"] = e
+        finally:
+            switch.unlink(missing_ok=True)
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    return thread, out

@@ -7,8 +7,6 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +16,7 @@ import torch
 
 from pipeline.data.schema import PROMPT_SCHEMA
 
-from ._helpers import ROOT, Killer, toy_args
+from ._helpers import ROOT, Killer, toy_args, update_mid_generation
 
 pytestmark = pytest.mark.integration
 
@@ -77,21 +75,7 @@ def test_a_continuous_engine_admits_groups_as_others_finish_and_tokens_keep_thei
                        np.concatenate(want.column("behavior_logprobs").to_pylist()), atol=1e-5)
 
     switch.touch()
-    out: dict = {}
-
-    def update() -> None:  # version 1 arrives from another thread, as Ray's weights concurrency group delivers it
-        try:
-            while gen.steps < start + 12:
-                time.sleep(0.005)
-            out["version"] = gen.load_weights({k: v.clone() for k, v in new.state_dict().items()}, 1)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            out["error"] = e
-        finally:
-            switch.unlink()
-
-    start = gen.steps
-    updater = threading.Thread(target=update)
-    updater.start()
+    updater, out = update_mid_generation(gen, new.state_dict(), 1, 12, switch)  # once tokens of version 0 are in
     assert gen.admit("a", _prompts(0, first), 2, 11, 0) == 1
     assert gen.admit("b", _prompts(10, second), 2, 11, 1) == 2
     a, a_stats = gen.take("a", 120)

@@ -14,6 +14,8 @@ import torch
 
 from pipeline.data.schema import PROMPT_SCHEMA
 
+from ._helpers import update_mid_generation
+
 pytestmark = pytest.mark.integration
 
 
@@ -49,21 +51,7 @@ def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(ti
     table = pa.Table.from_pydict({"prompt_id": [0, 1, 2], "group_id": [0, 1, 2], "prompt_ids": prompts,
                                   "answer": ["", "", ""]}, schema=PROMPT_SCHEMA)
     switch.touch()
-    out: dict = {}
-
-    def update() -> None:  # version 1 arrives from another thread, as Ray's weights concurrency group delivers it
-        try:
-            while gen.steps < start + 5:  # once some tokens were sampled by version 0
-                time.sleep(0.005)
-            out["version"] = gen.load_weights({k: v.clone() for k, v in new.state_dict().items()}, 1)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            out["error"] = e
-        finally:
-            switch.unlink()
-
-    start = gen.steps
-    updater = threading.Thread(target=update)
-    updater.start()
+    updater, out = update_mid_generation(gen, new.state_dict(), 1, 5, switch)  # once tokens of version 0 are in
     table, _ = gen.generate(table, 3, 11)
     updater.join(timeout=120)
     assert "error" not in out, out.get("error")
