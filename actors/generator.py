@@ -67,6 +67,10 @@ def configure_env(cfg: GeneratorConfig, on_gpu: bool, reads_probes: bool = False
     """Environment vLLM reads when the engine starts; must run before the engine is built in this process."""
     separate = cfg.engine_process == "separate" or (cfg.engine_process == "auto" and on_gpu)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
+    from pipeline.transport.vllm_weights import NO_ONEDNN_ENV
+
+    # weights that land from the weights thread: vLLM's oneDNN linear handlers would keep the old ones on some CPUs
+    os.environ[NO_ONEDNN_ENV] = "1" if cfg.update_mode != "between_steps" else "0"
     if ipc and separate:
         # CUDA IPC handles (the colocated learner rank's: weights.backend "ipc") hold torch types that vLLM's
         # msgpack carries to its engine process only through its pickle fallback, which it refuses without this.

@@ -18,6 +18,7 @@ vLLM loads every `vllm.general_plugins` entry point in each of its processes (py
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -73,7 +74,8 @@ def allow_amx() -> bool:
 def register() -> None:
     """vLLM plugin entry point: make both backends known to vLLM's factories in this process, and probe-rl's
     model loader (generator-read probes) to vLLM's loader registry; on CPUs with AMX, allow this process to use
-    it (`allow_amx`); on CPUs, keep vLLM's linear layers off its oneDNN handlers (`linear_without_onednn`)."""
+    it (`allow_amx`); for generators whose weights land mid-generation, keep vLLM's linear layers off its oneDNN
+    handlers (`linear_without_onednn`)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     from pipeline.transport.vllm_probes import register_loader
@@ -92,8 +94,12 @@ def register() -> None:
     WeightTransferEngineFactory._registry["ipc"] = tied_ipc_worker_engine  # colocated on GPUs: CUDA IPC, in place
 
 
+NO_ONEDNN_ENV = "PROBE_RL_LINEAR_WITHOUT_ONEDNN"  # set by a generator whose weights land mid-generation
+
+
 def linear_without_onednn() -> None:
-    """On CPUs, vLLM computes an unquantized linear layer through a oneDNN matmul handler made from its weight
+    """Where `PROBE_RL_LINEAR_WITHOUT_ONEDNN` is set (actors/generator.py sets it, before its engine starts, for
+    update_mode in_flight and continuous; vLLM's engine and worker processes inherit it): on CPUs, vLLM computes an unquantized linear layer through a oneDNN matmul handler made from its weight
     (`dispatch_cpu_unquantized_gemm`) unless `vllm._custom_ops._supports_onednn` is false; this makes it false, so
     those layers run `torch.nn.functional.linear` on the weight itself (AMX's packed bf16 kernels, chosen before
     oneDNN, are unaffected).
@@ -105,7 +111,11 @@ def linear_without_onednn() -> None:
     generator sampled from weights the learner no longer had (tests/integration/test_in_flight.py; the same tests
     passed on an AVX-512 host, and updates on the generating thread, between steps, were right on both). The torch
     path reads the weight tensor as it is at each call; on the SmolLM2 shapes it took 0.9-1.3x oneDNN's time on
-    one thread of that host, the output head at 32 rows the slowest (`python benchmarks/bench_cpu_linear.py`)."""
+    one thread of that host, the output head at 32 rows the slowest (`python benchmarks/bench_cpu_linear.py`).
+    Between steps the handlers stay: their results do not change with the thread count, which the colocated run's
+    step-for-step equality with the synchronous run rests on (torch's do, on that host)."""
+    if os.environ.get(NO_ONEDNN_ENV) != "1":
+        return
     import vllm._custom_ops as ops
 
     ops._supports_onednn = False

@@ -98,7 +98,8 @@ def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(ti
 
 
 def test_a_synced_generator_samples_with_the_new_weights_at_batch_shapes_it_ran_before(tiny_model_dir):
-    """The same prompts before and after a weight update that comes on another thread: every behaviour log-prob
+    """The same prompts before and after a weight update that comes on another thread (the weights thread of a
+    generator whose updates land mid-generation; between steps they come on the generating thread): every behaviour log-prob
     afterwards is the new weights' (transformers' pass). On an AVX2-only CPU, vLLM's oneDNN linear handlers kept
     computing with the old weights for batch shapes they had run before such an update (off by up to 1.8 nats);
     probe-rl's engines run their linear layers without them (pipeline/transport/vllm_weights.py:
@@ -109,7 +110,7 @@ def test_a_synced_generator_samples_with_the_new_weights_at_batch_shapes_it_ran_
     from pipeline.config import GeneratorConfig
 
     gen = Generator(model_path=str(tiny_model_dir), cfg=GeneratorConfig(max_new_tokens=12, max_model_len=64,
-                    enforce_eager=True), weight_backend="probe_rl_inline")
+                    enforce_eager=True, update_mode="in_flight"), weight_backend="probe_rl_inline")
     new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
