@@ -411,3 +411,11 @@ def update_mid_generation(gen, state: dict, version: int, after_steps: int, swit
     thread = threading.Thread(target=update)
     thread.start()
     return thread, out
+
+
+def hf_logprobs(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """transformers' log-prob of each completion token after the prompt and the tokens before it."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return [float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(completion)]

@@ -16,16 +16,9 @@ import torch
 
 from pipeline.data.schema import PROMPT_SCHEMA
 
-from ._helpers import ROOT, Killer, toy_args, update_mid_generation
+from ._helpers import ROOT, Killer, hf_logprobs, toy_args, update_mid_generation
 
 pytestmark = pytest.mark.integration
-
-
-def _logprobs(model, prompt, completion) -> list[float]:
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return [float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(completion)]
 
 
 def _prompts(first_group: int, prompts: list[list[int]]) -> pa.Table:
@@ -95,8 +88,8 @@ def test_a_continuous_engine_admits_groups_as_others_finish_and_tokens_keep_thei
         assert r["policy_version"] == min(versions)
         cut = versions.count(0)
         spanning += 0 < cut < len(versions)
-        want_lp = (_logprobs(old, r["prompt_ids"], r["completion_ids"])[:cut]
-                   + _logprobs(new, r["prompt_ids"], r["completion_ids"])[cut:])
+        want_lp = (hf_logprobs(old, r["prompt_ids"], r["completion_ids"])[:cut]
+                   + hf_logprobs(new, r["prompt_ids"], r["completion_ids"])[cut:])
         diff = np.abs(np.array(r["behavior_logprobs"]) - np.array(want_lp))
         assert (diff <= 1e-4).all(), (f"tokens {np.flatnonzero(diff > 1e-4).tolist()} of {len(diff)} (versions "
                                       f"{versions}) differ by up to {diff.max():.2e} from the sampling version's pass")

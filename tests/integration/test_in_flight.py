@@ -14,16 +14,9 @@ import torch
 
 from pipeline.data.schema import PROMPT_SCHEMA
 
-from ._helpers import update_mid_generation
+from ._helpers import hf_logprobs, update_mid_generation
 
 pytestmark = pytest.mark.integration
-
-
-def _logprobs(model, prompt, completion) -> list[float]:
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return [float(lp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(completion)]
 
 
 @pytest.mark.parametrize("engine_process", ["in_process", "separate"])
@@ -65,8 +58,8 @@ def test_a_rollout_spanning_two_versions_has_each_tokens_version_and_log_prob(ti
         assert r["policy_version"] == min(versions)
         cut = versions.count(0)
         spanning += 0 < cut < len(versions)
-        want = (_logprobs(old, r["prompt_ids"], r["completion_ids"])[:cut]
-                + _logprobs(new, r["prompt_ids"], r["completion_ids"])[cut:])
+        want = (hf_logprobs(old, r["prompt_ids"], r["completion_ids"])[:cut]
+                + hf_logprobs(new, r["prompt_ids"], r["completion_ids"])[cut:])
         diff = np.abs(np.array(r["behavior_logprobs"]) - np.array(want))
         assert (diff <= 1e-4).all(), (f"tokens {np.flatnonzero(diff > 1e-4).tolist()} of {len(diff)} (versions "
                                       f"{versions}) differ by up to {diff.max():.2e} from the sampling version's pass")
@@ -131,6 +124,6 @@ def test_a_synced_generator_samples_with_the_new_weights_at_batch_shapes_it_ran_
     worst = 0.0
     for r in after.to_pylist():
         assert set(r["behavior_versions"]) == {1}
-        want = _logprobs(new, r["prompt_ids"], r["completion_ids"])
+        want = hf_logprobs(new, r["prompt_ids"], r["completion_ids"])
         worst = max(worst, float(np.abs(np.array(r["behavior_logprobs"]) - np.array(want)).max()))
     assert worst <= 1e-4, f"behaviour log-probs differ from the synced weights' by up to {worst:.2e}"
